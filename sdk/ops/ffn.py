@@ -1,0 +1,104 @@
+"""Sparse FFN ops (METHODS.md section 1): predictor + compaction, and the conditional FFN.
+
+Layouts (the Session stores weights this way so every gather is a contiguous row read):
+  x        [T, d]      FFN input (after the post-attention RMSNorm); T = tokens, each with its own active set
+  p1       [r, d]      predictor down-projection;  p2 [I, r];  bias [I]   (any float dtype, math in fp32)
+  w_gate   [I, d]      w_up [I, d]      w_down_t [I, d]  (W_down transposed)
+  idx      [T, I] int32  active neuron ids in ascending order; only the first count[t] entries are valid
+                         (the rest are unspecified: kernels must not read them)
+  count    [T]    int32  predicted-active neurons per token
+  down_count [T]  int32  active neurons whose h_i != 0 after the activation (rows of w_down_t accumulated)
+
+Activation (string) and its parameters, with g = x.w_gate[i], u = x.w_up[i]:
+  silu: h = silu(g) * u        gelu: gelu_erf(g) * u      gelu_tanh: gelu_tanh(g) * u
+  relu: relu(g) * u            fatrelu: (g if g > act_param else 0) * u
+  drelu: relu(g) * relu(u)     relu2: relu(g)^2 * u
+  tau > 0 (CATS-style, for silu/gelu): h_i = 0 where |act(g_i)| < tau.
+Gate/up dot products accumulate in fp32; y is returned in x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import define
+
+FFN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "fatrelu", "drelu", "relu2")
+
+
+def activate(g: torch.Tensor, u: torch.Tensor, activation: str, act_param: float, tau: float) -> torch.Tensor:
+    """h = act(g) * u with the conventions above (fp32 in, fp32 out)."""
+    if activation == "silu":
+        a = F.silu(g)
+    elif activation == "gelu":
+        a = F.gelu(g)
+    elif activation == "gelu_tanh":
+        a = F.gelu(g, approximate="tanh")
+    elif activation in ("relu", "drelu"):
+        a = torch.relu(g)
+    elif activation == "fatrelu":
+        a = torch.where(g > act_param, g, torch.zeros_like(g))
+    elif activation == "relu2":
+        a = torch.relu(g).square()
+    else:
+        raise ValueError(f"unknown FFN activation {activation!r} (supported: {', '.join(FFN_ACTIVATIONS)})")
+    if activation == "drelu":
+        u = torch.relu(u)
+    h = a * u
+    if tau > 0:
+        h = torch.where(a.abs() < tau, torch.zeros_like(h), h)
+    return h
+
+
+def ffn_predict_ref(x, p1, p2, bias):
+    scores = (x.float() @ p1.float().t()) @ p2.float().t() + bias.float()
+    active = scores > 0
+    count = active.sum(-1).to(torch.int32)
+    # stable sort puts active ids first, each group in ascending id order
+    order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)
+    return order.to(torch.int32), count
+
+
+def sparse_ffn_rows_ref(x, idx, count, w_gate, w_up, w_down_t, activation: str, act_param: float, tau: float):
+    T, d = x.shape
+    y = torch.zeros(T, d, dtype=torch.float32, device=x.device)
+    down_count = torch.zeros(T, dtype=torch.int32, device=x.device)
+    for t in range(T):
+        rows = idx[t, : int(count[t])].long()
+        xt = x[t].float()
+        g = w_gate.index_select(0, rows).float() @ xt
+        u = w_up.index_select(0, rows).float() @ xt
+        h = activate(g, u, activation, act_param, tau)
+        down_count[t] = int((h != 0).sum())
+        y[t] = h @ w_down_t.index_select(0, rows).float()
+    return y.to(x.dtype), down_count
+
+
+def sparse_ffn_ref(x, p1, p2, bias, w_gate, w_up, w_down_t, activation: str, act_param: float, tau: float):
+    idx, count = ffn_predict_ref(x, p1, p2, bias)
+    y, down_count = sparse_ffn_rows_ref(x, idx, count, w_gate, w_up, w_down_t, activation, act_param, tau)
+    return y, count, down_count
+
+
+def _predict_fake(x, p1, p2, bias):
+    T, I = x.shape[0], p2.shape[0]
+    return x.new_empty(T, I, dtype=torch.int32), x.new_empty(T, dtype=torch.int32)
+
+
+def _rows_fake(x, idx, count, w_gate, w_up, w_down_t, activation, act_param, tau):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.int32)
+
+
+def _fused_fake(x, p1, p2, bias, w_gate, w_up, w_down_t, activation, act_param, tau):
+    T = x.shape[0]
+    return torch.empty_like(x), x.new_empty(T, dtype=torch.int32), x.new_empty(T, dtype=torch.int32)
+
+
+define("ffn_predict(Tensor x, Tensor p1, Tensor p2, Tensor bias) -> (Tensor idx, Tensor count)",
+       ffn_predict_ref, _predict_fake)
+define("sparse_ffn_rows(Tensor x, Tensor idx, Tensor count, Tensor w_gate, Tensor w_up, Tensor w_down_t, "
+       "str activation, float act_param, float tau) -> (Tensor y, Tensor down_count)",
+       sparse_ffn_rows_ref, _rows_fake)
+define("sparse_ffn(Tensor x, Tensor p1, Tensor p2, Tensor bias, Tensor w_gate, Tensor w_up, Tensor w_down_t, "
+       "str activation, float act_param, float tau) -> (Tensor y, Tensor count, Tensor down_count)",
+       sparse_ffn_ref, _fused_fake)
