@@ -1,0 +1,243 @@
+// sparsedge host tiling for the AscendC kernels: pure functions, no CANN types.
+//
+// Shared by the launch code of the torch_npu binding (ascendc_ops/binding) and by the host-emulation
+// test library (ascendc_ops/emulation), so CI checks the very numbers the NPU build would launch with.
+// Every function computes: the core split (blockDim), the tile sizes, the exact Unified Buffer bytes
+// the kernel's TPipe::InitBuffer calls will reserve (same 32-byte rounding, double buffers counted
+// twice), and the GM workspace size. `ub_bytes` is checked against the chip's UB.
+//
+// The kernels (ascendc_ops/kernels/*.cpp) allocate their buffers from the same tiling fields, in the
+// same order; tests assert that the emulated TPipe's high-water mark equals `ub_bytes`.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum SdChip { SD_CHIP_310B = 0, SD_CHIP_910B = 1 };
+enum SdStatus {
+    SD_OK = 0,
+    SD_ERR_ARG = 1,        // invalid shape / parameter
+    SD_ERR_UB = 2,         // does not fit in the chip's Unified Buffer even at the smallest tile
+};
+
+// Unified Buffer per AI core (vector side), from the CANN platform files:
+//   Ascend310B (Atlas 200I DK A2 / Orange Pi AIpro = 310B4): 248 KB = 253,952 B
+//   Ascend910B (A2):                                           192 KB = 196,608 B
+#define SD_UB_310B 253952u
+#define SD_UB_910B 196608u
+#define SD_BUFFER_NUM 2u        // double buffering for the weight-row / key-row input queues
+#define SD_BLOCK 32u            // DataCopy granularity and UB address alignment
+#define SD_REPEAT 256u          // one vector repeat
+#define SD_WS_ROW_INTS 8u       // per-(token, core) counter record in the workspace: 8 int32 = 32 B
+
+typedef struct {
+    uint32_t blockDim;      // cores launched
+    uint32_t dPad;          // d rounded up to 16 elements (32 B of fp16/bf16)
+    uint32_t rPad;          // r rounded up to 16 elements
+    uint32_t nPerCore;      // neurons owned by one core (fused / predict modes), multiple of 64
+    uint32_t nTile;         // neurons / active rows per compaction + activation tile, multiple of 64
+    uint32_t p2Rows;        // P2 rows fetched per DataCopyPad
+    uint32_t ubBytes;       // UB reserved by the kernel's InitBuffer calls
+    uint32_t ubLimit;       // the chip's UB
+    uint64_t wsBytes;       // GM workspace: partial y [T, blockDim, dPad] fp32 + counters [T, blockDim, 8] int32
+                            // (+ index lists [T, blockDim, nPerCore] int32 in predict mode)
+    uint32_t redBlockDim;   // cores of the reduce kernel
+    uint32_t redCols;       // columns of y per reduce core (multiple of 16)
+    uint32_t redUbBytes;
+} SdFfnTiling;
+
+typedef struct {
+    uint32_t blockDim;      // cores (heads are split across them)
+    uint32_t dPad;          // D rounded up to 64 (CompareScalar needs whole 256-B fp32 repeats)
+    uint32_t maxTokens;     // tokens per launch (the offsets staging buffer is sized by it)
+    uint32_t ubBytes;
+    uint32_t ubLimit;
+} SdDeltaEncodeTiling;
+
+typedef struct {
+    uint32_t blockDim;      // cores (KV heads are split across them)
+    uint32_t dPad;          // D rounded up to 16
+    uint32_t G;             // query heads per KV head
+    uint32_t chunk;         // positions per score / softmax chunk (multiple of 64)
+    uint32_t entTile;       // packed delta entries per tile (multiple of 32)
+    uint32_t ubBytes;
+    uint32_t ubLimit;
+    uint64_t wsBytes;       // scores [Hq, nPad] fp32
+    uint32_t nPad;
+} SdDeltaAttnTiling;
+
+// modes of the FFN kernel
+enum SdFfnMode { SD_FFN_FUSED = 0, SD_FFN_ROWS = 1, SD_FFN_PREDICT = 2 };
+
+uint32_t sd_chip_ub_bytes(int chip);
+int sd_ffn_tiling(int chip, int mode, uint32_t T, uint32_t d, uint32_t r, uint32_t I, uint32_t elemBytes,
+                  uint32_t coreNum, SdFfnTiling* out);
+int sd_delta_encode_tiling(int chip, uint32_t T, uint32_t H, uint32_t D, uint32_t elemBytes, uint32_t coreNum,
+                           SdDeltaEncodeTiling* out);
+int sd_delta_attn_tiling(int chip, uint32_t H, uint32_t Hq, uint32_t D, uint32_t n, uint32_t elemBytes,
+                         uint32_t coreNum, SdDeltaAttnTiling* out);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+// ---------------------------------------------------------------------------------------- inline
+#ifdef SPARSEDGE_TILING_IMPL
+static inline uint32_t sd_ceil_div(uint32_t a, uint32_t b) { return (a + b - 1u) / b; }
+static inline uint32_t sd_align(uint32_t a, uint32_t b) { return sd_ceil_div(a, b) * b; }
+static inline uint32_t sd_ub32(uint32_t bytes) { return sd_align(bytes, SD_BLOCK); }
+// ReduceSum / ReduceMax shared tmp: one partial per 256-B repeat of fp32 (64 elements), 32-B rounded
+static inline uint32_t sd_reduce_tmp_bytes(uint32_t n) { return sd_ub32(sd_ceil_div(n, 64u) * 4u); }
+
+uint32_t sd_chip_ub_bytes(int chip) { return chip == SD_CHIP_910B ? SD_UB_910B : SD_UB_310B; }
+
+// UB bytes of the FFN kernel for given tile sizes; the order mirrors SparseFfnKernel::Init.
+static uint32_t sd_ffn_ub(int mode, uint32_t dPad, uint32_t rPad, uint32_t nTile, uint32_t p2Rows, uint32_t e) {
+    uint32_t ub = 0;
+    ub += sd_ub32(dPad * e);                          // xQue (1 buffer)
+    ub += SD_BUFFER_NUM * sd_ub32(dPad * e);          // rowQue (gate/up/down/P1 rows, double buffered)
+    ub += sd_ub32(dPad * 4u);                         // xF
+    ub += sd_ub32(dPad * 4u);                         // rowF
+    ub += sd_ub32(dPad * 4u);                         // yAcc
+    ub += sd_reduce_tmp_bytes(dPad > rPad ? dPad : rPad) + SD_BLOCK;  // redTmp + redDst
+    ub += SD_BLOCK;                                   // cntQue (1 buffer, 8 int32)
+    ub += 6u * sd_ub32(nTile * 4u);                   // score/bias/ramp/active (4) + g/u (2)
+    ub += 2u * sd_ub32(nTile * 4u);                   // h, tmp
+    ub += sd_ub32(nTile / 8u);                        // compare mask bits
+    if (mode != SD_FFN_ROWS) {
+        ub += sd_ub32(rPad * 4u);                     // z = P1 x
+        ub += SD_BUFFER_NUM * sd_ub32(p2Rows * rPad * e);  // p2Que
+        ub += sd_ub32(rPad * 4u);                     // p2F
+    }
+    return ub;
+}
+
+int sd_ffn_tiling(int chip, int mode, uint32_t T, uint32_t d, uint32_t r, uint32_t I, uint32_t e,
+                  uint32_t coreNum, SdFfnTiling* out) {
+    if (!out || T == 0 || d == 0 || I == 0 || (e != 2u) || coreNum == 0) return SD_ERR_ARG;
+    if (mode != SD_FFN_ROWS && r == 0) return SD_ERR_ARG;
+    if (mode < 0 || mode > 2) return SD_ERR_ARG;
+    SdFfnTiling t = {0};
+    t.ubLimit = sd_chip_ub_bytes(chip);
+    t.dPad = sd_align(d, 16u);
+    t.rPad = mode == SD_FFN_ROWS ? 16u : sd_align(r, 16u);
+    if (mode == SD_FFN_ROWS) {
+        // the active list is split across cores inside the kernel (counts live on the device)
+        t.blockDim = coreNum;
+        t.nPerCore = 0;
+    } else {
+        uint32_t per = sd_align(sd_ceil_div(I, coreNum), 64u);
+        t.nPerCore = per;
+        t.blockDim = sd_ceil_div(I, per);
+    }
+    // choose the largest tile that fits: nTile (<= 2048, <= the per-core share) and p2Rows (<= 16)
+    uint32_t nMax = mode == SD_FFN_ROWS ? 2048u : (t.nPerCore < 2048u ? t.nPerCore : 2048u);
+    uint32_t p2Rows = 16u;
+    uint32_t nTile = nMax;
+    for (;;) {
+        uint32_t ub = sd_ffn_ub(mode, t.dPad, t.rPad, nTile, p2Rows, e);
+        if (ub <= t.ubLimit) { t.ubBytes = ub; break; }
+        if (p2Rows > 1u) { p2Rows /= 2u; continue; }
+        if (nTile > 64u) { nTile -= 64u; continue; }
+        return SD_ERR_UB;
+    }
+    t.nTile = nTile;
+    t.p2Rows = p2Rows;
+    uint64_t ws = (uint64_t)T * t.blockDim * t.dPad * 4u + (uint64_t)T * t.blockDim * SD_WS_ROW_INTS * 4u;
+    if (mode == SD_FFN_PREDICT) ws += (uint64_t)T * t.blockDim * t.nPerCore * 4u;
+    t.wsBytes = ws;
+    // reduce / concat kernel: columns of y split across cores, multiple of 16 elements (32 B of fp16)
+    t.redCols = sd_align(sd_ceil_div(t.dPad, coreNum), 16u);
+    t.redBlockDim = sd_ceil_div(t.dPad, t.redCols);
+    if (mode == SD_FFN_PREDICT) t.redBlockDim = T < coreNum ? T : coreNum;  // concat: tokens across cores
+    // reduce UB: partial queue (double buffered) + acc + out queue + counter rows
+    t.redUbBytes = SD_BUFFER_NUM * sd_ub32(t.redCols * 4u) + sd_ub32(t.redCols * 4u) + sd_ub32(t.redCols * e) +
+                   sd_ub32(t.blockDim * SD_WS_ROW_INTS * 4u) + sd_ub32(sd_align(T, 8u) * 4u) * 2u;
+    if (mode == SD_FFN_PREDICT)
+        t.redUbBytes = sd_ub32(t.blockDim * SD_WS_ROW_INTS * 4u) + sd_ub32(t.nPerCore * 4u);
+    if (t.redUbBytes > t.ubLimit) return SD_ERR_UB;
+    *out = t;
+    return SD_OK;
+}
+
+// UB of the delta-encode kernel, mirrors DeltaEncodeKernel::Init
+static uint32_t sd_enc_ub(uint32_t dPad, uint32_t maxTokens, uint32_t e) {
+    uint32_t ub = 0;
+    ub += SD_BUFFER_NUM * sd_ub32(dPad * e);  // kQue
+    ub += 5u * sd_ub32(dPad * 4u);            // ref, kF, delta, absd, upd
+    ub += sd_ub32(dPad / 8u);                 // mask bits
+    ub += 3u * sd_ub32(dPad * 2u);            // dh (stored values, dense), ramp (half), packed values
+    ub += sd_ub32(dPad * 2u);                 // packed channels (half)
+    ub += sd_ub32(dPad);                      // packed channels (uint8)
+    ub += sd_ub32((maxTokens + 1u) * 4u);     // offsets staging
+    ub += SD_BLOCK;                           // status record
+    return ub;
+}
+
+int sd_delta_encode_tiling(int chip, uint32_t T, uint32_t H, uint32_t D, uint32_t e, uint32_t coreNum,
+                           SdDeltaEncodeTiling* out) {
+    if (!out || T == 0 || H == 0 || D == 0 || D > 256u || e != 2u || coreNum == 0) return SD_ERR_ARG;
+    SdDeltaEncodeTiling t = {0};
+    t.ubLimit = sd_chip_ub_bytes(chip);
+    t.dPad = sd_align(D, 64u);
+    t.blockDim = H < coreNum ? H : coreNum;
+    uint32_t mt = T < 4096u ? T : 4096u;
+    while (sd_enc_ub(t.dPad, mt, e) > t.ubLimit) {
+        if (mt <= 8u) return SD_ERR_UB;
+        mt /= 2u;
+    }
+    t.maxTokens = mt;
+    t.ubBytes = sd_enc_ub(t.dPad, mt, e);
+    *out = t;
+    return SD_OK;
+}
+
+// UB of the delta-attention decode kernel, mirrors DeltaAttnKernel::Init
+static uint32_t sd_attn_ub(uint32_t dPad, uint32_t G, uint32_t chunk, uint32_t ent, uint32_t e) {
+    uint32_t ub = 0;
+    ub += SD_BUFFER_NUM * sd_ub32(dPad * e);  // rowQue (q, k, v rows)
+    ub += sd_ub32(G * dPad * 4u);             // qF (G query heads)
+    ub += sd_ub32(dPad * 4u);                 // rowF
+    ub += sd_ub32(dPad * 4u);                 // tmp
+    ub += sd_ub32(G * dPad * 4u);             // acc (G outputs)
+    ub += sd_reduce_tmp_bytes(chunk > dPad ? chunk : dPad) + SD_BLOCK;  // redTmp + redDst
+    ub += sd_ub32(G * chunk * 4u);            // score chunk (G rows)
+    ub += sd_ub32((chunk + 8u) * 4u);         // offsets chunk (chunk + 1 values)
+    ub += SD_BUFFER_NUM * sd_ub32(ent * e);   // entQue values
+    ub += SD_BUFFER_NUM * sd_ub32(ent);       // chanQue (uint8)
+    ub += sd_ub32(ent * 2u);                  // chan as half
+    ub += sd_ub32(ent * 4u);                  // byte offsets (int32 / uint32)
+    ub += sd_ub32(ent * 4u);                  // values fp32
+    ub += sd_ub32(ent * 4u);                  // gathered q
+    ub += sd_ub32(G * ent * 4u);              // products for G heads
+    ub += sd_ub32(dPad * e);                  // out row
+    return ub;
+}
+
+int sd_delta_attn_tiling(int chip, uint32_t H, uint32_t Hq, uint32_t D, uint32_t n, uint32_t e, uint32_t coreNum,
+                         SdDeltaAttnTiling* out) {
+    if (!out || H == 0 || Hq == 0 || Hq % H != 0 || D == 0 || D > 256u || n == 0 || e != 2u || coreNum == 0)
+        return SD_ERR_ARG;
+    SdDeltaAttnTiling t = {0};
+    t.ubLimit = sd_chip_ub_bytes(chip);
+    t.dPad = sd_align(D, 16u);
+    t.G = Hq / H;
+    t.blockDim = H < coreNum ? H : coreNum;
+    uint32_t chunk = 1024u, ent = 4096u;
+    while (sd_attn_ub(t.dPad, t.G, chunk, ent, e) > t.ubLimit) {
+        if (ent > 256u) { ent /= 2u; continue; }
+        if (chunk > 64u) { chunk /= 2u; continue; }
+        return SD_ERR_UB;
+    }
+    t.chunk = chunk;
+    t.entTile = ent;
+    t.ubBytes = sd_attn_ub(t.dPad, t.G, chunk, ent, e);
+    t.nPad = sd_align(n, 64u);
+    t.wsBytes = (uint64_t)Hq * t.nPad * 4u;
+    *out = t;
+    return SD_OK;
+}
+#endif  // SPARSEDGE_TILING_IMPL

@@ -1,0 +1,606 @@
+/*
+ * sparsedge sparse FFN for decode (AscendC, direct kernel launch).
+ *
+ * Semantics: sparsedge.ops.ffn (ffn_predict / sparse_ffn_rows / sparse_ffn).  Layouts, all row-major:
+ *   x [T, d]   p1 [r, d]   p2 [I, r]   bias [I] fp32 (the binding converts)   w_gate, w_up, w_down_t [I, d]
+ *   idx [T, I] int32 (first count[t] valid)   count [T] int32   y [T, d]   down_count [T] int32
+ *
+ * One kernel class, three modes (SD_FFN_* in sparsedge_tiling.h):
+ *   FUSED   : core b owns neurons [b*nPerCore, (b+1)*nPerCore): scores p = P2 (P1 x) + b for its neurons,
+ *             CompareScalar(p > 0) + GatherMask over an index ramp -> its active list (ascending), then the
+ *             gate/up rows of that list (one DataCopy per row, double-buffered queue), fp32 dot products,
+ *             fused activation, GatherMask of h != 0, down accumulation over the surviving rows of W_down^T
+ *             into an fp32 UB accumulator; the partial y goes to GM workspace.
+ *   ROWS    : same, but the active list is the caller's idx/count; core b takes a contiguous segment.
+ *   PREDICT : the compaction only; each core writes its list to the workspace.
+ * A second launch does the cross-core reduction through the GM workspace: sparsedge_ffn_reduce_* sums the
+ * per-core partials column-slice by column-slice (and the counters), sparsedge_ffn_concat concatenates the
+ * per-core index lists in core order (so ids stay ascending).  Two launches instead of SyncAll() keep the
+ * kernel portable between 310B (coupled) and 910B (AIV-only launch), with no soft-sync workspace.
+ *
+ * Precision: weights/activations fp16 (310B, 910B) or bf16 (910B only); every dot product and the y
+ * accumulator are fp32 in UB; y is rounded once, at the end.
+ */
+#include "kernel_operator.h"
+using namespace AscendC;
+
+namespace sparsedge {
+constexpr int32_t BUFFER_NUM = 2;
+constexpr uint32_t WS_ROW_INTS = 8;  // per (token, core) counter record: [active, down, 0...] = 32 B
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_FATRELU = 4, ACT_DRELU = 5, ACT_RELU2 = 6 };
+enum { MODE_FUSED = 0, MODE_ROWS = 1, MODE_PREDICT = 2 };
+
+__aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
+__aicore__ inline uint32_t Align(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
+
+struct FfnParams {
+    uint32_t T, d, r, I, mode, act;
+    float actParam, tau;
+    uint32_t dPad, rPad, nPerCore, nTile, p2Rows;
+};
+
+template <typename T>
+class SparseFfnKernel {
+public:
+    __aicore__ inline SparseFfnKernel() {}
+
+    __aicore__ inline void Init(GM_ADDR x, GM_ADDR p1, GM_ADDR p2, GM_ADDR bias, GM_ADDR wGate, GM_ADDR wUp,
+                                GM_ADDR wDownT, GM_ADDR idx, GM_ADDR count, GM_ADDR ws, const FfnParams& p)
+    {
+        p_ = p;
+        blk_ = GetBlockIdx();
+        nBlk_ = GetBlockNum();
+        xGm_.SetGlobalBuffer((__gm__ T*)x, (uint64_t)p.T * p.d);
+        gateGm_.SetGlobalBuffer((__gm__ T*)wGate, (uint64_t)p.I * p.d);
+        upGm_.SetGlobalBuffer((__gm__ T*)wUp, (uint64_t)p.I * p.d);
+        downGm_.SetGlobalBuffer((__gm__ T*)wDownT, (uint64_t)p.I * p.d);
+        if (p.mode != MODE_ROWS) {
+            p1Gm_.SetGlobalBuffer((__gm__ T*)p1, (uint64_t)p.r * p.d);
+            p2Gm_.SetGlobalBuffer((__gm__ T*)p2, (uint64_t)p.I * p.r);
+            biasGm_.SetGlobalBuffer((__gm__ float*)bias, p.I);
+        } else {
+            idxGm_.SetGlobalBuffer((__gm__ int32_t*)idx, (uint64_t)p.T * p.I);
+            countGm_.SetGlobalBuffer((__gm__ int32_t*)count, p.T);
+        }
+        uint64_t yWs = (uint64_t)p.T * nBlk_ * p.dPad;
+        uint64_t cWs = (uint64_t)p.T * nBlk_ * WS_ROW_INTS;
+        wsY_.SetGlobalBuffer((__gm__ float*)ws, yWs);
+        wsCnt_.SetGlobalBuffer((__gm__ int32_t*)(ws + yWs * sizeof(float)), cWs);
+        if (p.mode == MODE_PREDICT)
+            wsIdx_.SetGlobalBuffer((__gm__ int32_t*)(ws + yWs * sizeof(float) + cWs * sizeof(int32_t)),
+                                   (uint64_t)p.T * nBlk_ * p.nPerCore);
+
+        // UB plan: must match sd_ffn_ub() in sparsedge_tiling.h
+        uint32_t maxRed = p.dPad > p.rPad ? p.dPad : p.rPad;
+        pipe_.InitBuffer(xQue_, 1, p.dPad * sizeof(T));
+        pipe_.InitBuffer(rowQue_, BUFFER_NUM, p.dPad * sizeof(T));
+        pipe_.InitBuffer(xFBuf_, p.dPad * sizeof(float));
+        pipe_.InitBuffer(rowFBuf_, p.dPad * sizeof(float));
+        pipe_.InitBuffer(yAccBuf_, p.dPad * sizeof(float));
+        pipe_.InitBuffer(redTmpBuf_, (maxRed + 63) / 64 * sizeof(float));
+        pipe_.InitBuffer(redDstBuf_, 32);
+        pipe_.InitBuffer(cntQue_, 1, WS_ROW_INTS * sizeof(int32_t));
+        pipe_.InitBuffer(scoreBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(biasBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(rampBuf_, p.nTile * sizeof(int32_t));
+        pipe_.InitBuffer(activeBuf_, p.nTile * sizeof(int32_t));
+        pipe_.InitBuffer(gBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(uBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(hBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(tmpBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(maskBuf_, p.nTile / 8);
+        if (p.mode != MODE_ROWS) {
+            pipe_.InitBuffer(zBuf_, p.rPad * sizeof(float));
+            pipe_.InitBuffer(p2Que_, BUFFER_NUM, p.p2Rows * p.rPad * sizeof(T));
+            pipe_.InitBuffer(p2FBuf_, p.rPad * sizeof(float));
+        }
+    }
+
+    __aicore__ inline void Process()
+    {
+        for (uint32_t t = 0; t < p_.T; ++t) {
+            nAct_ = 0;
+            nDown_ = 0;
+            LoadX(t);
+            LocalTensor<float> yAcc = yAccBuf_.Get<float>();
+            Duplicate(yAcc, 0.0f, (int32_t)p_.dPad);
+            if (p_.mode == MODE_ROWS) {
+                ProcessGivenList(t);
+            } else {
+                ComputeZ();
+                uint32_t n0 = blk_ * p_.nPerCore;
+                uint32_t n1 = Min(p_.I, n0 + p_.nPerCore);
+                for (uint32_t s0 = n0; s0 < n1; s0 += p_.nTile) {
+                    uint32_t len = Min(p_.nTile, n1 - s0);
+                    uint32_t nAct = PredictTile(s0, len);
+                    if (p_.mode == MODE_PREDICT) {
+                        if (nAct > 0) {
+                            LocalTensor<int32_t> active = activeBuf_.Get<int32_t>();
+                            uint64_t off = ((uint64_t)t * nBlk_ + blk_) * p_.nPerCore + nAct_;
+                            DataCopyPad(wsIdx_[off], active, DataCopyExtParams(1, nAct * sizeof(int32_t), 0, 0, 0));
+                        }
+                        nAct_ += nAct;
+                    } else {
+                        nAct_ += nAct;
+                        if (nAct > 0) ProcessActive(nAct);
+                    }
+                }
+            }
+            StoreTokenResult(t);
+        }
+    }
+
+private:
+    // ---- token input: x row -> fp32
+    __aicore__ inline void LoadX(uint32_t t)
+    {
+        LocalTensor<T> xIn = xQue_.AllocTensor<T>();
+        DataCopyPad(xIn, xGm_[(uint64_t)t * p_.d], DataCopyExtParams(1, p_.d * sizeof(T), 0, 0, 0),
+                    DataCopyPadExtParams<T>(false, 0, 0, T(0.0f)));
+        xQue_.EnQue(xIn);
+        xIn = xQue_.DeQue<T>();
+        LocalTensor<float> xF = xFBuf_.Get<float>();
+        Cast(xF, xIn, RoundMode::CAST_NONE, p_.d);
+        xQue_.FreeTensor(xIn);
+    }
+
+    // ---- one weight row GM -> UB through the double-buffered queue
+    __aicore__ inline void CopyInRow(const GlobalTensor<T>& w, uint32_t row)
+    {
+        LocalTensor<T> r = rowQue_.AllocTensor<T>();
+        if ((p_.d * sizeof(T)) % 32 == 0) {
+            DataCopy(r, w[(uint64_t)row * p_.d], p_.d);
+        } else {
+            DataCopyPad(r, w[(uint64_t)row * p_.d], DataCopyExtParams(1, p_.d * sizeof(T), 0, 0, 0),
+                        DataCopyPadExtParams<T>(false, 0, 0, T(0.0f)));
+        }
+        rowQue_.EnQue(r);
+    }
+
+    // dequeue the next row, fp32 dot with vecF over n lanes
+    __aicore__ inline float DotNextRow(const LocalTensor<float>& vecF, uint32_t n)
+    {
+        LocalTensor<T> r = rowQue_.DeQue<T>();
+        LocalTensor<float> rowF = rowFBuf_.Get<float>();
+        Cast(rowF, r, RoundMode::CAST_NONE, n);
+        rowQue_.FreeTensor(r);
+        return DotF(rowF, vecF, n);
+    }
+
+    __aicore__ inline float DotF(const LocalTensor<float>& a, const LocalTensor<float>& b, uint32_t n)
+    {
+        LocalTensor<float> red = redDstBuf_.Get<float>();
+        LocalTensor<float> tmp = redTmpBuf_.Get<float>();
+        Mul(a, a, b, n);
+        PipeBarrier<PIPE_V>();
+        ReduceSum(red, a, tmp, (int32_t)n);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        return red.GetValue(0);
+    }
+
+    // ---- predictor: z = P1 x (r rows of length d)
+    __aicore__ inline void ComputeZ()
+    {
+        LocalTensor<float> z = zBuf_.Get<float>();
+        LocalTensor<float> xF = xFBuf_.Get<float>();
+        Duplicate(z, 0.0f, (int32_t)p_.rPad);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        if (p_.r > 0) CopyInRow(p1Gm_, 0);
+        for (uint32_t j = 0; j < p_.r; ++j) {
+            if (j + 1 < p_.r) CopyInRow(p1Gm_, j + 1);  // prefetch: two rows in flight
+            z.SetValue(j, DotNextRow(xF, p_.d));
+        }
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+    }
+
+    // ---- scores of neurons [s0, s0+len), compaction of p > 0 into activeBuf_ (ascending ids)
+    __aicore__ inline uint32_t PredictTile(uint32_t s0, uint32_t len)
+    {
+        LocalTensor<float> score = scoreBuf_.Get<float>();
+        LocalTensor<float> z = zBuf_.Get<float>();
+        LocalTensor<float> p2F = p2FBuf_.Get<float>();
+        Duplicate(score, -1.0f, (int32_t)p_.nTile);  // pad lanes stay inactive
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        const uint32_t rowBytes = p_.r * sizeof(T);  // each row lands 32-B aligned: stride rPad elements
+        uint32_t nGroups = (len + p_.p2Rows - 1) / p_.p2Rows;
+        if (nGroups > 0) CopyInP2(s0, Min(p_.p2Rows, len), rowBytes);
+        for (uint32_t gi = 0; gi < nGroups; ++gi) {
+            uint32_t g0 = gi * p_.p2Rows;
+            uint32_t rows = Min(p_.p2Rows, len - g0);
+            if (gi + 1 < nGroups) {
+                uint32_t n0 = g0 + p_.p2Rows;
+                CopyInP2(s0 + n0, Min(p_.p2Rows, len - n0), rowBytes);
+            }
+            LocalTensor<T> blk = p2Que_.DeQue<T>();
+            for (uint32_t i = 0; i < rows; ++i) {
+                Cast(p2F, blk[i * p_.rPad], RoundMode::CAST_NONE, p_.r);
+                PipeBarrier<PIPE_V>();
+                score.SetValue(g0 + i, DotF(p2F, z, p_.r));
+            }
+            p2Que_.FreeTensor(blk);
+        }
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+        LocalTensor<float> bias = biasBuf_.Get<float>();
+        DataCopyPad(bias, biasGm_[s0], DataCopyExtParams(1, len * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        SetFlag<HardEvent::MTE2_V>(0);
+        WaitFlag<HardEvent::MTE2_V>(0);
+        Add(score, score, bias, len);
+        PipeBarrier<PIPE_V>();
+        return Compact(score, (int32_t)s0);
+    }
+
+    __aicore__ inline void CopyInP2(uint32_t row0, uint32_t rows, uint32_t rowBytes)
+    {
+        LocalTensor<T> blk = p2Que_.AllocTensor<T>();
+        DataCopyPad(blk, p2Gm_[(uint64_t)row0 * p_.r], DataCopyExtParams((uint16_t)rows, rowBytes, 0, 0, 0),
+                    DataCopyPadExtParams<T>(false, 0, 0, T(0.0f)));
+        p2Que_.EnQue(blk);
+    }
+
+    // active = { s0 + i : score[i] > 0 } over the nTile lanes
+    __aicore__ inline uint32_t Compact(const LocalTensor<float>& score, int32_t s0)
+    {
+        LocalTensor<uint8_t> mask = maskBuf_.Get<uint8_t>();
+        LocalTensor<int32_t> ramp = rampBuf_.Get<int32_t>();
+        LocalTensor<int32_t> active = activeBuf_.Get<int32_t>();
+        CompareScalar(mask, score, 0.0f, CMPMODE::GT, p_.nTile);
+        CreateVecIndex(ramp, s0, p_.nTile);
+        PipeBarrier<PIPE_V>();
+        uint64_t cnt = 0;
+        GatherMask(active, ramp, mask.ReinterpretCast<uint32_t>(), true, p_.nTile, GatherMaskParams(1, 1, 8, 8), cnt);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        return (uint32_t)cnt;
+    }
+
+    // ---- ROWS mode: this core's contiguous segment of idx[t, :count[t]]
+    __aicore__ inline void ProcessGivenList(uint32_t t)
+    {
+        uint32_t cnt = (uint32_t)countGm_.GetValue(t);
+        nAct_ = 0;  // counted once, by core 0, below
+        if (blk_ == 0) nAct_ = cnt;
+        uint32_t seg = (cnt + nBlk_ - 1) / nBlk_;
+        uint32_t k0 = blk_ * seg;
+        uint32_t k1 = Min(cnt, k0 + seg);
+        LocalTensor<int32_t> active = activeBuf_.Get<int32_t>();
+        for (uint32_t k = k0; k < k1; k += p_.nTile) {
+            uint32_t len = Min(p_.nTile, k1 - k);
+            DataCopyPad(active, idxGm_[(uint64_t)t * p_.I + k], DataCopyExtParams(1, len * sizeof(int32_t), 0, 0, 0),
+                        DataCopyPadExtParams<int32_t>(false, 0, 0, 0));
+            SetFlag<HardEvent::MTE2_S>(0);
+            WaitFlag<HardEvent::MTE2_S>(0);
+            ProcessActive(len);
+        }
+    }
+
+    // ---- gate/up rows of the n active neurons, activation, down accumulation over h != 0
+    __aicore__ inline void ProcessActive(uint32_t n)
+    {
+        LocalTensor<int32_t> active = activeBuf_.Get<int32_t>();
+        LocalTensor<float> g = gBuf_.Get<float>();
+        LocalTensor<float> u = uBuf_.Get<float>();
+        LocalTensor<float> h = hBuf_.Get<float>();
+        LocalTensor<float> xF = xFBuf_.Get<float>();
+        Duplicate(g, 0.0f, (int32_t)p_.nTile);
+        Duplicate(u, 0.0f, (int32_t)p_.nTile);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        // row stream: gate(a0), up(a0), gate(a1), up(a1), ... with one row prefetched
+        uint32_t nRows = 2 * n;
+        CopyInRow(gateGm_, (uint32_t)active.GetValue(0));
+        for (uint32_t k = 0; k < nRows; ++k) {
+            uint32_t nk = k + 1;
+            if (nk < nRows) CopyInRow((nk & 1) ? upGm_ : gateGm_, (uint32_t)active.GetValue(nk >> 1));
+            float v = DotNextRow(xF, p_.d);
+            if (k & 1) u.SetValue(k >> 1, v); else g.SetValue(k >> 1, v);
+        }
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+        Activate(g, u, h);
+        // survivors: h != 0  ->  (ids, h) packed with GatherMask
+        LocalTensor<uint8_t> mask = maskBuf_.Get<uint8_t>();
+        LocalTensor<int32_t> nzIdx = rampBuf_.Get<int32_t>();
+        LocalTensor<float> nzH = scoreBuf_.Get<float>();
+        CompareScalar(mask, h, 0.0f, CMPMODE::NE, p_.nTile);
+        PipeBarrier<PIPE_V>();
+        uint64_t nNz = 0;
+        GatherMask(nzH, h, mask.ReinterpretCast<uint32_t>(), true, n, GatherMaskParams(1, 1, 8, 8), nNz);
+        GatherMask(nzIdx, active, mask.ReinterpretCast<uint32_t>(), true, n, GatherMaskParams(1, 1, 8, 8), nNz);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        nDown_ += (uint32_t)nNz;
+        if (nNz == 0) return;
+        LocalTensor<float> yAcc = yAccBuf_.Get<float>();
+        LocalTensor<float> rowF = rowFBuf_.Get<float>();
+        CopyInRow(downGm_, (uint32_t)nzIdx.GetValue(0));
+        for (uint32_t k = 0; k < (uint32_t)nNz; ++k) {
+            if (k + 1 < (uint32_t)nNz) CopyInRow(downGm_, (uint32_t)nzIdx.GetValue(k + 1));
+            float hk = nzH.GetValue(k);
+            LocalTensor<T> r = rowQue_.DeQue<T>();
+            Cast(rowF, r, RoundMode::CAST_NONE, p_.d);
+            rowQue_.FreeTensor(r);
+            PipeBarrier<PIPE_V>();
+            Axpy(yAcc, rowF, hk, p_.d);  // y += h_k * W_down^T[id_k, :]  (fp32)
+            PipeBarrier<PIPE_V>();
+        }
+    }
+
+    // ---- h = act(g) * u over the nTile lanes (pad lanes are g = u = 0 -> h = 0)
+    __aicore__ inline void Activate(const LocalTensor<float>& g, const LocalTensor<float>& u, const LocalTensor<float>& h)
+    {
+        const uint32_t n = p_.nTile;
+        LocalTensor<float> tmp = tmpBuf_.Get<float>();
+        LocalTensor<uint8_t> mask = maskBuf_.Get<uint8_t>();
+        switch (p_.act) {
+            case ACT_SILU:  // g * sigmoid(g)
+                Muls(tmp, g, -1.0f, n);
+                Exp(tmp, tmp, n);
+                Adds(tmp, tmp, 1.0f, n);
+                Div(h, g, tmp, n);
+                break;
+            case ACT_GELU:  // 0.5 g (1 + erf(g / sqrt 2))
+                Muls(tmp, g, 0.70710678118654752f, n);
+                Erf(tmp, tmp, n);
+                Adds(tmp, tmp, 1.0f, n);
+                Mul(tmp, tmp, g, n);
+                Muls(h, tmp, 0.5f, n);
+                break;
+            case ACT_GELU_TANH:  // 0.5 g (1 + tanh z) = g * sigmoid(2z),  z = sqrt(2/pi) (g + 0.044715 g^3)
+                Mul(tmp, g, g, n);
+                Mul(tmp, tmp, g, n);
+                Muls(tmp, tmp, 0.044715f, n);
+                Add(tmp, tmp, g, n);
+                Muls(tmp, tmp, -1.5957691216057308f, n);
+                Exp(tmp, tmp, n);
+                Adds(tmp, tmp, 1.0f, n);
+                Div(h, g, tmp, n);
+                break;
+            case ACT_FATRELU:  // g if g > t else 0
+                CompareScalar(mask, g, p_.actParam, CMPMODE::GT, n);
+                Select(h, mask, g, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
+                break;
+            case ACT_RELU2:
+                Relu(h, g, n);
+                Mul(h, h, h, n);
+                break;
+            default:  // relu, drelu
+                Relu(h, g, n);
+                break;
+        }
+        PipeBarrier<PIPE_V>();
+        if (p_.tau > 0.0f) {  // CATS-style: keep lanes with |act(g)| >= tau
+            Abs(tmp, h, n);
+            CompareScalar(mask, tmp, p_.tau, CMPMODE::GE, n);
+        }
+        if (p_.act == ACT_DRELU) Relu(u, u, n);
+        Mul(h, h, u, n);
+        if (p_.tau > 0.0f) Select(h, mask, h, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
+        PipeBarrier<PIPE_V>();
+    }
+
+    __aicore__ inline void StoreTokenResult(uint32_t t)
+    {
+        uint64_t rec = (uint64_t)t * nBlk_ + blk_;
+        if (p_.mode != MODE_PREDICT) {
+            LocalTensor<float> yAcc = yAccBuf_.Get<float>();
+            SetFlag<HardEvent::V_MTE3>(0);
+            WaitFlag<HardEvent::V_MTE3>(0);
+            DataCopy(wsY_[rec * p_.dPad], yAcc, p_.dPad);
+        }
+        LocalTensor<int32_t> c = cntQue_.AllocTensor<int32_t>();
+        for (uint32_t i = 0; i < WS_ROW_INTS; ++i) c.SetValue(i, 0);
+        c.SetValue(0, (int32_t)nAct_);
+        c.SetValue(1, (int32_t)nDown_);
+        cntQue_.EnQue(c);
+        c = cntQue_.DeQue<int32_t>();
+        DataCopy(wsCnt_[rec * WS_ROW_INTS], c, WS_ROW_INTS);
+        cntQue_.FreeTensor(c);
+        // the next token reuses yAcc / the row queue: make sure this token's copy-out is done
+        SetFlag<HardEvent::MTE3_V>(0);
+        WaitFlag<HardEvent::MTE3_V>(0);
+    }
+
+    FfnParams p_;
+    uint32_t blk_ = 0, nBlk_ = 1, nAct_ = 0, nDown_ = 0;
+    TPipe pipe_;
+    TQue<QuePosition::VECIN, 1> xQue_;
+    TQue<QuePosition::VECIN, BUFFER_NUM> rowQue_;
+    TQue<QuePosition::VECIN, BUFFER_NUM> p2Que_;
+    TQue<QuePosition::VECOUT, 1> cntQue_;
+    TBuf<QuePosition::VECCALC> xFBuf_, rowFBuf_, yAccBuf_, redTmpBuf_, redDstBuf_, scoreBuf_, biasBuf_, rampBuf_,
+        activeBuf_, gBuf_, uBuf_, hBuf_, tmpBuf_, maskBuf_, zBuf_, p2FBuf_;
+    GlobalTensor<T> xGm_, p1Gm_, p2Gm_, gateGm_, upGm_, downGm_;
+    GlobalTensor<float> biasGm_, wsY_;
+    GlobalTensor<int32_t> idxGm_, countGm_, wsCnt_, wsIdx_;
+};
+
+// ---- cross-core reduction: y[t, cols] = sum_b partial[t, b, cols]; counters summed by core 0
+template <typename T>
+class FfnReduceKernel {
+public:
+    __aicore__ inline void Init(GM_ADDR ws, GM_ADDR y, GM_ADDR count, GM_ADDR downCount, uint32_t T_, uint32_t d,
+                                uint32_t dPad, uint32_t mainBlocks, uint32_t cols)
+    {
+        T_n = T_; d_ = d; dPad_ = dPad; B_ = mainBlocks; cols_ = cols;
+        uint64_t yWs = (uint64_t)T_ * mainBlocks * dPad;
+        wsY_.SetGlobalBuffer((__gm__ float*)ws, yWs);
+        wsCnt_.SetGlobalBuffer((__gm__ int32_t*)(ws + yWs * sizeof(float)), (uint64_t)T_ * mainBlocks * WS_ROW_INTS);
+        yGm_.SetGlobalBuffer((__gm__ T*)y, (uint64_t)T_ * d);
+        countGm_.SetGlobalBuffer((__gm__ int32_t*)count, T_);
+        downGm_.SetGlobalBuffer((__gm__ int32_t*)downCount, T_);
+        pipe_.InitBuffer(partQue_, BUFFER_NUM, cols * sizeof(float));
+        pipe_.InitBuffer(accBuf_, cols * sizeof(float));
+        pipe_.InitBuffer(outQue_, 1, cols * sizeof(T));
+        pipe_.InitBuffer(cntBuf_, mainBlocks * WS_ROW_INTS * sizeof(int32_t));
+        pipe_.InitBuffer(countBuf_, Align(T_, 8) * sizeof(int32_t));
+        pipe_.InitBuffer(downBuf_, Align(T_, 8) * sizeof(int32_t));
+    }
+
+    __aicore__ inline void Process()
+    {
+        uint32_t c0 = GetBlockIdx() * cols_;
+        if (c0 < dPad_) {
+            uint32_t n = Min(cols_, dPad_ - c0);  // multiple of 16
+            LocalTensor<float> acc = accBuf_.Get<float>();
+            for (uint32_t t = 0; t < T_n; ++t) {
+                Duplicate(acc, 0.0f, (int32_t)n);
+                CopyInPart(t, 0, c0, n);
+                for (uint32_t b = 0; b < B_; ++b) {
+                    if (b + 1 < B_) CopyInPart(t, b + 1, c0, n);
+                    LocalTensor<float> part = partQue_.DeQue<float>();
+                    Add(acc, acc, part, n);
+                    PipeBarrier<PIPE_V>();
+                    partQue_.FreeTensor(part);
+                }
+                LocalTensor<T> out = outQue_.AllocTensor<T>();
+                Cast(out, acc, RoundMode::CAST_RINT, n);
+                outQue_.EnQue(out);
+                out = outQue_.DeQue<T>();
+                if (c0 < d_) {
+                    uint32_t m = Min(n, d_ - c0);
+                    DataCopyPad(yGm_[(uint64_t)t * d_ + c0], out, DataCopyExtParams(1, m * sizeof(T), 0, 0, 0));
+                }
+                outQue_.FreeTensor(out);
+            }
+        }
+        if (GetBlockIdx() == 0) {
+            LocalTensor<int32_t> cnt = cntBuf_.Get<int32_t>();
+            LocalTensor<int32_t> cOut = countBuf_.Get<int32_t>();
+            LocalTensor<int32_t> dOut = downBuf_.Get<int32_t>();
+            for (uint32_t t = 0; t < T_n; ++t) {
+                DataCopy(cnt, wsCnt_[(uint64_t)t * B_ * WS_ROW_INTS], B_ * WS_ROW_INTS);
+                SetFlag<HardEvent::MTE2_S>(0);
+                WaitFlag<HardEvent::MTE2_S>(0);
+                int32_t a = 0, dn = 0;
+                for (uint32_t b = 0; b < B_; ++b) {
+                    a += cnt.GetValue(b * WS_ROW_INTS);
+                    dn += cnt.GetValue(b * WS_ROW_INTS + 1);
+                }
+                cOut.SetValue(t, a);
+                dOut.SetValue(t, dn);
+                SetFlag<HardEvent::S_MTE2>(0);
+                WaitFlag<HardEvent::S_MTE2>(0);
+            }
+            SetFlag<HardEvent::S_MTE3>(0);
+            WaitFlag<HardEvent::S_MTE3>(0);
+            DataCopyPad(countGm_, cOut, DataCopyExtParams(1, T_n * sizeof(int32_t), 0, 0, 0));
+            DataCopyPad(downGm_, dOut, DataCopyExtParams(1, T_n * sizeof(int32_t), 0, 0, 0));
+        }
+    }
+
+private:
+    __aicore__ inline void CopyInPart(uint32_t t, uint32_t b, uint32_t c0, uint32_t n)
+    {
+        LocalTensor<float> part = partQue_.AllocTensor<float>();
+        DataCopy(part, wsY_[((uint64_t)t * B_ + b) * dPad_ + c0], n);
+        partQue_.EnQue(part);
+    }
+    uint32_t T_n, d_, dPad_, B_, cols_;
+    TPipe pipe_;
+    TQue<QuePosition::VECIN, BUFFER_NUM> partQue_;
+    TQue<QuePosition::VECOUT, 1> outQue_;
+    TBuf<QuePosition::VECCALC> accBuf_, cntBuf_, countBuf_, downBuf_;
+    GlobalTensor<float> wsY_;
+    GlobalTensor<int32_t> wsCnt_, countGm_, downGm_;
+    GlobalTensor<T> yGm_;
+};
+
+// ---- PREDICT mode: concatenate the per-core lists of token t (core order = ascending ids)
+class FfnConcatKernel {
+public:
+    __aicore__ inline void Init(GM_ADDR ws, GM_ADDR idx, GM_ADDR count, uint32_t T_, uint32_t I, uint32_t dPad,
+                                uint32_t mainBlocks, uint32_t nPerCore)
+    {
+        T_n = T_; I_ = I; B_ = mainBlocks; nPer_ = nPerCore;
+        uint64_t yWs = (uint64_t)T_ * mainBlocks * dPad;
+        uint64_t cWs = (uint64_t)T_ * mainBlocks * WS_ROW_INTS;
+        wsCnt_.SetGlobalBuffer((__gm__ int32_t*)(ws + yWs * sizeof(float)), cWs);
+        wsIdx_.SetGlobalBuffer((__gm__ int32_t*)(ws + yWs * sizeof(float) + cWs * sizeof(int32_t)),
+                               (uint64_t)T_ * mainBlocks * nPerCore);
+        idxGm_.SetGlobalBuffer((__gm__ int32_t*)idx, (uint64_t)T_ * I);
+        countGm_.SetGlobalBuffer((__gm__ int32_t*)count, T_);
+        pipe_.InitBuffer(cntBuf_, mainBlocks * WS_ROW_INTS * sizeof(int32_t));
+        pipe_.InitBuffer(listBuf_, nPerCore * sizeof(int32_t));
+    }
+    __aicore__ inline void Process()
+    {
+        LocalTensor<int32_t> cnt = cntBuf_.Get<int32_t>();
+        LocalTensor<int32_t> list = listBuf_.Get<int32_t>();
+        for (uint32_t t = GetBlockIdx(); t < T_n; t += GetBlockNum()) {
+            DataCopy(cnt, wsCnt_[(uint64_t)t * B_ * WS_ROW_INTS], B_ * WS_ROW_INTS);
+            SetFlag<HardEvent::MTE2_S>(0);
+            WaitFlag<HardEvent::MTE2_S>(0);
+            uint32_t off = 0;
+            for (uint32_t b = 0; b < B_; ++b) {
+                uint32_t n = (uint32_t)cnt.GetValue(b * WS_ROW_INTS);
+                if (n == 0) continue;
+                DataCopyPad(list, wsIdx_[((uint64_t)t * B_ + b) * nPer_], DataCopyExtParams(1, n * sizeof(int32_t), 0, 0, 0),
+                            DataCopyPadExtParams<int32_t>(false, 0, 0, 0));
+                SetFlag<HardEvent::MTE2_MTE3>(0);
+                WaitFlag<HardEvent::MTE2_MTE3>(0);
+                DataCopyPad(idxGm_[(uint64_t)t * I_ + off], list, DataCopyExtParams(1, n * sizeof(int32_t), 0, 0, 0));
+                SetFlag<HardEvent::MTE3_MTE2>(0);
+                WaitFlag<HardEvent::MTE3_MTE2>(0);
+                off += n;
+            }
+            SetFlag<HardEvent::MTE3_S>(0);
+            WaitFlag<HardEvent::MTE3_S>(0);
+            cnt.SetValue(0, (int32_t)off);
+            SetFlag<HardEvent::S_MTE3>(0);
+            WaitFlag<HardEvent::S_MTE3>(0);
+            DataCopyPad(countGm_[t], cnt, DataCopyExtParams(1, sizeof(int32_t), 0, 0, 0));
+            SetFlag<HardEvent::MTE3_MTE2>(0);
+            WaitFlag<HardEvent::MTE3_MTE2>(0);
+        }
+    }
+
+private:
+    uint32_t T_n, I_, B_, nPer_;
+    TPipe pipe_;
+    TBuf<QuePosition::VECCALC> cntBuf_, listBuf_;
+    GlobalTensor<int32_t> wsCnt_, wsIdx_, idxGm_, countGm_;
+};
+}  // namespace sparsedge
+
+// ------------------------------------------------------------------------------------ entry points
+#define SPARSEDGE_FFN_KERNELS(SUFFIX, TYPE)                                                                          \
+    extern "C" __global__ __aicore__ void sparsedge_ffn_##SUFFIX(                                                    \
+        GM_ADDR x, GM_ADDR p1, GM_ADDR p2, GM_ADDR bias, GM_ADDR wGate, GM_ADDR wUp, GM_ADDR wDownT, GM_ADDR idx,    \
+        GM_ADDR count, GM_ADDR workspace, uint32_t T, uint32_t d, uint32_t r, uint32_t I, uint32_t mode,             \
+        uint32_t act, float actParam, float tau, uint32_t dPad, uint32_t rPad, uint32_t nPerCore, uint32_t nTile,    \
+        uint32_t p2Rows)                                                                                             \
+    {                                                                                                                \
+        sparsedge::FfnParams p{T, d, r, I, mode, act, actParam, tau, dPad, rPad, nPerCore, nTile, p2Rows};           \
+        sparsedge::SparseFfnKernel<TYPE> op;                                                                         \
+        op.Init(x, p1, p2, bias, wGate, wUp, wDownT, idx, count, workspace, p);                                      \
+        op.Process();                                                                                                \
+    }                                                                                                                \
+    extern "C" __global__ __aicore__ void sparsedge_ffn_reduce_##SUFFIX(                                             \
+        GM_ADDR workspace, GM_ADDR y, GM_ADDR count, GM_ADDR downCount, uint32_t T, uint32_t d, uint32_t dPad,       \
+        uint32_t mainBlocks, uint32_t cols)                                                                          \
+    {                                                                                                                \
+        sparsedge::FfnReduceKernel<TYPE> op;                                                                         \
+        op.Init(workspace, y, count, downCount, T, d, dPad, mainBlocks, cols);                                       \
+        op.Process();                                                                                                \
+    }
+
+SPARSEDGE_FFN_KERNELS(f16, half)
+// bf16: 910B (dav-c220) only; 310B (dav-m300, __CCE_AICORE__ == 300) lacks bf16 Gather/GatherMask/Cast paths.
+#if !defined(__CCE_AICORE__) || (__CCE_AICORE__ == 220)
+SPARSEDGE_FFN_KERNELS(bf16, bfloat16_t)
+#endif
+
+extern "C" __global__ __aicore__ void sparsedge_ffn_concat(GM_ADDR workspace, GM_ADDR idx, GM_ADDR count, uint32_t T,
+                                                           uint32_t I, uint32_t dPad, uint32_t mainBlocks,
+                                                           uint32_t nPerCore)
+{
+    sparsedge::FfnConcatKernel op;
+    op.Init(workspace, idx, count, T, I, dPad, mainBlocks, nPerCore);
+    op.Process();
+}
