@@ -1,0 +1,74 @@
+// Host-side launcher API of the sparsedge CUDA kernels.
+//
+// Plain C++ (no torch headers): every launcher takes raw device pointers, sizes, dtype tags and a
+// cudaStream_t, enqueues its kernel(s) and returns cudaGetLastError(). binding.cpp does the torch glue
+// (argument checks, dtype mapping, workspace allocation from torch's caching allocator, current stream).
+// All layouts are row-major and contiguous, exactly as documented in sdk/ops/{norm,ffn,delta}.py.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace sparsedge::cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// Activation codes of sparse_ffn_rows (same order as sdk/ops/ffn.py FFN_ACTIVATIONS).
+enum class Act : int { SiLU = 0, GELU = 1, GELU_Tanh = 2, ReLU = 3, FATReLU = 4, DReLU = 5, ReLU2 = 6 };
+
+// ---- norm.cu -------------------------------------------------------------------------------
+// y = x * rsqrt(mean(x^2) + eps) * w over the last dim (rows x d). With residual != nullptr:
+// residual += x first (stored in residual's dtype, which is x's dtype), and the rounded sum is normalised.
+cudaError_t rms_norm(const void* x, const void* w, void* y, void* residual, int64_t rows, int64_t d, float eps,
+                     DType xt, DType wt, cudaStream_t stream);
+// Rotate-half RoPE: x [T, H, D], cos/sin [T, D/2] fp32 -> y [T, H, D].
+cudaError_t rope(const void* x, const float* cos, const float* sin, void* y, int64_t T, int64_t H, int64_t D,
+                 DType xt, cudaStream_t stream);
+
+// ---- ffn.cu --------------------------------------------------------------------------------
+// Bytes of fp32/int workspace the FFN launchers need (the caller allocates it, 256-byte aligned).
+int64_t ffn_predict_workspace_bytes(int64_t T, int64_t r, int64_t I);
+int64_t ffn_rows_workspace_bytes(int64_t T, int64_t d, int64_t I, int device);
+// Largest feature size the kernels stage in shared memory (x of one token, fp32).
+constexpr int64_t kMaxStagedFloats = 12288;  // 48 KiB
+
+// Predictor: z = P1 x (fp32), s = P2 z + bias, active = s > 0, compacted into idx [T, I] (ascending,
+// first count[t] entries valid) and count [T]. x [T, d] (dtype xt), p1 [r, d], p2 [I, r], bias [I] (dtype pt).
+cudaError_t ffn_predict(const void* x, const void* p1, const void* p2, const void* bias, int32_t* idx,
+                        int32_t* count, int64_t T, int64_t d, int64_t r, int64_t I, DType xt, DType pt,
+                        void* workspace, cudaStream_t stream);
+// Conditional FFN over per-token active lists: y [T, d] (dtype xt), down_count [T].
+// x [T, d] (xt); w_gate, w_up, w_down_t [I, d] (wt); idx [T, I] int32 (ascending not required); count [T].
+cudaError_t sparse_ffn_rows(const void* x, const int32_t* idx, const int32_t* count, const void* w_gate,
+                            const void* w_up, const void* w_down_t, void* y, int32_t* down_count, int64_t T,
+                            int64_t d, int64_t I, Act act, float act_param, float tau, DType xt, DType wt,
+                            void* workspace, int device, cudaStream_t stream);
+
+// ---- delta.cu ------------------------------------------------------------------------------
+// Encodes k [T, H, D] (kt) at positions start.. into values/chan/offsets (values dtype vt), updating
+// ref [H, D] fp32 and writing nnz [H] int64. overflow [H] int32 gets the needed entry count of a head whose
+// packed buffer (cap entries) would overflow (0 otherwise); that head stops encoding at that token.
+cudaError_t delta_encode(const void* k, float* ref, const float* theta, void* values, uint8_t* chan,
+                         int32_t* offsets, int64_t* nnz, int32_t* overflow, int64_t T, int64_t H, int64_t D,
+                         int64_t cap, int64_t offsets_stride, int64_t start, DType kt, DType vt,
+                         cudaStream_t stream);
+
+struct DeltaAttnArgs {
+  const void* q;         // [T, Hq, D]  (dtype qt; also the output dtype)
+  const void* k;         // [T, H, D]   (dtype qt: the binding converts it to q's dtype)
+  const void* v_cache;   // [H, Tmax, D] (ct)
+  const void* values;    // [H, cap]    (ct)
+  const uint8_t* chan;   // [H, cap]
+  const int32_t* offsets;// [H, offsets_stride]
+  const void* sink_k;    // [H, S, D]   (ct)
+  const void* window_k;  // [H, W, D]   (ct)
+  void* out;             // [T, Hq, D]  (qt)
+  int64_t T, Hq, H, D, Tmax, cap, offsets_stride, S, W_slots;
+  int64_t start, n_sink, window;
+  float scale;
+};
+// Workspace for scoring `tokens` queries at once (the launcher chunks T to fit `workspace_bytes`).
+int64_t delta_attention_workspace_bytes(int64_t tokens, int64_t Hq, int64_t n);
+cudaError_t delta_attention(const DeltaAttnArgs& a, DType qt, DType ct, void* workspace, int64_t workspace_bytes,
+                            cudaStream_t stream);
+
+}  // namespace sparsedge::cuda
