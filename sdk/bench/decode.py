@@ -57,13 +57,10 @@ def _ours(args) -> dict:
 
 
 def _transformers(args, prompt_ids) -> dict:
-    from transformers import AutoModelForCausalLM
+    from ..hf_reference import load_transformers_model
+    from ..session import parse_dtype
 
-    from ..loading import hf_reference_location
-
-    folder, kwargs = hf_reference_location(args.model)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    model = load_transformers_model(args.model, parse_dtype(args.dtype))
     inp = torch.tensor([prompt_ids])
     n = args.new_tokens
 
