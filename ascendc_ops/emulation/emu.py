@@ -21,6 +21,7 @@ SOURCES = [
     ROOT / "emulation" / "kernel_operator.h",
     ROOT / "emulation" / "launch_emu.cpp",
     ROOT / "include" / "sparsedge_tiling.h",
+    ROOT / "host" / "sparsedge_tiling.cpp",
     ROOT / "include" / "sparsedge_launch.h",
     ROOT / "kernels" / "sparse_ffn.cpp",
     ROOT / "kernels" / "delta_attention.cpp",
@@ -97,7 +98,7 @@ class Emu:
     """ctypes face of the emulated kernels. Tensors must be contiguous CPU tensors."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or build("sparsedge_ascend_emu", [ROOT / "emulation" / "launch_emu.cpp"], [])
+        self.path = path or build("sparsedge_ascend_emu", [ROOT / "emulation" / "launch_emu.cpp", ROOT / "host" / "sparsedge_tiling.cpp"], [])
         self.lib = ctypes.CDLL(str(self.path))
         self.lib.sd_emu_last_error.restype = ctypes.c_char_p
         self.lib.sd_emu_launch_log.restype = ctypes.c_char_p

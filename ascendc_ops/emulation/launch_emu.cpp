@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "kernel_operator.h"
-#define SPARSEDGE_TILING_IMPL
 #include "../include/sparsedge_launch.h"
 #include "../include/sparsedge_tiling.h"
 #include "../kernels/delta_attention.cpp"
