@@ -25,6 +25,7 @@ SOURCES = [
     ROOT / "include" / "sparsedge_launch.h",
     ROOT / "kernels" / "sparse_ffn.cpp",
     ROOT / "kernels" / "delta_attention.cpp",
+    ROOT / "emulation" / "harness_selftest.cpp",
 ]
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unused-function"]
 CHIPS = {"310B": 0, "910B": 1}
@@ -98,11 +99,18 @@ class Emu:
     """ctypes face of the emulated kernels. Tensors must be contiguous CPU tensors."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or build("sparsedge_ascend_emu", [ROOT / "emulation" / "launch_emu.cpp", ROOT / "host" / "sparsedge_tiling.cpp"], [])
+        self.path = path or build("sparsedge_ascend_emu", [ROOT / "emulation" / "launch_emu.cpp", ROOT / "host" / "sparsedge_tiling.cpp",
+                                                    ROOT / "emulation" / "harness_selftest.cpp"], [])
         self.lib = ctypes.CDLL(str(self.path))
         self.lib.sd_emu_last_error.restype = ctypes.c_char_p
         self.lib.sd_emu_launch_log.restype = ctypes.c_char_p
         self.lib.sd_chip_ub_bytes.restype = ctypes.c_uint32
+        self.lib.sd_harness_message.restype = ctypes.c_char_p
+
+    def harness_case(self, which: int, chip: str = "310B") -> str | None:
+        """Run one harness self-test case; returns the harness's error message, or None when accepted."""
+        rc = self.lib.sd_harness_case(which, CHIPS[chip])
+        return self.lib.sd_harness_message().decode() if rc else None
 
     # ---- tiling (the C++ functions the binding uses)
     def ub_bytes(self, chip: str) -> int:
@@ -174,3 +182,55 @@ class Emu:
 
     def clear_log(self):
         self.lib.sd_emu_clear_log()
+
+
+def torch_flags() -> tuple[list[str], list[str]]:
+    from torch.utils import cpp_extension as ce
+    inc = [f"-I{p}" for p in ce.include_paths()]
+    lib = [f"-L{p}" for p in ce.library_paths()] + [f"-Wl,-rpath,{p}" for p in ce.library_paths()]
+    return inc, lib + ["-ltorch", "-ltorch_cpu", "-lc10"]
+
+
+BINDING = ROOT / "binding" / "torch_binding.cpp"
+FAKE_DIR = ROOT / "emulation" / "fake_torch_npu"
+
+
+def build_fake_binding() -> Path:
+    """TEST HARNESS: binding/torch_binding.cpp built with -DSPARSEDGE_FAKE_NPU against the fake OpCommand /
+    NPUStream / acl headers and the emulated launchers, linked with CPU torch. Loading it registers the real
+    PrivateUse1 implementations; called on CPU tensors (redispatch to PrivateUse1) they marshal arguments, compute
+    tiling, and 'launch' the emulated kernels. Cached by the hash of every input and the torch version."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    fakes = sorted(FAKE_DIR.rglob("*.h"))
+    extras = ROOT / "emulation" / "fake_binding_extras.cpp"
+    key = source_hash([BINDING, extras, *fakes], [torch.__version__])
+    target = cache_dir() / f"sparsedge_fake_binding-{key}.so"
+    if target.exists():
+        return target
+    inc, libs = torch_flags()
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        tmp = Path(tmp)
+        common = ["-O1", "-fPIC", "-c", f"-I{FAKE_DIR}", f"-I{ROOT / 'include'}", f"-I{ROOT / 'emulation'}"]
+        units = [
+            (BINDING, ["-std=c++20", "-DSPARSEDGE_FAKE_NPU", *inc]),
+            (ROOT / "emulation" / "launch_emu.cpp", ["-std=c++17"]),
+            (ROOT / "host" / "sparsedge_tiling.cpp", ["-std=c++17"]),
+            (extras, ["-std=c++20"]),
+        ]
+        objs = []
+        for src, flags in units:
+            obj = tmp / (src.stem + ".o")
+            cmd = [cxx, *common, *flags, str(src), "-o", str(obj)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"fake binding build failed: {' '.join(cmd)}\n{res.stderr[-6000:]}")
+            objs.append(str(obj))
+        out = tmp / target.name
+        cmd = [cxx, "-shared", *objs, *libs, "-o", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"fake binding link failed: {' '.join(cmd)}\n{res.stderr[-6000:]}")
+        os.replace(out, target)
+    return target

@@ -1,0 +1,102 @@
+"""Host tiling of the AscendC kernels (ascendc_ops/include/sparsedge_tiling.h), checked for 310B and 910B through
+ctypes on the same C++ functions the torch_npu binding calls."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "sparsedge_ascend_testutil", Path(__file__).resolve().parents[1] / "ascendc_ops" / "emulation" / "testutil.py")
+tu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tu)
+
+CHIPS = {"310B": 253952, "910B": 196608}
+# (T, d, r, I): SmolLM2-135M, a 1B-class model, Llama-2-7B (ProSparse), Mistral-7B (TurboSparse), d = 8192
+FFN_SHAPES = [(1, 576, 32, 1536), (1, 2048, 128, 8192), (1, 4096, 256, 11008), (4, 4096, 352, 14336),
+              (1, 8192, 512, 28672), (1, 100, 7, 37)]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    m = tu.emu_module()
+    if m.compiler() is None:
+        tu.missing("no g++ to build the tiling library")
+    return m.Emu()
+
+
+def test_chip_ub_sizes(emu):
+    assert emu.ub_bytes("310B") == 253952
+    assert emu.ub_bytes("910B") == 196608
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("mode", ["fused", "rows", "predict"])
+@pytest.mark.parametrize("shape", FFN_SHAPES)
+@pytest.mark.parametrize("cores", [1, 8, 48])
+def test_ffn_tiling(emu, chip, mode, shape, cores):
+    T, d, r, I = shape
+    rc, t = emu.ffn_tiling(chip, mode, T, d, r, I, cores)
+    assert rc == 0, t
+    assert t["ubLimit"] == CHIPS[chip]
+    assert t["ubBytes"] <= t["ubLimit"] and t["redUbBytes"] <= t["ubLimit"]
+    assert t["dPad"] % 16 == 0 and t["dPad"] >= d and t["dPad"] - d < 16          # 32 B of fp16 rows
+    assert t["nTile"] % 64 == 0 and t["nTile"] >= 64                            # whole 256-B fp32 repeats
+    assert t["nTile"] * 4 // 256 <= 255                                         # CompareScalar / GatherMask repeats
+    assert t["blockDim"] <= cores
+    if mode != "rows":
+        assert t["nPerCore"] % 64 == 0
+        assert t["blockDim"] * t["nPerCore"] >= I > (t["blockDim"] - 1) * t["nPerCore"]
+        assert t["rPad"] % 16 == 0 and t["rPad"] >= r
+        assert t["p2Rows"] >= 1
+    assert t["redCols"] % 16 == 0
+    if mode != "predict":
+        assert t["redBlockDim"] * t["redCols"] >= t["dPad"]
+    ws = T * t["blockDim"] * t["dPad"] * 4 + T * t["blockDim"] * 32
+    if mode == "predict":
+        ws += T * t["blockDim"] * t["nPerCore"] * 4
+    assert t["wsBytes"] == ws
+
+
+def test_ffn_tiling_uses_the_bigger_310b_ub(emu):
+    # with the largest model here, 910B's 192 KB forces a smaller tile than 310B's 248 KB (or the same)
+    _, a = emu.ffn_tiling("310B", "fused", 1, 8192, 512, 28672, 1)
+    _, b = emu.ffn_tiling("910B", "fused", 1, 8192, 512, 28672, 1)
+    assert a["ubBytes"] > 196608 >= b["ubBytes"]
+    assert b["nTile"] < a["nTile"]
+
+
+def test_ffn_tiling_rejects(emu):
+    assert emu.ffn_tiling("910B", "fused", 1, 65536, 64, 1024, 8)[0] == 2   # SD_ERR_UB: row does not fit
+    assert emu.ffn_tiling("310B", "fused", 0, 64, 16, 128, 8)[0] == 1       # SD_ERR_ARG
+    assert emu.ffn_tiling("310B", "fused", 1, 64, 0, 128, 8)[0] == 1        # fused needs a predictor
+    assert emu.ffn_tiling("310B", "fused", 1, 64, 16, 128, 8, elem_bytes=4)[0] == 1
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("T,H,D", [(1, 3, 64), (512, 8, 128), (100000, 2, 64), (7, 5, 40), (64, 32, 256)])
+def test_delta_encode_tiling(emu, chip, T, H, D):
+    rc, t = emu.delta_encode_tiling(chip, T, H, D, 8)
+    assert rc == 0
+    assert t["ubBytes"] <= t["ubLimit"] == CHIPS[chip]
+    assert t["dPad"] % 64 == 0 and t["dPad"] >= D
+    assert 1 <= t["maxTokens"] <= min(T, 4096)
+    assert t["blockDim"] == min(H, 8)
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("H,Hq,D,n", [(3, 9, 64, 1), (8, 32, 128, 4096), (1, 32, 256, 100000), (2, 4, 40, 77)])
+def test_delta_attention_tiling(emu, chip, H, Hq, D, n):
+    rc, t = emu.delta_attn_tiling(chip, H, Hq, D, n, 8)
+    assert rc == 0
+    assert t["ubBytes"] <= t["ubLimit"] == CHIPS[chip]
+    assert t["G"] == Hq // H
+    assert t["chunk"] % 64 == 0 and t["entTile"] % 32 == 0
+    assert t["nPad"] % 64 == 0 and t["nPad"] >= n
+    assert t["wsBytes"] == Hq * t["nPad"] * 4
+
+
+def test_delta_tiling_rejects(emu):
+    assert emu.delta_encode_tiling("310B", 1, 1, 512, 8)[0] == 1     # D > 256: uint8 channel ids
+    assert emu.delta_attn_tiling("310B", 3, 4, 64, 10, 8)[0] == 1    # Hq not a multiple of H
