@@ -1,0 +1,449 @@
+// Fused CPU kernels for the sparse FFN ops (sdk/ops/ffn.py has the schema and the composite reference):
+//   ffn_predict      p = P2 (P1 x) + b, compaction of {i : p_i > 0} into an ascending index list
+//   sparse_ffn_rows  gate/up dot products for the listed rows only, activation (+ tau zeros), and the
+//                    down accumulation over the surviving rows of W_down^T, read in place
+//   sparse_ffn       both, per token, without materialising the index list outside the kernel
+//
+// Parallelism (ATen's parallel_for = OpenMP in this build):
+//   - T >= threads: tokens are split over threads, every token runs serially (nested parallel_for
+//     calls degrade to inline loops), so prefill-per-token keeps all cores busy;
+//   - otherwise (decode, T = 1): each phase is split: predictor rows, gate/up over the active rows,
+//     and the down accumulation over blocks of output columns (no partial sums to reduce).
+// The per-element arithmetic order never depends on the split, so results are identical for any
+// thread count. Inner loops are AVX2/FMA (8 lanes, bf16 via a 16-bit shift, fp16 via F16C) with a
+// scalar tail doing the same fused multiply-adds; without AVX2 the scalar path is used.
+// Workspaces are O(I) floats per thread (thread_local, grown once); no weight-sized buffers.
+#include "cpu_common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPARSEDGE_AVX2 1
+#endif
+
+namespace sparsedge::cpu {
+namespace {
+
+enum class Act { SiLU, GeLU, GeLUTanh, ReLU, FatReLU, DReLU, ReLU2 };
+
+Act parse_act(const std::string& s) {
+  if (s == "silu") return Act::SiLU;
+  if (s == "gelu") return Act::GeLU;
+  if (s == "gelu_tanh") return Act::GeLUTanh;
+  if (s == "relu") return Act::ReLU;
+  if (s == "fatrelu") return Act::FatReLU;
+  if (s == "drelu") return Act::DReLU;
+  if (s == "relu2") return Act::ReLU2;
+  TORCH_CHECK(false, "sparse_ffn: unknown activation '", s,
+              "' (supported: silu, gelu, gelu_tanh, relu, fatrelu, drelu, relu2)");
+}
+
+// h = act(g) * u with the schema's conventions; zero where |act(g)| < tau (tau > 0).
+inline float activate(Act act, float g, float u, float param, float tau) {
+  float a;
+  switch (act) {
+    case Act::SiLU: a = g / (1.f + std::exp(-g)); break;
+    case Act::GeLU: a = 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f)); break;
+    case Act::GeLUTanh: {
+      const float k = 0.79788456080286536f;
+      a = 0.5f * g * (1.f + std::tanh(k * (g + 0.044715f * g * g * g)));
+      break;
+    }
+    case Act::ReLU: a = g > 0.f ? g : 0.f; break;
+    case Act::FatReLU: a = g > param ? g : 0.f; break;
+    case Act::DReLU: a = g > 0.f ? g : 0.f; u = u > 0.f ? u : 0.f; break;
+    case Act::ReLU2: { const float r = g > 0.f ? g : 0.f; a = r * r; break; }
+    default: a = 0.f;
+  }
+  if (tau > 0.f && std::fabs(a) < tau) return 0.f;
+  return a * u;
+}
+
+// ---- SIMD loads: 8 consecutive elements as fp32 --------------------------------------------------
+#ifdef SPARSEDGE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+template <typename T> constexpr bool kSimd = !std::is_same_v<T, double>;
+#endif
+
+template <typename T> inline float ld(const T* p, int64_t i) { return to_f32(p[i]); }
+
+// sum_i a[i] * x[i] (x fp32)
+template <typename T>
+inline float dot(const T* a, const float* x, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef SPARSEDGE_AVX2
+  if constexpr (kSimd<T>) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+      s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(x + i), s0);
+      s1 = _mm256_fmadd_ps(load8(a + i + 8), _mm256_loadu_ps(x + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(x + i), s0);
+    s = hsum(_mm256_add_ps(s0, s1));
+  }
+#endif
+  for (; i < n; ++i) s = std::fma(ld(a, i), x[i], s);
+  return s;
+}
+
+// both gate and up rows against the same x (x is loaded once)
+template <typename T>
+inline void dot2(const T* a, const T* b, const float* x, int64_t n, float* oa, float* ob) {
+  int64_t i = 0;
+  float sa = 0.f, sb = 0.f;
+#ifdef SPARSEDGE_AVX2
+  if constexpr (kSimd<T>) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      a0 = _mm256_fmadd_ps(load8(a + i), x0, a0);
+      b0 = _mm256_fmadd_ps(load8(b + i), x0, b0);
+      a1 = _mm256_fmadd_ps(load8(a + i + 8), x1, a1);
+      b1 = _mm256_fmadd_ps(load8(b + i + 8), x1, b1);
+    }
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x0 = _mm256_loadu_ps(x + i);
+      a0 = _mm256_fmadd_ps(load8(a + i), x0, a0);
+      b0 = _mm256_fmadd_ps(load8(b + i), x0, b0);
+    }
+    sa = hsum(_mm256_add_ps(a0, a1));
+    sb = hsum(_mm256_add_ps(b0, b1));
+  }
+#endif
+  for (; i < n; ++i) {
+    sa = std::fma(ld(a, i), x[i], sa);
+    sb = std::fma(ld(b, i), x[i], sb);
+  }
+  *oa = sa;
+  *ob = sb;
+}
+
+// acc[c] (c in [c0, c1)) += sum_k h[k] * w[rows[k], c], rows read in place, 4 rows per pass over acc.
+template <typename T>
+void down_accumulate(const T* w, int64_t d, const int32_t* rows, const float* h, int64_t n, int64_t c0,
+                     int64_t c1, float* acc) {
+  const int64_t len = c1 - c0;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const T* r0 = w + static_cast<int64_t>(rows[k]) * d + c0;
+    const T* r1 = w + static_cast<int64_t>(rows[k + 1]) * d + c0;
+    const T* r2 = w + static_cast<int64_t>(rows[k + 2]) * d + c0;
+    const T* r3 = w + static_cast<int64_t>(rows[k + 3]) * d + c0;
+    const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+    int64_t c = 0;
+#ifdef SPARSEDGE_AVX2
+    if constexpr (kSimd<T>) {
+      const __m256 v0 = _mm256_set1_ps(h0), v1 = _mm256_set1_ps(h1);
+      const __m256 v2 = _mm256_set1_ps(h2), v3 = _mm256_set1_ps(h3);
+      for (; c + 8 <= len; c += 8) {
+        __m256 s = _mm256_loadu_ps(acc + c);
+        s = _mm256_fmadd_ps(load8(r0 + c), v0, s);
+        s = _mm256_fmadd_ps(load8(r1 + c), v1, s);
+        s = _mm256_fmadd_ps(load8(r2 + c), v2, s);
+        s = _mm256_fmadd_ps(load8(r3 + c), v3, s);
+        _mm256_storeu_ps(acc + c, s);
+      }
+    }
+#endif
+    for (; c < len; ++c) {
+      float s = acc[c];
+      s = std::fma(ld(r0, c), h0, s);
+      s = std::fma(ld(r1, c), h1, s);
+      s = std::fma(ld(r2, c), h2, s);
+      s = std::fma(ld(r3, c), h3, s);
+      acc[c] = s;
+    }
+  }
+  for (; k < n; ++k) {
+    const T* r0 = w + static_cast<int64_t>(rows[k]) * d + c0;
+    const float h0 = h[k];
+    int64_t c = 0;
+#ifdef SPARSEDGE_AVX2
+    if constexpr (kSimd<T>) {
+      const __m256 v0 = _mm256_set1_ps(h0);
+      for (; c + 8 <= len; c += 8)
+        _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(load8(r0 + c), v0, _mm256_loadu_ps(acc + c)));
+    }
+#endif
+    for (; c < len; ++c) acc[c] = std::fma(ld(r0, c), h0, acc[c]);
+  }
+}
+
+// ---- per-thread workspace (grown, never shrunk; O(I + d + r) floats) ----------------------------
+struct Workspace {
+  std::vector<float> xf, z, hv, h2, yf;
+  std::vector<int32_t> idx, rows2, chunk_count;
+};
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+template <typename V> inline auto* grow(V& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+constexpr int64_t kPredChunk = 256;  // neurons per compaction chunk (fixed: independent of threads)
+
+template <typename X>
+void load_x(const X* x, int64_t d, float* xf) {
+  for (int64_t i = 0; i < d; ++i) xf[i] = to_f32(x[i]);
+}
+
+// One token: predictor scores -> ascending active ids in `idx`; returns the count.
+template <typename P>
+int64_t predict_token(const float* xf, const P* p1, const P* p2, const float* bias, int64_t d, int64_t r,
+                      int64_t I, int32_t* idx, float* z, int32_t* chunk_count) {
+  at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) z[j] = dot(p1 + j * d, xf, d);
+  });
+  const int64_t nchunks = (I + kPredChunk - 1) / kPredChunk;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(kPredChunk * r, 1));
+  at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * kPredChunk, i1 = std::min(I, i0 + kPredChunk);
+      int32_t m = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float s = dot(p2 + i * r, z, r) + bias[i];
+        if (s > 0.f) idx[i0 + m++] = static_cast<int32_t>(i);
+      }
+      chunk_count[c] = m;
+    }
+  });
+  int64_t off = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t m = chunk_count[c];
+    if (m && off != c * kPredChunk) std::memmove(idx + off, idx + c * kPredChunk, m * sizeof(int32_t));
+    off += m;
+  }
+  return off;
+}
+
+// One token: y (fp32, length d) = sum over listed rows of h_i * w_down_t[i]; returns rows accumulated.
+template <typename W>
+int64_t rows_token(const float* xf, const int32_t* idx, int64_t n, const W* wg, const W* wu, const W* wd,
+                   int64_t d, Act act, float param, float tau, float* hv, int32_t* rows2, float* h2, float* y) {
+  at::parallel_for(0, n, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i = idx[k];
+      float g, u;
+      dot2(wg + i * d, wu + i * d, xf, d, &g, &u);
+      hv[k] = activate(act, g, u, param, tau);
+    }
+  });
+  int64_t m = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    if (hv[k] != 0.f) {
+      rows2[m] = idx[k];
+      h2[m++] = hv[k];
+    }
+  }
+  const int64_t units = (d + 7) / 8;  // column blocks are multiples of 8 so SIMD/tail splits never move
+  const int64_t grain = std::max<int64_t>(8, 4096 / std::max<int64_t>(m, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t c0 = u0 * 8, c1 = std::min(d, u1 * 8);
+    std::fill(y + c0, y + c1, 0.f);
+    down_accumulate(wd, d, rows2, h2, m, c0, c1, y + c0);
+  });
+  return m;
+}
+
+void check_weights(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd) {
+  TORCH_CHECK(x.dim() == 2, "sparse_ffn: x must be [T, d], got ", x.sizes());
+  const int64_t d = x.size(1);
+  for (const at::Tensor* t : {&wg, &wu, &wd}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == d, "sparse_ffn: weights must be [I, d] with d = ", d, ", got ",
+                t->sizes());
+    SPARSEDGE_CHECK_CPU_CONTIG(*t);
+  }
+  TORCH_CHECK(wg.size(0) == wu.size(0) && wu.size(0) == wd.size(0), "sparse_ffn: w_gate, w_up, w_down_t row counts differ");
+  TORCH_CHECK(wg.scalar_type() == wu.scalar_type() && wu.scalar_type() == wd.scalar_type(),
+              "sparse_ffn: w_gate, w_up and w_down_t must share one dtype");
+}
+
+// Runs `body(t)` for every token: across threads when there are enough tokens, else serially (and
+// each token's phases parallelise inside).
+template <typename F>
+void for_tokens(int64_t T, const F& body) {
+  if (T >= at::get_num_threads() && T > 1) {
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) body(t);
+    });
+  } else {
+    for (int64_t t = 0; t < T; ++t) body(t);
+  }
+}
+
+// ---- ops ---------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> ffn_predict_impl(const at::Tensor& x_in, const at::Tensor& p1_in,
+                                                    const at::Tensor& p2_in, const at::Tensor& bias_in) {
+  TORCH_CHECK(x_in.dim() == 2, "ffn_predict: x must be [T, d]");
+  auto x = x_in.contiguous();
+  auto p1 = p1_in.contiguous();
+  auto p2 = p2_in.to(p1.scalar_type()).contiguous();
+  auto bias = bias_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), d = x.size(1), r = p1.size(0), I = p2.size(0);
+  TORCH_CHECK(p1.dim() == 2 && p1.size(1) == d, "ffn_predict: p1 must be [r, d]");
+  TORCH_CHECK(p2.dim() == 2 && p2.size(1) == r, "ffn_predict: p2 must be [I, r]");
+  TORCH_CHECK(bias.numel() == I, "ffn_predict: bias must be [I]");
+  auto idx = at::empty({T, I}, x.options().dtype(at::kInt));
+  auto count = at::empty({T}, x.options().dtype(at::kInt));
+  int32_t* ip = idx.data_ptr<int32_t>();
+  int32_t* cp = count.data_ptr<int32_t>();
+  const float* bp = bias.data_ptr<float>();
+  SPARSEDGE_DISPATCH_FLOATS(x.scalar_type(), "ffn_predict_x", [&] {
+    using X = scalar_t;
+    const X* xp = x.data_ptr<X>();
+    SPARSEDGE_DISPATCH_FLOATS(p1.scalar_type(), "ffn_predict_p", [&] {
+      using P = scalar_t;
+      const P* p1p = p1.data_ptr<P>();
+      const P* p2p = p2.data_ptr<P>();
+      for_tokens(T, [&](int64_t t) {
+        Workspace& ws = workspace();
+        float* xf = grow(ws.xf, d);
+        load_x(xp + t * d, d, xf);
+        cp[t] = static_cast<int32_t>(predict_token(xf, p1p, p2p, bp, d, r, I, ip + t * I, grow(ws.z, r),
+                                                   grow(ws.chunk_count, (I + kPredChunk - 1) / kPredChunk)));
+      });
+    });
+  });
+  return {idx, count};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_ffn_rows_impl(const at::Tensor& x_in, const at::Tensor& idx_in,
+                                                        const at::Tensor& count_in, const at::Tensor& wg,
+                                                        const at::Tensor& wu, const at::Tensor& wd,
+                                                        c10::string_view activation, double act_param, double tau) {
+  auto x = x_in.contiguous();
+  check_weights(x, wg, wu, wd);
+  auto idx = idx_in.to(at::kInt).contiguous();
+  auto count = count_in.to(at::kInt).contiguous();
+  const int64_t T = x.size(0), d = x.size(1), I = wg.size(0);
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == T, "sparse_ffn_rows: idx must be [T, >= count]");
+  TORCH_CHECK(count.numel() == T, "sparse_ffn_rows: count must be [T]");
+  const int64_t stride = idx.size(1);
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const int32_t* cp = count.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t) {  // validate once, outside the parallel regions
+    TORCH_CHECK(cp[t] >= 0 && cp[t] <= std::min(stride, I), "sparse_ffn_rows: count[", t, "] = ", cp[t],
+                " out of range");
+    for (int64_t k = 0; k < cp[t]; ++k)
+      TORCH_CHECK(ip[t * stride + k] >= 0 && ip[t * stride + k] < I, "sparse_ffn_rows: idx[", t, ", ", k,
+                  "] = ", ip[t * stride + k], " out of range [0, ", I, ")");
+  }
+  const Act act = parse_act(std::string(activation));
+  auto y = at::empty({T, d}, x.options());
+  auto down_count = at::empty({T}, x.options().dtype(at::kInt));
+  int32_t* dp = down_count.data_ptr<int32_t>();
+  SPARSEDGE_DISPATCH_FLOATS(x.scalar_type(), "sparse_ffn_rows_x", [&] {
+    using X = scalar_t;
+    const X* xp = x.data_ptr<X>();
+    X* yp = y.data_ptr<X>();
+    SPARSEDGE_DISPATCH_FLOATS(wg.scalar_type(), "sparse_ffn_rows_w", [&] {
+      using W = scalar_t;
+      for_tokens(T, [&](int64_t t) {
+        Workspace& ws = workspace();
+        float* xf = grow(ws.xf, d);
+        load_x(xp + t * d, d, xf);
+        float* yf = std::is_same_v<X, float> ? reinterpret_cast<float*>(yp + t * d) : grow(ws.yf, d);
+        const int64_t n = cp[t];
+        dp[t] = static_cast<int32_t>(rows_token(xf, ip + t * stride, n, wg.data_ptr<W>(), wu.data_ptr<W>(),
+                                                wd.data_ptr<W>(), d, act, static_cast<float>(act_param),
+                                                static_cast<float>(tau), grow(ws.hv, std::max<int64_t>(n, 1)),
+                                                grow(ws.rows2, std::max<int64_t>(n, 1)),
+                                                grow(ws.h2, std::max<int64_t>(n, 1)), yf));
+        if constexpr (!std::is_same_v<X, float>)
+          for (int64_t c = 0; c < d; ++c) yp[t * d + c] = from_f32<X>(yf[c]);
+      });
+    });
+  });
+  return {y, down_count};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_ffn_impl(
+    const at::Tensor& x_in, const at::Tensor& p1_in, const at::Tensor& p2_in, const at::Tensor& bias_in,
+    const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd, c10::string_view activation,
+    double act_param, double tau) {
+  auto x = x_in.contiguous();
+  check_weights(x, wg, wu, wd);
+  auto p1 = p1_in.contiguous();
+  auto p2 = p2_in.to(p1.scalar_type()).contiguous();
+  auto bias = bias_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), d = x.size(1), r = p1.size(0), I = wg.size(0);
+  TORCH_CHECK(p1.dim() == 2 && p1.size(1) == d, "sparse_ffn: p1 must be [r, d]");
+  TORCH_CHECK(p2.dim() == 2 && p2.size(0) == I && p2.size(1) == r, "sparse_ffn: p2 must be [I, r]");
+  TORCH_CHECK(bias.numel() == I, "sparse_ffn: bias must be [I]");
+  const Act act = parse_act(std::string(activation));
+  auto y = at::empty({T, d}, x.options());
+  auto count = at::empty({T}, x.options().dtype(at::kInt));
+  auto down_count = at::empty({T}, x.options().dtype(at::kInt));
+  int32_t* cp = count.data_ptr<int32_t>();
+  int32_t* dp = down_count.data_ptr<int32_t>();
+  const float* bp = bias.data_ptr<float>();
+  SPARSEDGE_DISPATCH_FLOATS(x.scalar_type(), "sparse_ffn_x", [&] {
+    using X = scalar_t;
+    const X* xp = x.data_ptr<X>();
+    X* yp = y.data_ptr<X>();
+    SPARSEDGE_DISPATCH_FLOATS(wg.scalar_type(), "sparse_ffn_w", [&] {
+      using W = scalar_t;
+      const W* wgp = wg.data_ptr<W>();
+      const W* wup = wu.data_ptr<W>();
+      const W* wdp = wd.data_ptr<W>();
+      TORCH_CHECK(p1.scalar_type() == wg.scalar_type() || p1.scalar_type() == at::kFloat,
+                  "sparse_ffn: predictors must be fp32 or the weights' dtype");
+      auto run = [&](auto p1p, auto p2p) {
+        for_tokens(T, [&](int64_t t) {
+          Workspace& ws = workspace();
+          float* xf = grow(ws.xf, d);
+          load_x(xp + t * d, d, xf);
+          int32_t* idx = grow(ws.idx, I);
+          const int64_t n = predict_token(xf, p1p, p2p, bp, d, r, I, idx, grow(ws.z, r),
+                                          grow(ws.chunk_count, (I + kPredChunk - 1) / kPredChunk));
+          cp[t] = static_cast<int32_t>(n);
+          float* yf = std::is_same_v<X, float> ? reinterpret_cast<float*>(yp + t * d) : grow(ws.yf, d);
+          dp[t] = static_cast<int32_t>(rows_token(xf, idx, n, wgp, wup, wdp, d, act,
+                                                  static_cast<float>(act_param), static_cast<float>(tau),
+                                                  grow(ws.hv, std::max<int64_t>(n, 1)),
+                                                  grow(ws.rows2, std::max<int64_t>(n, 1)),
+                                                  grow(ws.h2, std::max<int64_t>(n, 1)), yf));
+          if constexpr (!std::is_same_v<X, float>)
+            for (int64_t c = 0; c < d; ++c) yp[t * d + c] = from_f32<X>(yf[c]);
+        });
+      };
+      if (p1.scalar_type() == at::kFloat) run(p1.data_ptr<float>(), p2.data_ptr<float>());
+      else run(p1.data_ptr<W>(), p2.data_ptr<W>());
+    });
+  });
+  return {y, count, down_count};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsedge, CPU, m) {
+  m.impl("ffn_predict", &ffn_predict_impl);
+  m.impl("sparse_ffn_rows", &sparse_ffn_rows_impl);
+  m.impl("sparse_ffn", &sparse_ffn_impl);
+}
+
+}  // namespace sparsedge::cpu

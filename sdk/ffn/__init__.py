@@ -1,0 +1,11 @@
+"""FFN contextual sparsity with SVD predictors (METHODS.md section 1).
+
+    attach_predictors(model, "art/", backend)   # Session.load(..., predictors="art/") calls this
+    SparseFFN                                   # the module that replaces each layer's DenseFFN
+
+Predictor construction and threshold calibration live in sparsedge.ffn.predictor (tensor math) and
+sparsedge.ffn.calibrate (collection, artifact, CLI hooks for tools/calibrate.py).
+"""
+from .module import SparseFFN, attach_predictors, set_per_token
+
+__all__ = ["SparseFFN", "attach_predictors", "set_per_token"]

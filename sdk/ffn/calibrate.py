@@ -1,0 +1,291 @@
+"""Offline FFN calibration: collect activations, build predictors, calibrate thresholds, write the artifact.
+
+    python tools/calibrate.py --model smollm2-135m --out art/ --text wiki.test.raw --text-start 0.5 \
+        [--rank R] [--s 0.8] [--penalty full|act|h] [--tau-target 0.5] [--export powerinfer DIR]
+
+1. Collection: the dense model runs the calibration text at batch 1 in windows of --seq-len tokens;
+   a hidden_hook stores every layer's FFN input x. Windows alternate between the SVD half (A) and the
+   threshold half (B). Only x is kept (fp32, at most --max-layer-tokens rows per layer and half); the
+   gate pre-activation and h are recomputed from x layer by layer, so memory stays at
+   n_layers * tokens * d floats.
+2. Per layer: X_A^T X_A in float64 -> whitened SVD -> P1, P2; tau for silu/gelu on A; scores, h and the
+   penalty weights on B -> greedy thresholds -> bias; recall and sparsity measured on B.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from . import predictor as P
+
+SECTION = "ffn"
+
+
+@dataclass
+class Variant:
+    """One calibration recipe (the ablation and the s sweep are lists of these)."""
+    s: float = 0.8
+    penalty: str = "full"
+    whiten: bool = True
+    bias_mode: str = "calibrated"  # or "zero": one global zero threshold (no per-neuron bias)
+    rank: int | None = None  # None: default_rank(I)
+    tau_target: float = 0.5  # silu/gelu: fraction of |act(gate)| zeroed by tau (0 disables tau)
+    runtime_tau: bool = True  # apply tau in the kernel (else tau only defines the calibration target)
+    name: str = ""
+
+    def key(self) -> tuple:
+        return (self.whiten, self.rank, self.tau_target)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def read_text(path, start: float = 0.0) -> str:
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"text start must be in [0, 1), got {start}")
+    return text[int(len(text) * start):]
+
+
+def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[list[int]]:
+    """Consecutive windows of seq_len tokens covering the first n_tokens tokens of `text` (a BOS is put
+    first in each window when the tokenizer adds one by default)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    probe = tokenizer.encode("a")
+    bos = probe[0] if len(probe) > len(tokenizer.encode("a", add_bos=False)) else None
+    body = seq_len - (1 if bos is not None else 0)
+    # tokenise only as much text as needed (about 4 chars per token, generous margin)
+    need_chars = max(4096, 8 * n_tokens)
+    ids = tokenizer.encode(text[:need_chars], add_bos=False)
+    while len(ids) < n_tokens and need_chars < len(text):
+        need_chars *= 2
+        ids = tokenizer.encode(text[:need_chars], add_bos=False)
+    ids = ids[:n_tokens]
+    wins = []
+    for i in range(0, len(ids), body):
+        w = ids[i:i + body]
+        if len(w) < 2:
+            break
+        wins.append(([bos] if bos is not None else []) + w)
+    if not wins:
+        raise ValueError("the text is too short to make a single evaluation/calibration window")
+    return wins
+
+
+def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None = None,
+                   progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: FFN inputs x of the A half (even windows) and the B half (odd windows), fp32 on CPU."""
+    from ..kv_cache import KVCache
+
+    L = model.config.n_layers
+    store = [[[], []] for _ in range(L)]
+    half = [0]
+    hook = lambda i, h: store[i][half[0]].append(h.detach().float().cpu().clone())  # noqa: E731
+    max_len = max(len(w) for w in windows)
+    model.ensure_rope(max_len)
+    cache = KVCache.dense(model.config, max_len, model.dtype, model.device)
+    with torch.inference_mode():
+        for n, w in enumerate(tqdm(windows, desc="collecting FFN inputs", unit="window", disable=not progress)):
+            half[0] = n % 2 if len(windows) > 1 else 0
+            cache.truncate(0)
+            model(torch.tensor(w, dtype=torch.long, device=model.device), 0, cache, hidden_hook=hook)
+    gen = torch.Generator().manual_seed(0)
+    xa, xb = [], []
+    for i in range(L):
+        parts = []
+        for h in (0, 1):
+            x = torch.cat(store[i][h]) if store[i][h] else torch.empty(0, model.config.dim)
+            if max_layer_tokens and x.shape[0] > max_layer_tokens:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:max_layer_tokens].sort().values]
+            parts.append(x)
+        if len(windows) == 1:  # one window: split its tokens
+            x = parts[0]
+            parts = [x[0::2], x[1::2]]
+        xa.append(parts[0])
+        xb.append(parts[1])
+        store[i] = None
+    return xa, xb
+
+
+def _hidden(dense, x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, h) in fp32 for x [N, d] (dense weights as fp32), chunked."""
+    wg = dense.w_gate.float().cpu()
+    wu = dense.w_up.float().cpu()
+    gs, hs = [], []
+    from ..ops.ffn import activate
+    for i in range(0, x.shape[0], chunk):
+        xc = x[i:i + chunk]
+        g = xc @ wg.T
+        u = xc @ wu.T
+        gs.append(g)
+        hs.append(activate(g, u, dense.activation, float(dense.act_param), 0.0))
+    return torch.cat(gs), torch.cat(hs)
+
+
+def _apply_tau(h: torch.Tensor, g: torch.Tensor, tau: float, activation: str, act_param: float) -> torch.Tensor:
+    if tau <= 0:
+        return h
+    a = P.act_values(g, activation, act_param)
+    return torch.where(a.abs() < tau, torch.zeros_like(h), h)
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], variants: list[Variant],
+                    n_points: int = 256, free_cap: float = 0.95, guard: float = 0.01,
+                    progress: bool = True) -> list[tuple[dict, dict]]:
+    """Run every variant over every layer; returns [(tensors, per-layer meta lists)] per variant."""
+    cfg = model.config
+    L, I = cfg.n_layers, cfg.intermediate_size
+    results = [({}, {"layers": []}) for _ in variants]
+    for i in tqdm(range(L), desc="calibrating FFN layers", unit="layer", disable=not progress):
+        dense = getattr(model.layers[i].ffn, "dense", model.layers[i].ffn)
+        act, ap = dense.activation, float(dense.act_param)
+        x_a, x_b = xa[i], xb[i]
+        g_a, h_a = _hidden(dense, x_a)
+        g_b, h_b = _hidden(dense, x_b)
+        xtx = (x_a.double().T @ x_a.double())
+        w_gate = dense.w_gate.detach().float().cpu()
+        w_down_t = dense.w_down_t.detach().float().cpu()
+        prepared: dict = {}
+        for vi, v in enumerate(variants):
+            rank = v.rank or P.default_rank(I)
+            key = (v.whiten, rank, v.tau_target)
+            if key not in prepared:
+                p1, p2 = P.whitened_svd(w_gate, xtx, rank, whiten=v.whiten)
+                tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
+                hb = _apply_tau(h_b, g_b, tau, act, ap)
+                scores = P.scores_of(x_b, p1, p2)
+                err = P.activation_error(w_gate, p1, p2, x_b[:2048])
+                prepared[key] = (p1, p2, tau, hb, scores, err)
+            p1, p2, tau, hb, scores, err = prepared[key]
+            truth = P.true_active(hb)
+            true_sp = 1.0 - truth.float().mean().item()
+            target = max(0.0, (v.s - (0.1 if i < 2 else 0.0)) * true_sp)
+            c = P.importance(hb, g_b, w_down_t, v.penalty, act, ap, tau)
+            if v.bias_mode == "zero":
+                bias = torch.zeros(I)
+                info = {"calib_sparsity": None}
+            elif v.bias_mode == "calibrated":
+                bias, info = P.calibrate_thresholds(scores, c, target, n_points, free_cap, guard)
+            else:
+                raise ValueError(f"unknown bias mode {v.bias_mode!r} (calibrated or zero)")
+            pred = (scores + bias[None, :]) > 0
+            rs = P.recall_stats(pred, truth, P.importance(hb, g_b, w_down_t, "full", act, ap, tau))
+            tensors, meta = results[vi]
+            tensors[f"layers.{i}.p1"] = p1.contiguous()
+            tensors[f"layers.{i}.p2"] = p2.contiguous()
+            tensors[f"layers.{i}.bias"] = bias.contiguous()
+            meta["layers"].append({"layer": i, "rank": int(p1.shape[0]), "tau": tau, "target_sparsity": target,
+                                   "svd_rel_error": err, **rs, **{k: info[k] for k in info if k != "steps"}})
+    out = []
+    for v, (tensors, meta) in zip(variants, results):
+        layers = meta["layers"]
+        meta.update({
+            "method": "svd-predictor", "activation": cfg.activation,
+            "rank": [m["rank"] for m in layers],
+            "tau": [m["tau"] if v.runtime_tau else 0.0 for m in layers],
+            "calibration_tau": [m["tau"] for m in layers],
+            "settings": {**asdict(v), "n_points": n_points, "free_cap": free_cap, "guard": guard,
+                         "tokens_svd": int(sum(x.shape[0] for x in xa) / max(L, 1)),
+                         "tokens_threshold": int(sum(x.shape[0] for x in xb) / max(L, 1))},
+            "recall": [m["recall"] for m in layers],
+            "predicted_sparsity": [m["predicted_sparsity"] for m in layers],
+            "true_sparsity": [m["true_sparsity"] for m in layers],
+            "mean": {k: sum(m[k] for m in layers) / len(layers)
+                     for k in ("recall", "weighted_recall", "predicted_sparsity", "true_sparsity")},
+        })
+        out.append((tensors, meta))
+    return out
+
+
+def export_powerinfer(tensors: dict, n_layers: int, out_dir) -> Path:
+    """PowerInfer's predictor layout: per layer fc1 = Linear(d, r, bias=False) (weight [r, d] = P1) and
+    fc2 = Linear(r, I, bias=True) (weight [I, r] = P2, bias [I]); a neuron is predicted active when
+    fc2(fc1(x)) > 0. Written as `predictors.safetensors` (keys model.layers.{i}.fc1.weight,
+    model.layers.{i}.fc2.weight, model.layers.{i}.fc2.bias) plus one torch file per layer,
+    `model_{i}.pt`, holding the same three tensors as a state dict (fc1.weight, fc2.weight, fc2.bias)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {}
+    for i in range(n_layers):
+        sd = {"fc1.weight": tensors[f"layers.{i}.p1"].float().contiguous(),
+              "fc2.weight": tensors[f"layers.{i}.p2"].float().contiguous(),
+              "fc2.bias": tensors[f"layers.{i}.bias"].float().clamp(-3e38, 3e38).contiguous()}
+        torch.save(sd, out / f"model_{i}.pt")
+        flat.update({f"model.layers.{i}.{k}": v for k, v in sd.items()})
+    save_file(flat, str(out / "predictors.safetensors"), metadata={"layout": "powerinfer-predictor"})
+    (out / "README.txt").write_text(export_powerinfer.__doc__ + "\n")
+    return out
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    g = p.add_argument_group("FFN predictors")
+    g.add_argument("--rank", type=int, default=None, help="predictor rank r (default max(32, 2%% of I))")
+    g.add_argument("--s", type=float, default=0.8,
+                   help="sparsity scale: per-layer target = s x true sparsity (s - 0.1 on layers 0, 1)")
+    g.add_argument("--penalty", choices=P.PENALTIES, default="full",
+                   help="threshold penalty: full = |h|*||W_down[:,i]|| (default), act = |act(gate)|, h = |h|")
+    g.add_argument("--tau-target", type=float, default=0.5,
+                   help="silu/gelu: fraction of |act(gate)| zeroed by the per-layer tau (default 0.5)")
+    g.add_argument("--no-runtime-tau", action="store_true",
+                   help="silu/gelu: use tau only to define the target, do not zero h below tau at runtime")
+    g.add_argument("--no-whiten", action="store_true", help="plain SVD of W_gate (ablation)")
+    g.add_argument("--bias-mode", choices=("calibrated", "zero"), default="calibrated",
+                   help="per-neuron calibrated thresholds (default) or one global zero threshold (ablation)")
+    g.add_argument("--text-start", type=float, default=0.0,
+                   help="start reading --text at this fraction of its length (0.5: its second half)")
+    g.add_argument("--max-layer-tokens", type=int, default=None,
+                   help="subsample at most this many tokens per layer and half (memory bound)")
+    g.add_argument("--quantile-points", type=int, default=256)
+    g.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
+                   help="also export the predictors, e.g. --export powerinfer DIR")
+
+
+def variant_from_args(args) -> Variant:
+    return Variant(s=args.s, penalty=args.penalty, whiten=not args.no_whiten, bias_mode=args.bias_mode,
+                   rank=args.rank, tau_target=args.tau_target, runtime_tau=not args.no_runtime_tau)
+
+
+def load_for_calibration(args):
+    from ..session import Session
+    return Session.load(args.model, dtype=getattr(args, "dtype", None), backend="cpu", progress=True)
+
+
+def prepare_data(session, args):
+    text = read_text(args.text, getattr(args, "text_start", 0.0))
+    windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len)
+    xa, xb = collect_inputs(session.model, windows, getattr(args, "max_layer_tokens", None))
+    return windows, xa, xb
+
+
+def run(args) -> dict:
+    if args.export and args.export[0] != "powerinfer":
+        raise SystemExit(f"--export: unknown format {args.export[0]!r} (supported: powerinfer)")
+    t0 = time.perf_counter()
+    session = load_for_calibration(args)
+    model = session.model
+    windows, xa, xb = prepare_data(session, args)
+    n_tok = sum(len(w) for w in windows)
+    logger.info(f"calibration text {args.text}: {n_tok} tokens in {len(windows)} windows "
+                f"({xa[0].shape[0]} SVD / {xb[0].shape[0]} threshold tokens per layer)")
+    v = variant_from_args(args)
+    [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points)
+    meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
+                             "seq_len": args.seq_len, "dtype": str(args.dtype), "chat_template": False})
+    from ..artifact import save_section
+    out = save_section(args.out, model, SECTION, tensors, meta)
+    summary = {"out": str(out), "seconds": time.perf_counter() - t0, **meta["mean"],
+               "rank": meta["rank"][0], "s": v.s, "penalty": v.penalty}
+    if args.export:
+        summary["export"] = str(export_powerinfer(tensors, model.config.n_layers, args.export[1]))
+    logger.info("FFN calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
+                                                  for k, x in summary.items()}))
+    return summary
