@@ -1,0 +1,230 @@
+"""The delta-buffer layer cache (DeltaLLM, METHODS.md section 2): same protocol as sparsedge.kv_cache.
+
+Per layer, for its H KV heads (layout of sparsedge/ops/delta.py):
+  ref       [H, D]        fp32         running reference key k_hat (starts at zero)
+  values    [H, cap]      cache dtype  packed delta values of every cached token, token after token
+  chan      [H, cap]      uint8        channel of each packed value
+  offsets   [H, Tmax + 1] int32        token t's deltas are values[h, offsets[h, t]:offsets[h, t + 1]]
+  sink_k    [H, S, D]     cache dtype  dense keys of positions < S (the attention sinks)
+  window_k  [H, W, D]     cache dtype  ring of the last W dense keys (position j at slot j % W)
+  v_cache   [H, Tmax, D]  cache dtype  dense values
+
+Capacity policy for the packed buffer (values + chan): preallocated at
+`initial_density * Tmax * D` entries per head (default density 0.5, i.e. the expected density of a
+calibrated theta with headroom). Before each encode the cache makes room: tokens are encoded in
+sub-chunks small enough that even a fully dense delta cannot overflow what is free, and when less than
+`min(remaining, 16)` dense tokens fit, the buffer grows by `growth * Tmax * D` entries (at least what the
+next sub-chunk needs, never beyond the dense worst case Tmax * D), with a logged INFO message. So a
+long context with denser deltas than expected costs a reallocation + copy, never corruption; the op's own
+bounds check raises if this policy is ever bypassed.
+
+Statistics (`stats()`, summed by the Session over layers; `attn_sparsity = zero / scored`):
+  scored_delta_entries  sum over the queries of every attend call, of H * D * (number of keys that query
+                        scores through deltas, i.e. keys j with S <= j <= p - W for the query at p)
+  zero_delta_entries    among those (query, key, head, channel) entries, the ones whose delta is zero
+                        (not stored), i.e. the multiply-adds of q.k that the delta path skips.
+  encoded_delta_entries / encoded_zero_entries: H * D per token encoded, and the zeros among them
+                        (the plain "fraction of zeros in the delta matrix").
+A GQA group shares one pattern, so entries are counted per KV head, not per query head.
+
+`truncate(n)`: n == 0 resets; n == length is a no-op; 0 < n < length is implemented honestly when the
+local window still holds the dense keys the next query needs (W == 0, the ring has not wrapped over
+them, i.e. length - n <= 1 for a wrapped ring): the reference k_hat is rebuilt from the kept deltas (in
+float64, then rounded to fp32; within rounding of the sequential sum). Otherwise it returns False and
+the Session re-prefills.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from loguru import logger
+
+ops = torch.ops.sparsedge
+
+MIN_DENSE_TOKENS = 16  # grow when fewer dense tokens than this (or than remain) fit in the free space
+
+
+class DeltaLayerCache:
+    def __init__(self, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device,
+                 theta, window: int = 64, sinks: int = 4, initial_density: float = 0.5, growth: float = 0.25,
+                 layer: int = 0):
+        H, D, Tmax = n_kv_heads, head_dim, max_seq_len
+        if D > 256:
+            raise ValueError(f"delta buffers need head_dim <= 256 (uint8 channel indices), got {D}")
+        if window < 0 or sinks < 0:
+            raise ValueError(f"window and sinks must be >= 0, got window={window}, sinks={sinks}")
+        self.H, self.D, self.Tmax = H, D, Tmax
+        self.dtype, self.device, self.layer = dtype, torch.device(device), layer
+        self.window, self.n_sink = int(window), int(sinks)
+        self.scale = D ** -0.5
+        self.initial_density, self.growth = float(initial_density), float(growth)
+        th = torch.as_tensor(theta, dtype=torch.float32).flatten()
+        if th.numel() == 1:
+            th = th.expand(H)
+        if th.numel() != H:
+            raise ValueError(f"layer {layer}: theta has {th.numel()} entries, expected 1 or {H} (KV heads)")
+        if (th < 0).any() or not torch.isfinite(th).all():
+            raise ValueError(f"layer {layer}: theta must be finite and >= 0, got {th.tolist()}")
+        self.theta = th.clone().to(self.device)
+        cap = self._round(max(1, math.ceil(self.initial_density * Tmax * D)))
+        cap = min(cap, Tmax * D)
+        kw = dict(device=self.device)
+        self.ref = torch.zeros(H, D, dtype=torch.float32, **kw)
+        self.values = torch.zeros(H, cap, dtype=dtype, **kw)
+        self.chan = torch.zeros(H, cap, dtype=torch.uint8, **kw)
+        self.offsets = torch.zeros(H, Tmax + 1, dtype=torch.int32, **kw)
+        self.sink_k = torch.zeros(H, self.n_sink, D, dtype=dtype, **kw)
+        self.window_k = torch.zeros(H, self.window, D, dtype=dtype, **kw)
+        self.v_cache = torch.zeros(H, Tmax, D, dtype=dtype, **kw)
+        self.length = 0
+        self.grow_events = 0
+        self.reset_stats()
+
+    @staticmethod
+    def _round(n: int) -> int:
+        return (n + 255) // 256 * 256
+
+    @property
+    def capacity(self) -> int:
+        return self.values.shape[1]
+
+    # --- capacity ---------------------------------------------------------------------------
+    def _grow(self, need: int) -> None:
+        """Grow the packed buffer of every head to hold at least `need` entries."""
+        old = self.capacity
+        step = max(1, math.ceil(self.growth * self.Tmax * self.D))
+        new = min(self._round(max(need, old + step)), self.Tmax * self.D)
+        if new < need:  # cannot happen: need <= Tmax * D by construction
+            raise RuntimeError(f"delta buffer of layer {self.layer} cannot hold {need} entries")
+        logger.info(f"delta buffer of layer {self.layer} grows from {old} to {new} entries per head "
+                    f"({self.length} tokens cached, density so far {self._used_max() / max(1, self.length * self.D):.2f})")
+        values = torch.zeros(self.H, new, dtype=self.dtype, device=self.device)
+        chan = torch.zeros(self.H, new, dtype=torch.uint8, device=self.device)
+        values[:, :old] = self.values
+        chan[:, :old] = self.chan
+        self.values, self.chan = values, chan
+        self.grow_events += 1
+
+    def _used_max(self) -> int:
+        return int(self.offsets[:, self.length].max()) if self.length else 0
+
+    def _encode(self, k: torch.Tensor, start: int) -> None:
+        """Encode k [T, H, D] at positions start.. in sub-chunks that cannot overflow (growing as needed)."""
+        T, D = k.shape[0], self.D
+        i = 0
+        used = int(self.offsets[:, start].max())
+        while i < T:
+            remaining = T - i
+            fit = (self.capacity - used) // D
+            if fit < min(remaining, MIN_DENSE_TOKENS):
+                self._grow(used + min(remaining, MIN_DENSE_TOKENS) * D)
+                fit = (self.capacity - used) // D
+            c = min(remaining, fit)
+            ops.delta_encode(k[i:i + c], self.ref, self.theta, self.values, self.chan, self.offsets, start + i)
+            i += c
+            used = int(self.offsets[:, start + i].max())
+
+    # --- the layer-cache protocol -------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        T = q.shape[0]
+        n = start + T
+        if n > self.Tmax:
+            raise ValueError(f"positions up to {n} exceed the delta cache's {self.Tmax} tokens")
+        if start != self.length:
+            if start == 0:
+                self.truncate(0)
+            elif start < self.length and self.truncate(start):
+                pass
+            else:
+                raise ValueError(f"delta cache holds {self.length} tokens; cannot attend from position {start} "
+                                 f"(keys are delta-encoded in order)")
+        self.v_cache[:, start:n] = v.transpose(0, 1)
+        self._encode(k, start)
+        S, W = self.n_sink, self.window
+        if start < S:
+            m = min(S, n)
+            self.sink_k[:, start:m] = k[: m - start].transpose(0, 1)
+        out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
+                                  self.window_k, start, S, W, self.scale)
+        if W > 0:  # the ring keeps the last W positions, for the next call
+            lo = max(start, n - W)
+            slots = torch.arange(lo, n, device=self.device) % W
+            self.window_k[:, slots] = k[lo - start:].transpose(0, 1).to(self.dtype)
+        self.length = n
+        self._count(start, T)
+        return out
+
+    def _count(self, start: int, T: int) -> None:
+        """Accumulate the statistics defined in the module docstring for queries start..start+T-1."""
+        S, W, HD = self.n_sink, self.window, self.H * self.D
+        off = self.offsets
+        n = start + T
+        tot = off[:, : n + 1].sum(0, dtype=torch.int64)  # [n + 1] total entries before position i
+        self.stats_["encoded_delta_entries"] += HD * T
+        self.stats_["encoded_zero_entries"] += HD * T - int(tot[n] - tot[start])
+        p = torch.arange(start, n)
+        hi = p - W  # last delta-scored key of each query
+        keep = hi >= S
+        if keep.any():
+            hi = hi[keep]
+            count = hi - S + 1
+            nnz = tot[hi + 1] - tot[S]
+            scored = int(count.sum()) * HD
+            self.stats_["scored_delta_entries"] += scored
+            self.stats_["zero_delta_entries"] += scored - int(nnz.sum())
+
+    def truncate(self, n: int) -> bool:
+        if n >= self.length:
+            return True
+        if n <= 0:
+            self.length = 0
+            self.ref.zero_()
+            self.offsets[:, 0] = 0
+            return True
+        W, S = self.window, self.n_sink
+        if W > 0 and self.length - 1 - W >= max(S, n - W + 1):
+            return False  # the ring has overwritten dense keys that queries at n.. would score exactly
+        end = self.offsets[:, n].long()
+        ref = torch.zeros(self.H, self.D, dtype=torch.float64, device=self.device)
+        for h in range(self.H):
+            e = int(end[h])
+            ref[h].index_add_(0, self.chan[h, :e].long(), self.values[h, :e].double())
+        self.ref.copy_(ref.float())
+        self.length = n
+        return True
+
+    def k_bytes(self) -> int:
+        """K-side bytes held for the cached tokens: packed deltas in use (value + uint8 channel), their
+        offsets, the reference key, and the dense sink and window keys of cached positions."""
+        L = self.length
+        if L == 0:
+            return 0
+        el = self.values.element_size()
+        used = int(self.offsets[:, L].sum())
+        n_sink = min(self.n_sink, L)
+        n_win = min(self.window, L - n_sink)
+        return (used * (el + 1) + self.H * (L + 1) * 4 + self.H * self.D * 4
+                + (n_sink + n_win) * self.H * self.D * el)
+
+    def k_capacity_bytes(self) -> int:
+        """K-side bytes allocated (preallocated capacity, not only what is in use)."""
+        el = self.values.element_size()
+        return (self.values.numel() * (el + 1) + self.offsets.numel() * 4 + self.ref.numel() * 4
+                + (self.sink_k.numel() + self.window_k.numel()) * el)
+
+    def dense_k_bytes(self) -> int:
+        return self.length * self.H * self.D * self.values.element_size()
+
+    def stats(self) -> dict:
+        return dict(self.stats_)
+
+    def reset_stats(self) -> None:
+        self.stats_ = {"scored_delta_entries": 0, "zero_delta_entries": 0,
+                       "encoded_delta_entries": 0, "encoded_zero_entries": 0}
+
+    # --- inspection (tests, calibration) ----------------------------------------------------
+    def reconstructed_keys(self) -> torch.Tensor:
+        """k_hat [H, length, D] (fp32) of every cached position."""
+        from sparsedge.ops.delta import reconstruct_keys
+        return reconstruct_keys(self.values, self.chan, self.offsets, self.length, self.D)
