@@ -22,7 +22,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     modules = {}
     for name, modname in SUBCOMMANDS.items():
-        mod = importlib.import_module(modname)
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as exc:  # report it only when that subcommand is asked for
+            sub.add_parser(name, help=f"unavailable: {exc}").set_defaults(import_error=exc)
+            continue
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         p.add_argument("--json", action="store_true", help="print one JSON object last")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -31,6 +35,8 @@ def main(argv=None) -> int:
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)
+    if getattr(args, "import_error", None):
+        parser.error(f"bench {args.cmd} is unavailable: {args.import_error}")
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.verbose else "INFO")
     logger.enable("sparsedge")
