@@ -1,0 +1,105 @@
+"""TEST HARNESS (run in a subprocess by tests/test_ascend_dispatch.py): load the fake-NPU build of the binding,
+call each op's PrivateUse1 kernel on CPU tensors, and print a JSON report: launch log, OpCommand names, and the
+max error against the composite reference. A subprocess keeps the PrivateUse1 registrations out of the test run."""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import sys
+
+import torch
+
+import sparsedge.ops as ops
+from sparsedge.ops.delta import delta_attention_ref, delta_encode_ref
+from sparsedge.ops.ffn import ffn_predict_ref, sparse_ffn_ref, sparse_ffn_rows_ref
+
+lib_path = sys.argv[1]
+torch.ops.load_library(lib_path)
+lib = ctypes.CDLL(lib_path)
+lib.sd_emu_launch_log.restype = ctypes.c_char_p
+lib.sparsedge_fake_opcommand_log.restype = ctypes.c_char_p
+lib.sparsedge_ascend_build_info.restype = ctypes.c_char_p
+KS = torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1)
+report = {"registered": {n: ops.has_fused(n, "npu") for n in ops.op_names()},
+          "build_info": lib.sparsedge_ascend_build_info().decode(), "cases": {}}
+
+
+def call(name, *args):
+    lib.sd_emu_clear_log()
+    lib.sparsedge_fake_opcommand_clear()
+    out = getattr(torch.ops.sparsedge, name).default.redispatch(KS, *args)
+    return out, lib.sd_emu_launch_log().decode().splitlines(), lib.sparsedge_fake_opcommand_log().decode().split()
+
+
+def err(a, b):
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def ptr(t):
+    return hex(t.data_ptr())
+
+
+g = torch.Generator().manual_seed(0)
+T, d, r, I = 2, 72, 20, 300
+x = torch.randn(T, d, generator=g).half()
+p1 = (torch.randn(r, d, generator=g) / 8).half()
+p2 = (torch.randn(I, r, generator=g) / 4).half()
+bias = torch.randn(I, generator=g) * 0.3
+wg, wu = [(torch.randn(I, d, generator=g) / 8).half() for _ in range(2)]
+wd = (torch.randn(I, d, generator=g) / 12).half()
+
+(y, c, dc), log, cmds = call("sparse_ffn", x, p1, p2, bias, wg, wu, wd, "gelu", 0.0, 0.0)
+yr, cr, dcr = sparse_ffn_ref(x, p1, p2, bias, wg, wu, wd, "gelu", 0.0, 0.0)
+report["cases"]["sparse_ffn"] = {
+    "log": log, "cmds": cmds, "err": err(y, yr), "count_ok": bool(torch.equal(c, cr) and torch.equal(dc, dcr)),
+    "ptrs": {"x": ptr(x), "p1": ptr(p1), "p2": ptr(p2), "bias": ptr(bias), "w_gate": ptr(wg), "w_up": ptr(wu),
+             "w_down_t": ptr(wd), "y": ptr(y), "count": ptr(c), "down_count": ptr(dc)}}
+
+(idx, cnt), log, cmds = call("ffn_predict", x, p1, p2, bias)
+idr, cnr = ffn_predict_ref(x, p1, p2, bias)
+report["cases"]["ffn_predict"] = {
+    "log": log, "cmds": cmds, "ok": bool(torch.equal(cnt, cnr) and all(
+        torch.equal(idx[t, : cnr[t]], idr[t, : cnr[t]]) for t in range(T))),
+    "ptrs": {"idx": ptr(idx), "count": ptr(cnt)}}
+
+(y2, dc2), log, cmds = call("sparse_ffn_rows", x, idr, cnr, wg, wu, wd, "fatrelu", 0.05, 0.0)
+y2r, dc2r = sparse_ffn_rows_ref(x, idr, cnr, wg, wu, wd, "fatrelu", 0.05, 0.0)
+report["cases"]["sparse_ffn_rows"] = {"log": log, "cmds": cmds, "err": err(y2, y2r), "count_ok": bool(torch.equal(dc2, dc2r)),
+                                      "ptrs": {"idx": ptr(idr), "count": ptr(cnr)}}
+
+H, Hq, D, Tmax = 2, 4, 64, 40
+k = (torch.randn(Tmax, H, D, generator=g) * 0.4).cumsum(0).half()
+theta = torch.tensor([0.3, 0.6])
+bufs = [torch.zeros(H, D), torch.zeros(H, Tmax * D, dtype=torch.half), torch.zeros(H, Tmax * D, dtype=torch.uint8),
+        torch.zeros(H, Tmax + 1, dtype=torch.int32)]
+want = [b.clone() for b in bufs]
+nnz, log, cmds = call("delta_encode", k[:30], *bufs[:1], theta, *bufs[1:], 0)
+nnz_r = delta_encode_ref(k[:30], want[0], theta, want[1], want[2], want[3], 0)
+report["cases"]["delta_encode"] = {
+    "log": log, "cmds": cmds, "ok": bool(torch.equal(nnz, nnz_r) and torch.equal(bufs[3], want[3]) and
+                                         torch.equal(bufs[1], want[1]) and torch.equal(bufs[2], want[2]) and
+                                         torch.equal(bufs[0], want[0])),
+    "ptrs": {"ref": ptr(bufs[0]), "values": ptr(bufs[1]), "chan": ptr(bufs[2]), "offsets": ptr(bufs[3])}}
+try:
+    call("delta_encode", k[:30], torch.zeros(H, D), torch.zeros(H), torch.zeros(H, 10, dtype=torch.half),
+         torch.zeros(H, 10, dtype=torch.uint8), torch.zeros(H, Tmax + 1, dtype=torch.int32), 0)
+    report["cases"]["overflow"] = "no error"
+except RuntimeError as e:
+    report["cases"]["overflow"] = str(e).splitlines()[0]
+
+delta_encode_ref(k[30:], want[0], theta, want[1], want[2], want[3], 30)
+v = torch.randn(H, Tmax, D, generator=g).half()
+n_sink, window = 2, 8
+for start, T2 in ((29, 1), (20, 5)):
+    q = torch.randn(T2, Hq, D, generator=g).half()
+    sink = k[:n_sink].transpose(0, 1).contiguous()
+    win = torch.zeros(H, window, D).half()
+    for j in range(max(0, start - window), start):
+        win[:, j % window] = k[j]
+    args = (q, k[start:start + T2].contiguous(), v, want[1], want[2], want[3], sink, win, start, n_sink, window,
+            1 / math.sqrt(D))
+    out, log, cmds = call("delta_attention", *args)
+    report["cases"][f"delta_attention_T{T2}"] = {"log": log, "cmds": cmds, "err": err(out, delta_attention_ref(*args)),
+                                                 "ptrs": {"q": ptr(q), "v_cache": ptr(v), "out": ptr(out)}}
+print(json.dumps(report))
