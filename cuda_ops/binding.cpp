@@ -275,7 +275,7 @@ at::Tensor delta_encode_cuda(const at::Tensor& k_in, at::Tensor& ref, const at::
                              at::Tensor& chan, at::Tensor& offsets, int64_t start) {
   const char* op = "delta_encode";
   SD_CHECK_CUDA(op, k_in);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&ref, &theta_in, &values, &chan, &offsets})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&ref, &values, &chan, &offsets})
     TORCH_CHECK(t->device() == k_in.device(), op, ": all tensors must be on ", k_in.device());
   TORCH_CHECK(k_in.dim() == 3, op, ": k must be [T, H, D], got ", k_in.sizes());
   c10::cuda::CUDAGuard guard(k_in.device());
@@ -296,7 +296,8 @@ at::Tensor delta_encode_cuda(const at::Tensor& k_in, at::Tensor& ref, const at::
               op, ": offsets must be contiguous int32 [H, Tmax+1], got ", offsets.scalar_type(), " ", offsets.sizes());
   TORCH_CHECK(start >= 0 && start + T + 1 <= offsets.size(1), op, ": positions ", start, "..", start + T,
               " do not fit offsets of length ", offsets.size(1));
-  auto theta = theta_in.to(at::kFloat).contiguous().reshape({-1});
+  // theta may live on the host (a per-layer config): a tiny copy, made once per call
+  auto theta = theta_in.to(k.device(), at::kFloat).contiguous().reshape({-1});
   TORCH_CHECK(theta.numel() == H, op, ": theta must have one threshold per KV head (", H, "), got ", theta.numel());
   const int64_t cap = values.size(1);
   auto nnz = at::empty({H}, k.options().dtype(at::kLong));
