@@ -74,3 +74,16 @@ def test_binding_compiles_against_torch_npu_headers():
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
     stamp.write_text(" ".join(cmd))
+
+
+@pytest.mark.parametrize("env,needle", [({}, "ASCEND_HOME_PATH is not set"), ({"ASCEND_HOME_PATH": "/"}, "set -DSOC_VERSION")])
+def test_cmake_refuses_without_cann_or_soc(tmp_path, env, needle):
+    import shutil
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        tu.missing("cmake not installed")
+    e = {k: v for k, v in os.environ.items() if k != "ASCEND_HOME_PATH"}
+    e.update(env)
+    res = subprocess.run([cmake, "-S", str(ROOT / "ascendc_ops"), "-B", str(tmp_path / "b")], capture_output=True,
+                         text=True, env=e, timeout=120)
+    assert res.returncode != 0 and needle in res.stderr.replace("\n", " ").replace("  ", " ")
