@@ -1,0 +1,140 @@
+"""SparseFFN in the decoder: exactness with all-keeping predictors, calibration end to end, stats."""
+import pytest
+import torch
+
+from sparsedge import ops
+from sparsedge.artifact import ArtifactError, read_manifest, save_section
+from sparsedge.backends import get_backend
+from sparsedge.ffn import SparseFFN, attach_predictors, set_per_token
+from sparsedge.ffn.calibrate import Variant, calibrate_model, collect_inputs, export_powerinfer
+from sparsedge.ffn.synthetic import all_keeping_predictors, random_transformer, tiny_config
+from sparsedge.kv_cache import KVCache
+
+BACKEND = get_backend("cpu")
+
+
+def greedy(model, prompt, n):
+    model.ensure_rope(64)
+    cache = KVCache.dense(model.config, 64, model.dtype, model.device)
+    with torch.inference_mode():
+        logits = model(torch.tensor(prompt), 0, cache)
+        out = []
+        pos = len(prompt)
+        for _ in range(n):
+            t = int(logits[-1].argmax())
+            out.append(t)
+            logits = model(torch.tensor([t]), pos, cache)
+            pos += 1
+    return out
+
+
+@pytest.mark.parametrize("act", ["relu", "drelu", "relu2", "fatrelu"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_all_keeping_predictors_reproduce_dense_greedy(tmp_path, act, per_token):
+    cfg = tiny_config(act, activation_param=0.05 if act == "fatrelu" else 0.0)
+    model = random_transformer(cfg, seed=3)
+    prompt = [5, 17, 3, 99, 42, 7, 64, 1]
+    dense_tokens = greedy(model, prompt, 12)
+    save_section(tmp_path / "art", model, "ffn", all_keeping_predictors(model), {"tau": [0.0] * cfg.n_layers})
+    attach_predictors(model, tmp_path / "art", BACKEND, per_token=per_token)
+    assert all(isinstance(layer.ffn, SparseFFN) for layer in model.layers)
+    assert greedy(model, prompt, 12) == dense_tokens
+    st = model.layers[0].ffn.stats()
+    n_sparse_tokens = 12 + (len(prompt) if per_token else 0)
+    assert st["tokens"] == n_sparse_tokens + (0 if per_token else len(prompt))
+    assert st["predicted_active"] == st["neurons"]
+
+
+def test_calibrated_predictors_end_to_end(tmp_path):
+    cfg = tiny_config("relu", n_layers=2, intermediate_size=256)
+    model = random_transformer(cfg, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, cfg.vocab_size, (64,), generator=gen).tolist() for _ in range(16)]
+    xa, xb = collect_inputs(model, windows, progress=False)
+    assert xa[0].shape == (512, cfg.dim) and xb[1].shape == (512, cfg.dim)
+    variants = [Variant(s=0.8, rank=16), Variant(s=0.5, rank=16, penalty="h"), Variant(whiten=False, bias_mode="zero", rank=16)]
+    results = calibrate_model(model, xa, xb, variants, progress=False)
+    (tensors, meta), (_, meta_h), (_, meta_zero) = results
+    assert meta["rank"] == [16, 16]
+    for i, m in enumerate(meta["layers"]):
+        s = 0.8 - (0.1 if i < 2 else 0.0)
+        assert m["predicted_sparsity"] == pytest.approx(s * m["true_sparsity"], abs=0.02)
+        assert 0.3 < m["true_sparsity"] < 0.7  # relu on random weights: about half the neurons are off
+        assert m["recall"] > 0.8
+    assert meta_h["mean"]["predicted_sparsity"] < meta["mean"]["predicted_sparsity"]
+    assert meta_zero["settings"]["bias_mode"] == "zero"
+    save_section(tmp_path / "art", model, "ffn", tensors, meta)
+    attach_predictors(model, tmp_path / "art", BACKEND)
+    set_per_token(model, True)
+    model.ensure_rope(64)
+    cache = KVCache.dense(cfg, 64, model.dtype, model.device)
+    with torch.inference_mode():
+        model(torch.tensor(windows[1]), 0, cache, all_logits=True)
+    st = model.layers[1].ffn.stats()
+    sparsity = 1 - st["gate_up_rows"] / st["neurons"]
+    assert sparsity == pytest.approx(meta["layers"][1]["predicted_sparsity"], abs=0.08)
+    assert st["down_active"] <= st["gate_up_rows"]
+    f = model.layers[1].ffn
+    expect = (st["tokens"] * f.predictor_bytes() + 2 * st["gate_up_rows"] * cfg.dim * 4 + st["down_active"] * cfg.dim * 4)
+    assert st["weight_bytes"] == expect
+    f.reset_stats()
+    assert f.stats()["tokens"] == 0
+    # PowerInfer export layout
+    out = export_powerinfer(tensors, cfg.n_layers, tmp_path / "pi")
+    from safetensors.torch import load_file
+    flat = load_file(str(out / "predictors.safetensors"))
+    assert flat["model.layers.1.fc1.weight"].shape == (16, cfg.dim)
+    assert flat["model.layers.1.fc2.weight"].shape == (cfg.intermediate_size, 16)
+    assert flat["model.layers.1.fc2.bias"].shape == (cfg.intermediate_size,)
+    sd = torch.load(out / "model_0.pt")
+    fc1 = torch.nn.Linear(cfg.dim, 16, bias=False)
+    fc2 = torch.nn.Linear(16, cfg.intermediate_size)
+    fc1.load_state_dict({"weight": sd["fc1.weight"]})
+    fc2.load_state_dict({"weight": sd["fc2.weight"], "bias": sd["fc2.bias"]})
+    x = xb[0][:4]
+    idx, count = ops.reference("ffn_predict")(x, tensors["layers.0.p1"], tensors["layers.0.p2"], tensors["layers.0.bias"])
+    assert torch.equal((fc2(fc1(x)) > 0).sum(1).int(), count)
+
+
+def test_attach_refuses_artifact_without_ffn_section(tmp_path):
+    model = random_transformer(tiny_config("relu"), seed=5)
+    save_section(tmp_path / "art", model, "delta", {"t": torch.zeros(1)}, {})
+    with pytest.raises(ArtifactError, match="no 'ffn' section"):
+        attach_predictors(model, tmp_path / "art", BACKEND)
+    bad = all_keeping_predictors(model)
+    bad["layers.1.p2"] = torch.zeros(7, 4)
+    save_section(tmp_path / "art", model, "ffn", bad, {})
+    with pytest.raises(ArtifactError, match="do not fit"):
+        attach_predictors(model, tmp_path / "art", BACKEND)
+    assert "delta" in read_manifest(tmp_path / "art")["sections"]
+
+
+@pytest.mark.slow
+def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
+    """Real checkpoint (SiLU): calibration hits its targets and evaluation runs the sparse path."""
+    import argparse
+
+    from sparsedge import evaluate
+    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.ffn import calibrate as cal
+
+    text = data_path(TINYSTORIES_SAMPLE)
+    p = argparse.ArgumentParser()
+    cal.add_arguments(p)
+    for a in ("--model", "--out", "--text", "--dtype"):
+        p.add_argument(a)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--seq-len", type=int)
+    args = p.parse_args(["--model", str(stories_path), "--out", str(tmp_path / "art"), "--text", str(text),
+                         "--tokens", "2048", "--seq-len", "256", "--dtype", "float32", "--text-start", "0.5"])
+    summary = cal.run(args)
+    assert summary["predicted_sparsity"] > 0.3
+    q = argparse.ArgumentParser()
+    evaluate.add_ppl_arguments(q)
+    base = ["--model", str(stories_path), "--text", str(text), "--max-tokens", "512", "--seq-len", "256"]
+    dense = evaluate.run_ppl(q.parse_args(base))
+    sparse = evaluate.run_ppl(q.parse_args(base + ["--predictors", str(tmp_path / "art")]))
+    dec = evaluate.run_ppl(q.parse_args(base + ["--predictors", str(tmp_path / "art"), "--decode"]))
+    assert dense["ffn_sparsity"] is None and sparse["ffn_sparsity"] > 0.3
+    assert sparse["ppl"] == pytest.approx(dec["ppl"], rel=1e-3)
+    assert sparse["ppl"] < 3 * dense["ppl"]
