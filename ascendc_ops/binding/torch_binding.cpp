@@ -137,7 +137,7 @@ FfnInputs predictor_inputs(const at::Tensor& x, const at::Tensor& p1, const at::
     TORCH_CHECK(bias.dim() == 1 && bias.size(0) == p2.size(0), "sparsedge (npu): bias must be [I]");
     in.p1 = p1;
     in.p2 = p2.contiguous();
-    in.bias = bias.to(at::kFloat).contiguous();
+    in.bias = bias.to(x.device(), at::kFloat).contiguous();
     return in;
 }
 
@@ -213,7 +213,7 @@ at::Tensor delta_encode(const at::Tensor& k, at::Tensor& ref, const at::Tensor& 
     SdDeltaEncodeTiling t;
     check_tiling(sd_delta_encode_tiling(c, uint32_t(T), uint32_t(H), uint32_t(D), 2, core_num(c, k), &t), "delta encode");
     at::Tensor kc = k.contiguous();
-    at::Tensor th = theta.to(at::kFloat).contiguous();
+    at::Tensor th = theta.to(k.device(), at::kFloat).contiguous();  // theta may live on the host
     at::Tensor status = at::zeros({8}, k.options().dtype(at::kInt));
     void* s = stream();
     uint32_t cap = uint32_t(values.size(1)), offStride = uint32_t(offsets.size(1));
