@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 from loguru import logger
@@ -51,9 +52,12 @@ class Backend:
                 continue
             self._warned.add(name)
             why = f" (kernel library failed to load: {self.kernel_error})" if self.kernel_error else ""
-            logger.warning(f"[{self.name}] no fused kernel for sparsedge::{name}{why}; "
-                           f"using the composite reference path, which is much slower. "
-                           f"Run `sparsedge doctor` to see what was built.")
+            msg = (f"[{self.name}] no fused kernel for sparsedge::{name}{why}; using the composite reference "
+                   f"path, which is much slower. Run `sparsedge doctor` to see what was built.")
+            # warnings.warn, not only the logger: library logging is off by default, and a silent
+            # fallback is the failure Ascend users complain about most.
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            logger.warning(msg)
 
     # --- placement --------------------------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
