@@ -117,7 +117,7 @@ class Session:
             attach_predictors(tm, predictors, be)
         if delta is not None:
             from .delta import DeltaConfig
-            delta_cfg = DeltaConfig.resolve(delta, tm.config)
+            delta_cfg = DeltaConfig.resolve(delta, tm.config, model=tm)
             be.require("delta_encode", "delta_attention")
         logger.info(f"session ready: {src.describe()} on {be.name} ({dt}), context {ctx}")
         return cls(tm, src.tokenizer, be, ctx, delta=delta_cfg, source=src.describe())

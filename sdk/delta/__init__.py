@@ -56,9 +56,13 @@ class DeltaConfig:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def resolve(cls, delta, model_config, **overrides) -> "DeltaConfig":
+    def resolve(cls, delta, model_config, model=None, **overrides) -> "DeltaConfig":
         """Accepts a DeltaConfig, a float theta, a dict {"theta": float | [L] | [L][H], "window", "sinks",
-        "initial_density", "growth"}, or an artifact folder (str / Path) holding a "delta" section."""
+        "initial_density", "growth"}, or an artifact folder (str / Path) holding a "delta" section (this
+        needs `model`, the loaded Transformer, whose weights the artifact must match; `model_config` may
+        also be the model itself)."""
+        if hasattr(model_config, "layers") and hasattr(model_config, "config"):
+            model, model_config = model_config, model_config.config
         L, H = model_config.n_layers, model_config.n_kv_heads
         if isinstance(delta, DeltaConfig):
             cfg = delta
@@ -77,10 +81,10 @@ class DeltaConfig:
         elif isinstance(delta, (str, os.PathLike)):
             text = str(delta)
             try:  # "0.8" from a command line
-                return cls.resolve(float(text), model_config, **overrides)
+                return cls.resolve(float(text), model_config, model, **overrides)
             except ValueError:
                 pass
-            cfg = cls.from_artifact(Path(text), model_config)
+            cfg = cls.from_artifact(Path(text), model_config, model)
         else:
             raise TypeError(f"cannot make a delta config from {type(delta).__name__}")
         if overrides:
@@ -92,6 +96,9 @@ class DeltaConfig:
     def from_artifact(cls, path: Path, model_config, model=None) -> "DeltaConfig":
         """Read the "delta" section of an artifact folder written by tools/calibrate.py --delta."""
         from sparsedge import artifact
+        if model is None:
+            raise ValueError(f"delta={str(path)!r}: an artifact folder can only be checked against the loaded "
+                             f"model; call DeltaConfig.resolve(path, model) (Session.load does)")
         got = artifact.load_section(path, model, SECTION)
         if got is None:
             raise artifact.ArtifactError(f"{path}: no '{SECTION}' section (calibrate with tools/calibrate.py --delta)")
