@@ -78,6 +78,8 @@ class DeltaLayerCache:
         self.window_k = torch.zeros(H, self.window, D, dtype=dtype, **kw)
         self.v_cache = torch.zeros(H, Tmax, D, dtype=dtype, **kw)
         self.length = 0
+        self._used = [0] * H  # packed entries in use per head (host copy of offsets[:, length])
+        self._tot = torch.zeros(Tmax + 1, dtype=torch.int64)  # entries over all heads before position i
         self.grow_events = 0
         self.reset_stats()
 
@@ -110,10 +112,11 @@ class DeltaLayerCache:
         return int(self.offsets[:, self.length].max()) if self.length else 0
 
     def _encode(self, k: torch.Tensor, start: int) -> None:
-        """Encode k [T, H, D] at positions start.. in sub-chunks that cannot overflow (growing as needed)."""
+        """Encode k [T, H, D] at positions start.. in sub-chunks that cannot overflow (growing as needed);
+        keeps the host-side per-position totals used by the statistics."""
         T, D = k.shape[0], self.D
         i = 0
-        used = int(self.offsets[:, start].max())
+        used = self._used_at(start)
         while i < T:
             remaining = T - i
             fit = (self.capacity - used) // D
@@ -121,9 +124,24 @@ class DeltaLayerCache:
                 self._grow(used + min(remaining, MIN_DENSE_TOKENS) * D)
                 fit = (self.capacity - used) // D
             c = min(remaining, fit)
-            ops.delta_encode(k[i:i + c], self.ref, self.theta, self.values, self.chan, self.offsets, start + i)
+            nnz = ops.delta_encode(k[i:i + c], self.ref, self.theta, self.values, self.chan, self.offsets,
+                                   start + i)
             i += c
-            used = int(self.offsets[:, start + i].max())
+            if c == 1:
+                nl = nnz.tolist()
+                self._used = [u + x for u, x in zip(self._used, nl)]
+                self._tot[start + i] = self._tot[start + i - 1] + sum(nl)
+            else:
+                blk = self.offsets[:, start + i - c: start + i + 1].to("cpu", torch.int64)
+                self._used = blk[:, -1].tolist()
+                self._tot[start + i - c + 1: start + i + 1] = (self._tot[start + i - c]
+                                                               + (blk[:, 1:] - blk[:, :1]).sum(0))
+            used = max(self._used)
+
+    def _used_at(self, start: int) -> int:
+        if start == self.length:
+            return max(self._used)
+        return int(self.offsets[:, start].max())
 
     # --- the layer-cache protocol -------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -147,7 +165,9 @@ class DeltaLayerCache:
             self.sink_k[:, start:m] = k[: m - start].transpose(0, 1)
         out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
                                   self.window_k, start, S, W, self.scale)
-        if W > 0:  # the ring keeps the last W positions, for the next call
+        if W > 0 and T == 1:  # the ring keeps the last W positions, for the next call
+            self.window_k[:, start % W] = k[0]
+        elif W > 0:
             lo = max(start, n - W)
             slots = torch.arange(lo, n, device=self.device) % W
             self.window_k[:, slots] = k[lo - start:].transpose(0, 1).to(self.dtype)
@@ -158,21 +178,24 @@ class DeltaLayerCache:
     def _count(self, start: int, T: int) -> None:
         """Accumulate the statistics defined in the module docstring for queries start..start+T-1."""
         S, W, HD = self.n_sink, self.window, self.H * self.D
-        off = self.offsets
         n = start + T
-        tot = off[:, : n + 1].sum(0, dtype=torch.int64)  # [n + 1] total entries before position i
-        self.stats_["encoded_delta_entries"] += HD * T
-        self.stats_["encoded_zero_entries"] += HD * T - int(tot[n] - tot[start])
-        p = torch.arange(start, n)
-        hi = p - W  # last delta-scored key of each query
-        keep = hi >= S
-        if keep.any():
-            hi = hi[keep]
-            count = hi - S + 1
-            nnz = tot[hi + 1] - tot[S]
-            scored = int(count.sum()) * HD
-            self.stats_["scored_delta_entries"] += scored
-            self.stats_["zero_delta_entries"] += scored - int(nnz.sum())
+        tot = self._tot
+        st = self.stats_
+        st["encoded_delta_entries"] += HD * T
+        st["encoded_zero_entries"] += HD * T - int(tot[n] - tot[start])
+        if T == 1:
+            hi = start - W
+            if hi >= S:
+                scored = (hi - S + 1) * HD
+                st["scored_delta_entries"] += scored
+                st["zero_delta_entries"] += scored - int(tot[hi + 1] - tot[S])
+            return
+        hi = torch.arange(start, n) - W  # last delta-scored key of each query
+        hi = hi[hi >= S]
+        if hi.numel():
+            scored = int((hi - S + 1).sum()) * HD
+            st["scored_delta_entries"] += scored
+            st["zero_delta_entries"] += scored - int((tot[hi + 1] - tot[S]).sum())
 
     def truncate(self, n: int) -> bool:
         if n >= self.length:
@@ -181,6 +204,7 @@ class DeltaLayerCache:
             self.length = 0
             self.ref.zero_()
             self.offsets[:, 0] = 0
+            self._used = [0] * self.H
             return True
         W, S = self.window, self.n_sink
         if W > 0 and self.length - 1 - W >= max(S, n - W + 1):
@@ -192,6 +216,7 @@ class DeltaLayerCache:
             ref[h].index_add_(0, self.chan[h, :e].long(), self.values[h, :e].double())
         self.ref.copy_(ref.float())
         self.length = n
+        self._used = end.tolist()
         return True
 
     def k_bytes(self) -> int:
