@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=3072)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=0, help="also run the decode path on this many tokens")
+    p.add_argument("--decode-settings", default=None,
+                   help="comma-separated indices of the settings to run on the decode path too (default: all)")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
     logger.remove()
@@ -69,9 +71,10 @@ def main(argv=None) -> int:
             settings.append((f"calibrated target {tgt}", "calibrated",
                              {"theta": thetas_for_target(meta, tgt), "window": meta["window"], "sinks": meta["sinks"]}))
     rows = []
-    for name, kind, cfg in settings:
+    dsel = None if args.decode_settings is None else {int(x) for x in args.decode_settings.split(",") if x}
+    for si, (name, kind, cfg) in enumerate(settings):
         for path, wins in (("prefill", windows), ("decode", dwin)):
-            if not wins:
+            if not wins or (path == "decode" and dsel is not None and si not in dsel):
                 continue
             s.delta = DeltaConfig.resolve(cfg, s.model) if cfg is not None else None
             t0 = time.perf_counter()
