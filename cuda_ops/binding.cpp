@@ -393,6 +393,33 @@ at::Tensor delta_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, 
   return out;
 }
 
+at::Tensor dense_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                int64_t start, double scale) {
+  const char* op = "dense_attention";
+  SD_CHECK_CUDA(op, q_in);
+  SD_CHECK_SAME_DEVICE(op, k_cache, q_in);
+  SD_CHECK_SAME_DEVICE(op, v_cache, q_in);
+  TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), op,
+              ": q must be [T, Hq, D] and k_cache/v_cache the same [H, Tmax, D], got ", q_in.sizes(), ", ",
+              k_cache.sizes(), ", ", v_cache.sizes());
+  c10::cuda::CUDAGuard guard(q_in.device());
+  auto k = k_cache.contiguous();
+  auto v = v_cache.to(k.scalar_type()).contiguous();
+  auto q = q_in.to(k.scalar_type()).contiguous();
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), H = k.size(0), Tmax = k.size(1);
+  TORCH_CHECK(k.size(2) == D && D <= 256, op, ": head dim must match and be <= 256");
+  TORCH_CHECK(H > 0 && Hq % H == 0, op, ": query heads ", Hq, " must be a multiple of KV heads ", H);
+  TORCH_CHECK(start >= 0 && start + T <= Tmax, op, ": positions ", start, "..", start + T - 1,
+              " exceed the cache capacity ", Tmax);
+  const DType dt = dtype_of(op, "k_cache", k.scalar_type());
+  auto out = at::empty_like(q);
+  auto ws = workspace(q, dense_attention_workspace_bytes(T, Hq, start));
+  SD_CHECK_LAUNCH(op, dense_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                      static_cast<float*>(ws.data_ptr()), T, Hq, H, D, Tmax, start,
+                                      static_cast<float>(scale), dt, stream_of(q)));
+  return out.to(q_in.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
@@ -404,6 +431,7 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
   m.impl("sparse_ffn", &sparse_ffn_cuda);
   m.impl("delta_encode", &delta_encode_cuda);
   m.impl("delta_attention", &delta_attention_cuda);
+  m.impl("dense_attention", &dense_attention_cuda);
 }
 
 }  // namespace sparsedge::cuda
@@ -411,5 +439,5 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsedge fused CUDA kernels (registered for the CUDA dispatch key of the sparsedge ops)";
   m.attr("OPS") = pybind11::make_tuple("rms_norm", "add_rms_norm", "rope", "ffn_predict", "sparse_ffn_rows",
-                                       "sparse_ffn", "delta_encode", "delta_attention");
+                                       "sparse_ffn", "delta_encode", "delta_attention", "dense_attention");
 }

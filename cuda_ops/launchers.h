@@ -71,4 +71,12 @@ int64_t delta_attention_workspace_bytes(int64_t tokens, int64_t Hq, int64_t n);
 cudaError_t delta_attention(const DeltaAttnArgs& a, DType qt, DType ct, void* workspace, int64_t workspace_bytes,
                             cudaStream_t stream);
 
+// ---- attention.cu --------------------------------------------------------------------------
+// Dense causal GQA attention: q [T, Hq, D] at positions start.. over k_cache/v_cache [H, Tmax, D] (all
+// dtype dt) -> out [T, Hq, D]. `scores` is an fp32 workspace of dense_attention_workspace_bytes().
+int64_t dense_attention_workspace_bytes(int64_t T, int64_t Hq, int64_t start);
+cudaError_t dense_attention(const void* q, const void* k_cache, const void* v_cache, void* out, float* scores,
+                            int64_t T, int64_t Hq, int64_t H, int64_t D, int64_t Tmax, int64_t start, float scale,
+                            DType dt, cudaStream_t stream);
+
 }  // namespace sparsedge::cuda

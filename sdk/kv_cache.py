@@ -12,24 +12,6 @@ import torch
 from .config import ModelConfig
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Causal GQA attention of q [T, Hq, D] (positions start..) over k, v [Hkv, n, D] -> [T, Hq, D].
-
-    Plain batched matmuls: at decode (T = 1) this is far cheaper on CPU than SDPA's GQA path, and the
-    G query heads of a group share one read of their K/V rows."""
-    T, Hq, D = q.shape
-    H, n = k.shape[0], k.shape[1]
-    G = Hq // H
-    qg = q.reshape(T, H, G, D).permute(1, 2, 0, 3).reshape(H, G * T, D)
-    scores = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)
-    if T > 1:  # causal, with the chunk starting at `start`
-        mask = torch.arange(n, device=q.device)[None, :] > torch.arange(start, start + T, device=q.device)[:, None]
-        scores = scores.view(H, G, T, n).masked_fill_(mask, float("-inf")).view(H, G * T, n)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    out = torch.bmm(probs, v)  # [H, G*T, D]
-    return out.view(H, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
-
-
 class DenseLayerCache:
     def __init__(self, config: ModelConfig, max_seq_len: int, dtype: torch.dtype, device):
         shape = (config.n_kv_heads, max_seq_len, config.head_dim)
@@ -44,7 +26,7 @@ class DenseLayerCache:
         self.k[:, start:n] = k.transpose(0, 1)
         self.v[:, start:n] = v.transpose(0, 1)
         self.length = n
-        return dense_attention(q, self.k[:, :n], self.v[:, :n], start, self.scale)
+        return torch.ops.sparsedge.dense_attention(q, self.k, self.v, start, self.scale)
 
     def truncate(self, n: int) -> bool:
         self.length = min(self.length, n)

@@ -385,6 +385,22 @@ def test_delta_attention(dtype, theta, case):
     assert_close(out, out_ref, dtype, "delta_attention")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("H,G,D,start,T", [(3, 3, 64, 0, 1), (3, 3, 64, 40, 1), (8, 4, 64, 2047, 1),
+                                           (3, 3, 64, 0, 17), (8, 4, 128, 100, 8), (2, 1, 64, 5, 3)])
+def test_dense_attention(dtype, H, G, D, start, T):
+    gen = torch.Generator().manual_seed(start + 7 * T)
+    Tmax = start + T + 5
+    q = torch.randn(T, H * G, D, generator=gen).to(dtype)
+    k_cache = torch.randn(H, Tmax, D, generator=gen).to(dtype)
+    v_cache = torch.randn(H, Tmax, D, generator=gen).to(dtype)
+    scale = 1.0 / math.sqrt(D)
+    out_ref = ref("dense_attention")(q, k_cache, v_cache, start, scale)
+    out = op("dense_attention")(dev(q), dev(k_cache), dev(v_cache), start, scale)
+    assert out.dtype == q.dtype
+    assert_close(out, out_ref, dtype, "dense_attention")
+
+
 # --------------------------------------------------------------------------------------------- Session
 @pytest.mark.slow
 def test_session_greedy_tokens_match_cpu():
