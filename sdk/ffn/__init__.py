@@ -6,6 +6,6 @@
 Predictor construction and threshold calibration live in sparsedge.ffn.predictor (tensor math) and
 sparsedge.ffn.calibrate (collection, artifact, CLI hooks for tools/calibrate.py).
 """
-from .module import SparseFFN, attach_predictors, set_per_token
+from .module import SparseFFN, attach_predictors, attach_tensors, detach_predictors, set_per_token
 
-__all__ = ["SparseFFN", "attach_predictors", "set_per_token"]
+__all__ = ["SparseFFN", "attach_predictors", "attach_tensors", "detach_predictors", "set_per_token"]

@@ -160,7 +160,7 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
                 tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
                 hb = _apply_tau(h_b, g_b, tau, act, ap)
                 scores = P.scores_of(x_b, p1, p2)
-                err = P.activation_error(w_gate, p1, p2, x_b[:2048])
+                err = P.activation_error(w_gate, p1, p2, x_b[:512])
                 prepared[key] = (p1, p2, tau, hb, scores, err)
             p1, p2, tau, hb, scores, err = prepared[key]
             truth = P.true_active(hb)

@@ -117,22 +117,35 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
         raise ArtifactError(f"artifact {path} has no 'ffn' section (it holds other calibration only); "
                             f"calibrate FFN predictors into it with tools/calibrate.py --out {path}")
     tensors, meta = loaded
-    taus = meta.get("tau") or [0.0] * model.config.n_layers
+    try:
+        attach_tensors(model, tensors, meta.get("tau"), be, per_token=per_token)
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"artifact {path}: {exc}; re-run tools/calibrate.py for this model") from None
+    if be is not None:
+        be.require("ffn_predict", "sparse_ffn_rows", "sparse_ffn")
+    return meta
+
+
+def attach_tensors(model, tensors: dict, taus=None, backend=None, per_token: bool = False) -> None:
+    """Replace each layer's FFN with a SparseFFN from artifact-style tensors (layers.{i}.p1/p2/bias)."""
+    taus = taus or [0.0] * model.config.n_layers
     wdtype = model.dtype
     for i, layer in enumerate(model.layers):
         keys = [f"layers.{i}.{k}" for k in ("p1", "p2", "bias")]
         missing = [k for k in keys if k not in tensors]
         if missing:
-            raise ArtifactError(f"artifact {path}: FFN section lacks {missing}; re-run tools/calibrate.py")
+            raise KeyError(f"FFN section lacks {missing}")
         dense = getattr(layer.ffn, "dense", layer.ffn)
-        place = (lambda t, dt: be.place(t, dt)) if be is not None else (
-            lambda t, dt: t.to(device=dense.w_down_t.device, dtype=dt).contiguous())
-        try:
-            layer.ffn = SparseFFN(dense, place(tensors[keys[0]], wdtype), place(tensors[keys[1]], wdtype),
-                                  place(tensors[keys[2]], torch.float32), tau=float(taus[i]), per_token=per_token,
-                                  layer_index=i)
-        except ValueError as exc:
-            raise ArtifactError(f"artifact {path}: {exc}; re-run tools/calibrate.py for this model") from None
-    if be is not None:
-        be.require("ffn_predict", "sparse_ffn_rows", "sparse_ffn")
-    return meta
+        if backend is not None:
+            place = backend.place
+        else:
+            place = lambda t, dt: t.to(device=dense.w_down_t.device, dtype=dt).contiguous()  # noqa: E731
+        layer.ffn = SparseFFN(dense, place(tensors[keys[0]], wdtype), place(tensors[keys[1]], wdtype),
+                              place(tensors[keys[2]], torch.float32), tau=float(taus[i]), per_token=per_token,
+                              layer_index=i)
+
+
+def detach_predictors(model) -> None:
+    """Put every layer's DenseFFN back."""
+    for layer in model.layers:
+        layer.ffn = getattr(layer.ffn, "dense", layer.ffn)
