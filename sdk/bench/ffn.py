@@ -23,7 +23,7 @@ import time
 import torch
 from loguru import logger
 
-from .common import copy_bandwidth, environment, synchronize, time_fn
+from .common import copy_bandwidth, environment, synchronize
 
 SHAPES = {"llama2-7b": (4096, 11008), "llama3.2-1b": (2048, 8192), "smollm2-135m": (576, 1536)}
 _DT = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -71,6 +71,21 @@ def forced_predictor(d: int, I: int, rank: int, density: float, dtype, device, s
     return p1.to(device, dtype), p2.to(device, dtype), bias.to(device)
 
 
+def _samples(fn, device, iters: int, warmup: int = 3) -> list[float]:
+    """Sorted per-call seconds (median = typical; min = least disturbed by other processes on a shared
+    machine; both are reported)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return sorted(out)
+
+
 def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list, xs: list) -> dict:
     from ..ffn.predictor import default_rank
 
@@ -96,16 +111,19 @@ def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list
         return layers[i % len(layers)](xs[i % len(xs)])
 
     iters = args.iters
-    t_sparse = time_fn(sparse_call, device, warmup=3, iters=iters)
+    s_sparse = _samples(sparse_call, device, iters)
     active = sum(int(c.sum()) for c, _ in counts) / len(counts)
     down = sum(int(dc.sum()) for _, dc in counts) / len(counts)
-    t_dense = time_fn(dense_call, device, warmup=3, iters=iters)
+    s_dense = _samples(dense_call, device, iters)
+    t_sparse, t_dense = s_sparse[len(s_sparse) // 2], s_dense[len(s_dense) // 2]
     pred_bytes = (p1.numel() + p2.numel()) * elt + bias.numel() * 4
     sparse_bytes = pred_bytes + 2 * active * d * elt + down * d * elt
     dense_bytes = 3 * I * d * elt
     return {"shape": f"{d}x{I}", "d": d, "I": I, "dtype": str(dtype).replace("torch.", ""), "density": density,
             "measured_density": active / I, "down_density": down / I, "rank": rank,
             "sparse_ms": 1e3 * t_sparse, "dense_ms": 1e3 * t_dense, "speedup": t_dense / t_sparse,
+            "sparse_min_ms": 1e3 * s_sparse[0], "dense_min_ms": 1e3 * s_dense[0],
+            "speedup_min": s_dense[0] / s_sparse[0],
             "sparse_gb_s": sparse_bytes / t_sparse / 1e9, "dense_gb_s": dense_bytes / t_dense / 1e9,
             "sparse_mib": sparse_bytes / 2**20, "dense_mib": dense_bytes / 2**20, "layers_rotated": len(layers)}
 
@@ -149,7 +167,8 @@ def run(args) -> dict:
     for r in results:
         print(f"{r['shape_name']:>12} {r['dtype']:>9} dens {r['density']:.2f} ({r['measured_density']:.3f}) "
               f"sparse {r['sparse_ms']:8.3f} ms {r['sparse_gb_s']:6.1f} GB/s | dense {r['dense_ms']:8.3f} ms "
-              f"{r['dense_gb_s']:6.1f} GB/s | {r['speedup']:5.2f}x")
+              f"{r['dense_gb_s']:6.1f} GB/s | {r['speedup']:5.2f}x (min-time ratio {r['speedup_min']:5.2f}x: "
+              f"{r['sparse_min_ms']:.3f} vs {r['dense_min_ms']:.3f} ms)")
     return {"benchmark": "ffn_layer", "environment": env, "results": results}
 
 
