@@ -62,6 +62,63 @@ inline __m256 exp256(__m256 x) {
 }
 #endif
 
+
+#ifdef SPARSEDGE_DELTA_AVX2
+// 16 consecutive cache-dtype values -> two fp32 registers
+inline void load16(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
+inline void load16(const c10::BFloat16* p, __m256& a, __m256& b) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16));
+  b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16));
+}
+inline void load16(const c10::Half* p, __m256& a, __m256& b) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_cvtph_ps(_mm256_castsi256_si128(w));
+  b = _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1));
+}
+
+// acc[r][c0:c0+16] += sum_j P[j][r] * v[j][c0:c0+16] for rows r0..r0+NR-1, accumulators in registers.
+// Each pass streams one 64-byte column block of V (one cache line per fp32 row).
+template <int NR, typename T>
+inline void pv_pass(const T* v, int64_t D, const float* P, int64_t Rp, int64_t nk, int64_t r0, int64_t c0,
+                    float* acc) {
+  __m256 lo[NR], hi[NR];
+  for (int r = 0; r < NR; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nk; ++j) {
+    __m256 va, vb;
+    load16(v + j * D + c0, va, vb);
+    const float* pj = P + j * Rp + r0;
+    for (int r = 0; r < NR; ++r) {
+      const __m256 w = _mm256_broadcast_ss(pj + r);
+      lo[r] = _mm256_fmadd_ps(w, va, lo[r]);
+      hi[r] = _mm256_fmadd_ps(w, vb, hi[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    _mm256_storeu_ps(acc + (r0 + r) * D + c0, lo[r]);
+    _mm256_storeu_ps(acc + (r0 + r) * D + c0 + 8, hi[r]);
+  }
+}
+
+template <typename T>
+void pv_blocked(const T* v, int64_t D, const float* P, int64_t Rp, int64_t R, int64_t nk, float* acc) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, R - r0);
+    for (int64_t c0 = 0; c0 < D; c0 += 16) {
+      switch (nr) {
+        case 1: pv_pass<1, T>(v, D, P, Rp, nk, r0, c0, acc); break;
+        case 2: pv_pass<2, T>(v, D, P, Rp, nk, r0, c0, acc); break;
+        case 3: pv_pass<3, T>(v, D, P, Rp, nk, r0, c0, acc); break;
+        default: pv_pass<4, T>(v, D, P, Rp, nk, r0, c0, acc); break;
+      }
+    }
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // delta_encode
 template <typename T>
@@ -286,8 +343,18 @@ void attend_block(const DeltaArgs<T>& a, int64_t h, int64_t t0, int64_t t1) {
   }
 #endif
   // 5. P.V: each V row is read once for all R rows of the block
+#ifdef SPARSEDGE_DELTA_AVX2
+  const bool blocked = !std::is_same_v<T, double> && D % 16 == 0 && R <= 8;  // decode: register-blocked V passes
+#else
+  const bool blocked = false;
+#endif
   std::fill(acc, acc + Rp * D, 0.f);
-  for (int64_t j = 0; j < nk; ++j) {
+#ifdef SPARSEDGE_DELTA_AVX2
+  if constexpr (!std::is_same_v<T, double>) {
+    if (blocked) pv_blocked<T>(a.v + h * a.Tmax * D, D, S, Rp, R, nk, acc);
+  }
+#endif
+  for (int64_t j = 0; j < (blocked ? 0 : nk); ++j) {
     const T* vsrc = a.v + (h * a.Tmax + j) * D;
     const float* vr;
     if constexpr (std::is_same_v<T, float>) {
