@@ -13,10 +13,6 @@
    --theta-mode sparsity: minimise sum(error^2) subject to mean sparsity >= --target-sparsity, by a
                           Lagrange multiplier found with bisection (each unit takes the grid theta that
                           minimises error^2 - mu * sparsity).
-   --theta-mode loss:     as sparsity, but each layer's error^2 is weighted by its measured sensitivity:
-                          the calibration-text NLL increase when only that layer runs delta attention at a
-                          probe theta, divided by its error^2 there (layers whose attention output matters
-                          less to the loss take more sparsity). Costs one forward pass per layer.
 4. Measure the chosen setting once more and save the "delta" section (theta [L, H] + meta) with
    sparsedge.artifact.save_section into --out (the FFN section, if any, is kept).
 """
@@ -28,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
@@ -40,10 +35,9 @@ GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("delta attention (with --delta)")
-    g.add_argument("--theta-mode", choices=("error", "sparsity", "loss"), default="loss",
-                   help="keep each layer's attention-output error under --error-budget; or reach "
-                        "--target-sparsity with the least error (sparsity), or with the least "
-                        "sensitivity-weighted error (loss, default)")
+    g.add_argument("--theta-mode", choices=("error", "sparsity"), default="sparsity",
+                   help="keep each layer's attention-output error under --error-budget, or reach "
+                        "--target-sparsity with the least error (default)")
     g.add_argument("--error-budget", type=float, default=0.05,
                    help="relative attention-output error per layer (error mode; default 0.05)")
     g.add_argument("--target-sparsity", type=float, default=0.6,
@@ -162,53 +156,8 @@ def allocate_sparsity(err: torch.Tensor, sp: torch.Tensor, weight: torch.Tensor,
     return choice(hi)
 
 
-def window_nll(model, windows: list[list[int]], make_layer_cache) -> float:
-    """Mean next-token NLL over the windows, with layer i's cache given by make_layer_cache(i, T)."""
-    from sparsedge.kv_cache import KVCache
-
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for w in windows:
-            cache = KVCache([make_layer_cache(i, len(w)) for i in range(model.config.n_layers)], len(w))
-            logits = model(torch.tensor(w, dtype=torch.long, device=model.device), 0, cache, all_logits=True)
-            nll = F.cross_entropy(logits[:-1].float(), torch.tensor(w[1:], device=logits.device), reduction="sum")
-            total += float(nll)
-            count += len(w) - 1
-    return total / max(count, 1)
-
-
-def layer_sensitivity(model, windows, lerr: torch.Tensor, lsp: torch.Tensor, grid, window: int, sinks: int,
-                      probe_sparsity: float = 0.7) -> tuple[torch.Tensor, list]:
-    """Per layer: NLL increase per unit of squared attention-output error, measured by running delta
-    attention in that layer alone at the grid theta whose sparsity is closest to `probe_sparsity`."""
-    from sparsedge.kv_cache import DenseLayerCache
-
-    cfg = model.config
-
-    def dense(i, T):
-        return DenseLayerCache(cfg, T, model.dtype, model.device)
-
-    base = window_nll(model, windows, dense)
-    sens, probes = torch.zeros(len(lerr)), []
-    for i in tqdm(range(len(lerr)), desc="delta layer sensitivity", unit="layer"):
-        k = int((lsp[i] - probe_sparsity).abs().argmin())
-        theta = grid[k]
-
-        def one(j, T, i=i, theta=theta):
-            if j != i:
-                return dense(j, T)
-            return DeltaLayerCache(cfg.n_kv_heads, cfg.head_dim, T, model.dtype, model.device, theta, window, sinks,
-                                   initial_density=1.0)
-
-        dl = window_nll(model, windows, one) - base
-        sens[i] = max(dl, 1e-7) / max(float(lerr[i, k]) ** 2, 1e-12)
-        probes.append({"layer": i, "theta": theta, "sparsity": float(lsp[i, k]), "error": float(lerr[i, k]),
-                       "nll_increase": dl})
-    return sens, probes
-
-
 def calibrate_layers(per_layer: list[list[tuple]], G: int, dtype, mode: str, budget: float, target: float,
-                     per_head: bool, window: int, sinks: int, grid=GRID, sensitivity=None) -> tuple[torch.Tensor, dict]:
+                     per_head: bool, window: int, sinks: int, grid=GRID) -> tuple[torch.Tensor, dict]:
     L = len(per_layer)
     H = per_layer[0][0][1].shape[1]
     errs = torch.zeros(L, H, len(grid))
@@ -223,11 +172,6 @@ def calibrate_layers(per_layer: list[list[tuple]], G: int, dtype, mode: str, bud
             lerr[i, j], lsp[i, j] = m["err"], m["sp"]
             weight[i] = m["scored_head"].float()
     theta = torch.zeros(L, H)
-    if mode == "loss":
-        # sensitivity(lerr, lsp) -> per-layer weights of error^2 (see layer_sensitivity)
-        sens, probes = sensitivity(lerr, lsp)
-        scale = sens.sqrt()
-        errs, lerr_w = errs * scale[:, None, None], lerr * scale[:, None]
     if mode == "error":
         for i in tqdm(range(L), desc="delta theta bisection", unit="layer"):
             if per_head:
@@ -249,7 +193,7 @@ def calibrate_layers(per_layer: list[list[tuple]], G: int, dtype, mode: str, bud
                                     weight.reshape(-1), target)
             theta = g[idx].reshape(L, H)
         else:
-            idx = allocate_sparsity(lerr_w if mode == "loss" else lerr, lsp, weight.sum(1), target)
+            idx = allocate_sparsity(lerr, lsp, weight.sum(1), target)
             theta = g[idx][:, None].expand(L, H).clone()
     # final measurement at the chosen thetas
     final_err, final_sp = [], []
@@ -262,9 +206,6 @@ def calibrate_layers(per_layer: list[list[tuple]], G: int, dtype, mode: str, bud
             "sparsity_mean": float((torch.tensor(final_sp) * w).sum() / w.sum()),
             "error_mean": float(sum(final_err) / L),
             "grid": list(grid), "grid_error": lerr.tolist(), "grid_sparsity": lsp.tolist()}
-    if mode == "loss":
-        info["sensitivity"] = sens.tolist()
-        info["sensitivity_probes"] = probes
     return theta, info
 
 
@@ -283,15 +224,11 @@ def run(args) -> dict:
     logger.info(f"delta calibration: {n_tok} tokens of {args.text} in {len(windows)} windows, mode {args.theta_mode}, "
                 f"window {args.window}, sinks {args.sinks}{', per head' if args.per_head else ''}")
     per_layer = capture(model, windows)
-    probe_windows = windows[: max(1, len(windows) // 2)]
-    theta, info = calibrate_layers(
-        per_layer, cfg.n_heads // cfg.n_kv_heads, model.dtype, args.theta_mode, args.error_budget,
-        args.target_sparsity, args.per_head, args.window, args.sinks,
-        sensitivity=lambda lerr, lsp: layer_sensitivity(model, probe_windows, lerr, lsp, GRID, args.window,
-                                                        args.sinks))
+    theta, info = calibrate_layers(per_layer, cfg.n_heads // cfg.n_kv_heads, model.dtype, args.theta_mode,
+                                   args.error_budget, args.target_sparsity, args.per_head, args.window, args.sinks)
     meta = {"theta": theta.tolist(), "window": args.window, "sinks": args.sinks, "mode": args.theta_mode,
             "error_budget": args.error_budget if args.theta_mode == "error" else None,
-            "target_sparsity": args.target_sparsity if args.theta_mode in ("sparsity", "loss") else None,
+            "target_sparsity": args.target_sparsity if args.theta_mode == "sparsity" else None,
             "per_head": bool(args.per_head),
             "sparsity_definition": "zero delta entries / entries of keys scored by delta (prefill, per query)",
             "text": Path(args.text).name, "text_start": getattr(args, "text_start", 0.0), "tokens": n_tok,
