@@ -420,6 +420,17 @@ at::Tensor dense_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   return out.to(q_in.scalar_type());
 }
 
+// Dense projections: cuBLAS through ATen is the right kernel on the GPU (the schema has them as ops
+// so the CPU can stream weights its own way); registered here so CUDA never takes the composite path.
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  SD_CHECK_CUDA("linear", x);
+  return at::linear(x, w, bias);
+}
+at::Tensor linear_t_cuda(const at::Tensor& x, const at::Tensor& w_t) {
+  SD_CHECK_CUDA("linear_t", x);
+  return at::matmul(x, w_t);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
@@ -432,6 +443,8 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
   m.impl("delta_encode", &delta_encode_cuda);
   m.impl("delta_attention", &delta_attention_cuda);
   m.impl("dense_attention", &dense_attention_cuda);
+  m.impl("linear", &linear_cuda);
+  m.impl("linear_t", &linear_t_cuda);
 }
 
 }  // namespace sparsedge::cuda
@@ -439,5 +452,5 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsedge fused CUDA kernels (registered for the CUDA dispatch key of the sparsedge ops)";
   m.attr("OPS") = pybind11::make_tuple("rms_norm", "add_rms_norm", "rope", "ffn_predict", "sparse_ffn_rows",
-                                       "sparse_ffn", "delta_encode", "delta_attention", "dense_attention");
+                                       "sparse_ffn", "delta_encode", "delta_attention", "dense_attention", "linear", "linear_t");
 }

@@ -75,7 +75,7 @@ class DenseFFN(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate pre-activation, down-projection input h), both [T, I]; used by calibration too."""
-        gu = F.linear(x, self.w_gate_up)
+        gu = ops.linear(x, self.w_gate_up)
         g, u = gu[:, : self.I], gu[:, self.I:]
         if self.activation == "silu" and self.tau == 0.0:
             return g, F.silu(g) * u
@@ -84,7 +84,7 @@ class DenseFFN(nn.Module):
         return g, activate(g.float(), u.float(), self.activation, self.act_param, self.tau).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.hidden(x)[1], self.w_down_t)
+        return ops.linear_t(self.hidden(x)[1], self.w_down_t)
 
     def weight_bytes(self) -> int:
         return (self.w_gate_up.numel() + self.w_down_t.numel()) * self.w_down_t.element_size()
@@ -99,13 +99,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer_cache, start: int):
         T = x.shape[0]
-        qkv = F.linear(x, self.wqkv, self.bqkv)
+        qkv = ops.linear(x, self.wqkv, self.bqkv)
         qk = qkv[:, : self.q_size + self.kv_size].reshape(T, self.n_heads + self.n_kv_heads, self.head_dim)
         qk = ops.rope(qk, cos, sin)  # one fused call rotates q and k together
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
         v = qkv[:, self.q_size + self.kv_size:].reshape(T, self.n_kv_heads, self.head_dim)
         out = layer_cache.attend(q, k, v, start)  # [T, Hq, D]
-        return F.linear(out.reshape(T, self.q_size), self.wo)
+        return ops.linear(out.reshape(T, self.q_size), self.wo)
 
     def weight_bytes(self) -> int:
         n = self.wqkv.numel() + self.wo.numel() + (self.bqkv.numel() if self.bqkv is not None else 0)
@@ -160,7 +160,7 @@ class Transformer(nn.Module):
             h = ops.add_rms_norm(residual, f, next_norm, eps)
         if not all_logits:
             h = h[-1:]
-        return F.linear(h, self.lm_head)
+        return ops.linear(h, self.lm_head)
 
     # --- accounting -------------------------------------------------------------------------
     def dense_weight_bytes_per_token(self) -> int:

@@ -135,3 +135,21 @@ def test_fused_cpu_norm_and_rope_match_reference():
     assert torch.allclose(torch.ops.sparsedge.rms_norm(xb, w, 1e-5).float(),
                           ops.reference("rms_norm")(xb, w, 1e-5).float(), atol=2e-2)
     assert ops.has_fused("rms_norm", "cpu"), "the CPU kernel library was not built or not loaded"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("T", [1, 3, 8, 9])
+@pytest.mark.parametrize("K,N", [(576, 960), (37, 70), (64, 5)])
+def test_fused_linear_ops_match_reference(dtype, tol, T, K, N):
+    from sparsedge import ops
+
+    x = torch.randn(T, K).to(dtype)
+    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
+    b = torch.randn(N).to(dtype)
+    w_t = (torch.randn(K, N) / K ** 0.5).to(dtype)
+    for got, want in [(torch.ops.sparsedge.linear(x, w, b), ops.reference("linear")(x.float(), w.float(), b.float())),
+                      (torch.ops.sparsedge.linear(x, w), ops.reference("linear")(x.float(), w.float())),
+                      (torch.ops.sparsedge.linear_t(x, w_t), ops.reference("linear_t")(x.float(), w_t.float()))]:
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.allclose(got.float(), want, atol=tol * 4, rtol=tol), (got.float() - want).abs().max()
+    assert ops.has_fused("linear", "cpu") and ops.has_fused("linear_t", "cpu")

@@ -50,5 +50,6 @@ def has_fused(name: str, device_type: str) -> bool:
 # Each module below calls define() for its ops at import.
 from . import norm  # noqa: E402,F401
 from . import attention  # noqa: E402,F401
+from . import linear  # noqa: E402,F401
 from . import ffn  # noqa: E402,F401
 from . import delta  # noqa: E402,F401
