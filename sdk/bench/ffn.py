@@ -224,20 +224,22 @@ def decode_relu_1b(args) -> dict:
     dense_rates = [_decode_tokens_per_s(model, prompt, new_tokens, device, forced)[0] for _ in range(repeats)]
     dense_bytes = model.dense_weight_bytes_per_token()
     rank = default_rank(cfg.intermediate_size)
-    # the FFN inputs of this model are not white: set each neuron's bias from the score statistics of
-    # real FFN inputs (a 64-token prefill), so that about `density` of the neurons are active per token
+    # the FFN inputs of this model are not white: set each neuron's bias at the (1 - density) quantile of
+    # its scores on real FFN inputs, from a 256-token prefill of random tokens drawn like the decoded ones
+    # (another seed), so that about `density` of the neurons are active per decoded token
     from ..kv_cache import KVCache
     xs = {}
-    model.ensure_rope(64)
+    n_cal = 256
+    model.ensure_rope(n_cal)
+    cal_tokens = torch.randint(0, cfg.vocab_size, (n_cal,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        model(torch.arange(1000, 1064, device=device), 0, KVCache.dense(cfg, 64, dtype, device),
+        model(cal_tokens.to(device), 0, KVCache.dense(cfg, n_cal, dtype, device),
               hidden_hook=lambda i, h: xs.__setitem__(i, h.float()))
-    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - density)))
     for i, layer in enumerate(model.layers):
         p1, p2, _ = forced_predictor(cfg.dim, cfg.intermediate_size, rank, density, torch.float32, device,
                                      seed=100 + i)
         sc = (xs[i] @ p1.T) @ p2.T
-        bias = -(sc.mean(0) + z * sc.std(0))
+        bias = -torch.quantile(sc, 1.0 - density, dim=0)
         layer.ffn = SparseFFN(layer.ffn, p1.to(dtype), p2.to(dtype), bias.float(), layer_index=i)
     be.require("sparse_ffn")
     _decode_tokens_per_s(model, prompt, 4, device, forced)  # warm-up
