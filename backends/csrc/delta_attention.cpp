@@ -381,6 +381,155 @@ void attend_block(const DeltaArgs<T>& a, int64_t h, int64_t t0, int64_t t1) {
     }
 }
 
+#ifdef SPARSEDGE_DELTA_AVX2
+// Decode (one query position) split over the key axis ("split-K", flash-decoding style), for when the
+// KV heads alone do not keep the threads evenly busy (SmolLM2: 3 KV heads on 2 threads). Each head's
+// keys are cut into chunks; every (head, chunk) task
+//   1. walks its chunk's deltas from zero (local prefix sums) and records the chunk total;
+//   2. after the chunk offsets are known, adds its offset, writes the exact scores of its keys, takes
+//      its row maxima;
+//   3. after the global maxima are known, exponentiates, sums and accumulates its partial P.V;
+// and the partials are combined at the end. G <= 8 query heads per KV head (one AVX2 register).
+template <typename T>
+void attend_decode_split(const DeltaArgs<T>& a, int64_t chunks) {
+  const int64_t H = a.H, G = a.G, D = a.D, Rp = kLanes;
+  const int64_t p = a.start, nk = p + 1, jd_max = p - a.window;
+  const int64_t per = (nk + chunks - 1) / chunks;
+  thread_local std::vector<float> buf_s;
+  float* Sbase = scratch(buf_s, H * nk * Rp);  // fully written before it is read; no zeroing needed
+  std::vector<float> qT(H * D * Rp, 0.f), tot(H * chunks * Rp), cmax(H * chunks * Rp), csum(H * chunks * Rp),
+      cacc(H * chunks * Rp * D);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < D; ++c) qT[(h * D + c) * Rp + g] = a.q[(h * G + g) * D + c];
+  const float ninf = -std::numeric_limits<float>::infinity();
+  // 1. local prefix sums of the delta walk
+  at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(jd_max + 1, (c + 1) * per);
+      const T* vals = a.vals + h * a.cap;
+      const uint8_t* ch = a.chan + h * a.cap;
+      const int32_t* off = a.off + h * (a.Tmax + 1);
+      const float* q = qT.data() + h * D * Rp;
+      float* Sh = Sbase + h * nk * Rp;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t e = off[j]; e < off[j + 1]; ++e)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[e])), _mm256_loadu_ps(q + ch[e] * Rp), acc);
+        if (j >= a.n_sink) _mm256_storeu_ps(Sh + j * Rp, acc);
+      }
+      _mm256_storeu_ps(tot.data() + i * Rp, acc);
+    }
+  });
+  // chunk offsets: exclusive prefix of the chunk totals (in place)
+  for (int64_t h = 0; h < H; ++h) {
+    __m256 run = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* t = tot.data() + (h * chunks + c) * Rp;
+      const __m256 here = _mm256_loadu_ps(t);
+      _mm256_storeu_ps(t, run);
+      run = _mm256_add_ps(run, here);
+    }
+  }
+  // 2. offsets, exact scores, chunk maxima
+  at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> kbuf(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(nk, (c + 1) * per);
+      float* Sh = Sbase + h * nk * Rp;
+      const __m256 o = _mm256_loadu_ps(tot.data() + i * Rp);
+      __m256 m = _mm256_set1_ps(ninf);
+      for (int64_t j = j0; j < j1; ++j) {
+        float* sj = Sh + j * Rp;
+        const bool exact = j < a.n_sink || j > jd_max;
+        if (exact) {
+          const float* key;
+          if (j >= a.n_sink && j >= a.start) {
+            key = a.k + h * D;  // the query position's own key (T = 1)
+          } else {
+            const T* src = j < a.n_sink ? a.sink + (h * a.s_alloc + j) * D : a.win + (h * a.w_alloc + j % a.window) * D;
+            for (int64_t c2 = 0; c2 < D; ++c2) kbuf[c2] = to_f32(src[c2]);
+            key = kbuf.data();
+          }
+          for (int64_t g = 0; g < Rp; ++g) {
+            float sdot = 0.f;
+            if (g < G) {
+              const float* qr = a.q + (h * G + g) * D;
+#pragma omp simd reduction(+ : sdot)
+              for (int64_t c2 = 0; c2 < D; ++c2) sdot += qr[c2] * key[c2];
+            }
+            sj[g] = g < G ? sdot : ninf;
+          }
+        } else {
+          _mm256_storeu_ps(sj, _mm256_add_ps(_mm256_loadu_ps(sj), o));
+        }
+        m = _mm256_max_ps(m, _mm256_loadu_ps(sj));
+      }
+      _mm256_storeu_ps(cmax.data() + i * Rp, m);
+    }
+  });
+  // global row maxima per head
+  std::vector<float> gmax(H * Rp);
+  for (int64_t h = 0; h < H; ++h) {
+    __m256 m = _mm256_set1_ps(ninf);
+    for (int64_t c = 0; c < chunks; ++c) m = _mm256_max_ps(m, _mm256_loadu_ps(cmax.data() + (h * chunks + c) * Rp));
+    _mm256_storeu_ps(gmax.data() + h * Rp, m);
+  }
+  // 3. exp, partial sums, partial P.V
+  const __m256 scv = _mm256_set1_ps(a.scale);
+  at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(nk, (c + 1) * per);
+      float* Sh = Sbase + h * nk * Rp;
+      float* acc = cacc.data() + i * Rp * D;
+      std::fill(acc, acc + Rp * D, 0.f);
+      __m256 mrow = _mm256_loadu_ps(gmax.data() + h * Rp);
+      // padded rows hold -inf everywhere: use 0 so exp stays finite (masked below)
+      mrow = _mm256_blendv_ps(mrow, _mm256_setzero_ps(), _mm256_cmp_ps(mrow, _mm256_set1_ps(ninf), _CMP_EQ_OQ));
+      const __m256 m = _mm256_mul_ps(mrow, scv);
+      __m256 sv = _mm256_setzero_ps();
+      for (int64_t j = j0; j < j1; ++j) {
+        float* sj = Sh + j * Rp;
+        const __m256 raw = _mm256_loadu_ps(sj);
+        const __m256 valid = _mm256_cmp_ps(raw, _mm256_set1_ps(ninf), _CMP_NEQ_OQ);
+        const __m256 e = _mm256_and_ps(exp256(_mm256_fmsub_ps(raw, scv, m)), valid);
+        _mm256_storeu_ps(sj, e);
+        sv = _mm256_add_ps(sv, e);
+      }
+      _mm256_storeu_ps(csum.data() + i * Rp, sv);
+      if (j1 > j0) {
+        if (D % 16 == 0) {
+          pv_blocked<T>(a.v + (h * a.Tmax + j0) * D, D, Sh + j0 * Rp, Rp, G, j1 - j0, acc);
+        } else {
+          std::vector<float> vr(D);
+          for (int64_t j = j0; j < j1; ++j) {
+            const T* vsrc = a.v + (h * a.Tmax + j) * D;
+            for (int64_t c2 = 0; c2 < D; ++c2) vr[c2] = to_f32(vsrc[c2]);
+            for (int64_t g = 0; g < G; ++g) {
+              const float w = Sh[j * Rp + g];
+              for (int64_t c2 = 0; c2 < D; ++c2) acc[g * D + c2] += w * vr[c2];
+            }
+          }
+        }
+      }
+    }
+  });
+  // combine the chunks
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t g = 0; g < G; ++g) {
+      float total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) total += csum[(h * chunks + c) * Rp + g];
+      const float inv = 1.f / total;
+      float* dst = a.out + (h * G + g) * D;
+      for (int64_t c2 = 0; c2 < D; ++c2) {
+        float s2 = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) s2 += cacc[((h * chunks + c) * Rp + g) * D + c2];
+        dst[c2] = s2 * inv;
+      }
+    }
+}
+#endif
+
 at::Tensor delta_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_cache,
                                 const at::Tensor& values, const at::Tensor& chan, const at::Tensor& offsets,
                                 const at::Tensor& sink_k, const at::Tensor& window_k, int64_t start, int64_t n_sink,
@@ -427,6 +576,16 @@ at::Tensor delta_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, 
                           sink_k.data_ptr<scalar_t>(), window_k.data_ptr<scalar_t>(), out.data_ptr<float>(),
                           T, Hq, H, G, D, Tmax, values.size(1), sink_k.size(1), window_k.size(1), start, n_sink,
                           window, static_cast<float>(scale)};
+#ifdef SPARSEDGE_DELTA_AVX2
+    // decode with fewer KV heads than keep the threads evenly busy: split the key axis too
+    const int64_t threads = at::get_num_threads();
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (T == 1 && G <= kLanes && threads > 1 && H % threads != 0 && n >= 1024) {
+        attend_decode_split<scalar_t>(a, std::max<int64_t>(1, (2 * threads + H - 1) / H) * 2);
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, H * nblk, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t h = i % H, b = i / H;  // heads fastest: neighbouring tasks share no buffers
