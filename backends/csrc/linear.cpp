@@ -47,46 +47,6 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return y.to(x.scalar_type()).reshape(sizes);
 }
 
-// acc[0:len) += sum_k x[k] * w[k, c0 : c0 + len), four rows per pass over acc
-template <typename T>
-void axpy_rows(const T* w, int64_t N, const float* x, int64_t K, int64_t c0, int64_t len, float* acc) {
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const T* r0 = w + k * N + c0;
-    const T* r1 = r0 + N;
-    const T* r2 = r1 + N;
-    const T* r3 = r2 + N;
-    const float h0 = x[k], h1 = x[k + 1], h2 = x[k + 2], h3 = x[k + 3];
-    int64_t c = 0;
-#ifdef SPARSEDGE_AVX2
-    if constexpr (kSimd<T>) {
-      const __m256 v0 = _mm256_set1_ps(h0), v1 = _mm256_set1_ps(h1);
-      const __m256 v2 = _mm256_set1_ps(h2), v3 = _mm256_set1_ps(h3);
-      for (; c + 8 <= len; c += 8) {
-        __m256 s = _mm256_loadu_ps(acc + c);
-        s = _mm256_fmadd_ps(load8(r0 + c), v0, s);
-        s = _mm256_fmadd_ps(load8(r1 + c), v1, s);
-        s = _mm256_fmadd_ps(load8(r2 + c), v2, s);
-        s = _mm256_fmadd_ps(load8(r3 + c), v3, s);
-        _mm256_storeu_ps(acc + c, s);
-      }
-    }
-#endif
-    for (; c < len; ++c) {
-      float s = acc[c];
-      s = std::fma(ld(r0, c), h0, s);
-      s = std::fma(ld(r1, c), h1, s);
-      s = std::fma(ld(r2, c), h2, s);
-      s = std::fma(ld(r3, c), h3, s);
-      acc[c] = s;
-    }
-  }
-  for (; k < K; ++k) {
-    const T* r = w + k * N + c0;
-    for (int64_t c = 0; c < len; ++c) acc[c] = std::fma(ld(r, c), x[k], acc[c]);
-  }
-}
-
 at::Tensor linear_t_impl(const at::Tensor& x, const at::Tensor& w_t) {
   const int64_t K = w_t.dim() == 2 ? w_t.size(0) : -1, N = w_t.dim() == 2 ? w_t.size(1) : -1;
   if (!fast_path(x, w_t, K)) return at::matmul(x, w_t);
@@ -102,7 +62,8 @@ at::Tensor linear_t_impl(const at::Tensor& x, const at::Tensor& w_t) {
     const scalar_t* wp = w_t.data_ptr<scalar_t>();
     at::parallel_for(0, n_stripes, 1, [&](int64_t s0, int64_t s1) {
       const int64_t c0 = s0 * stripe, len = std::min(N, s1 * stripe) - c0;
-      for (int64_t t = 0; t < T; ++t) axpy_rows(wp, N, xp + t * K, K, c0, len, yp + t * N + c0);
+      for (int64_t t = 0; t < T; ++t)
+        accumulate_rows(wp, N, [](int64_t k) { return k; }, xp + t * K, K, c0, c0 + len, yp + t * N + c0);
     });
   });
   auto sizes = x.sizes().vec();

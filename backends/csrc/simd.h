@@ -56,5 +56,56 @@ inline float dot(const T* a, const float* x, int64_t n) {
   return s;
 }
 
+// acc[c - c0] (c in [c0, c1)) += sum_k h[k] * w[row(k), c] for k < n: weight rows read in place, four
+// rows per pass over acc. `row` maps k to a row number (an active-index list, or the identity).
+template <typename T, typename RowOf>
+void accumulate_rows(const T* w, int64_t d, RowOf row, const float* h, int64_t n, int64_t c0, int64_t c1,
+                     float* acc) {
+  const int64_t len = c1 - c0;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const T* r0 = w + row(k) * d + c0;
+    const T* r1 = w + row(k + 1) * d + c0;
+    const T* r2 = w + row(k + 2) * d + c0;
+    const T* r3 = w + row(k + 3) * d + c0;
+    const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+    int64_t c = 0;
+#ifdef SPARSEDGE_AVX2
+    if constexpr (kSimd<T>) {
+      const __m256 v0 = _mm256_set1_ps(h0), v1 = _mm256_set1_ps(h1);
+      const __m256 v2 = _mm256_set1_ps(h2), v3 = _mm256_set1_ps(h3);
+      for (; c + 8 <= len; c += 8) {
+        __m256 s = _mm256_loadu_ps(acc + c);
+        s = _mm256_fmadd_ps(load8(r0 + c), v0, s);
+        s = _mm256_fmadd_ps(load8(r1 + c), v1, s);
+        s = _mm256_fmadd_ps(load8(r2 + c), v2, s);
+        s = _mm256_fmadd_ps(load8(r3 + c), v3, s);
+        _mm256_storeu_ps(acc + c, s);
+      }
+    }
+#endif
+    for (; c < len; ++c) {
+      float s = acc[c];
+      s = std::fma(ld(r0, c), h0, s);
+      s = std::fma(ld(r1, c), h1, s);
+      s = std::fma(ld(r2, c), h2, s);
+      s = std::fma(ld(r3, c), h3, s);
+      acc[c] = s;
+    }
+  }
+  for (; k < n; ++k) {
+    const T* r0 = w + row(k) * d + c0;
+    const float h0 = h[k];
+    int64_t c = 0;
+#ifdef SPARSEDGE_AVX2
+    if constexpr (kSimd<T>) {
+      const __m256 v0 = _mm256_set1_ps(h0);
+      for (; c + 8 <= len; c += 8)
+        _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(load8(r0 + c), v0, _mm256_loadu_ps(acc + c)));
+    }
+#endif
+    for (; c < len; ++c) acc[c] = std::fma(ld(r0, c), h0, acc[c]);
+  }
+}
 
 }  // namespace sparsedge::cpu

@@ -94,57 +94,6 @@ inline void dot2(const T* a, const T* b, const float* x, int64_t n, float* oa, f
   *ob = sb;
 }
 
-// acc[c] (c in [c0, c1)) += sum_k h[k] * w[rows[k], c], rows read in place, 4 rows per pass over acc.
-template <typename T>
-void down_accumulate(const T* w, int64_t d, const int32_t* rows, const float* h, int64_t n, int64_t c0,
-                     int64_t c1, float* acc) {
-  const int64_t len = c1 - c0;
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    const T* r0 = w + static_cast<int64_t>(rows[k]) * d + c0;
-    const T* r1 = w + static_cast<int64_t>(rows[k + 1]) * d + c0;
-    const T* r2 = w + static_cast<int64_t>(rows[k + 2]) * d + c0;
-    const T* r3 = w + static_cast<int64_t>(rows[k + 3]) * d + c0;
-    const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
-    int64_t c = 0;
-#ifdef SPARSEDGE_AVX2
-    if constexpr (kSimd<T>) {
-      const __m256 v0 = _mm256_set1_ps(h0), v1 = _mm256_set1_ps(h1);
-      const __m256 v2 = _mm256_set1_ps(h2), v3 = _mm256_set1_ps(h3);
-      for (; c + 8 <= len; c += 8) {
-        __m256 s = _mm256_loadu_ps(acc + c);
-        s = _mm256_fmadd_ps(load8(r0 + c), v0, s);
-        s = _mm256_fmadd_ps(load8(r1 + c), v1, s);
-        s = _mm256_fmadd_ps(load8(r2 + c), v2, s);
-        s = _mm256_fmadd_ps(load8(r3 + c), v3, s);
-        _mm256_storeu_ps(acc + c, s);
-      }
-    }
-#endif
-    for (; c < len; ++c) {
-      float s = acc[c];
-      s = std::fma(ld(r0, c), h0, s);
-      s = std::fma(ld(r1, c), h1, s);
-      s = std::fma(ld(r2, c), h2, s);
-      s = std::fma(ld(r3, c), h3, s);
-      acc[c] = s;
-    }
-  }
-  for (; k < n; ++k) {
-    const T* r0 = w + static_cast<int64_t>(rows[k]) * d + c0;
-    const float h0 = h[k];
-    int64_t c = 0;
-#ifdef SPARSEDGE_AVX2
-    if constexpr (kSimd<T>) {
-      const __m256 v0 = _mm256_set1_ps(h0);
-      for (; c + 8 <= len; c += 8)
-        _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(load8(r0 + c), v0, _mm256_loadu_ps(acc + c)));
-    }
-#endif
-    for (; c < len; ++c) acc[c] = std::fma(ld(r0, c), h0, acc[c]);
-  }
-}
-
 // ---- per-thread workspace (grown, never shrunk; O(I + d + r) floats) ----------------------------
 struct Workspace {
   std::vector<float> xf, z, hv, h2, yf;
@@ -219,7 +168,7 @@ int64_t rows_token(const float* xf, const int32_t* idx, int64_t n, const W* wg, 
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t c0 = u0 * 8, c1 = std::min(d, u1 * 8);
     std::fill(y + c0, y + c1, 0.f);
-    down_accumulate(wd, d, rows2, h2, m, c0, c1, y + c0);
+    accumulate_rows(wd, d, [rows2](int64_t k) { return static_cast<int64_t>(rows2[k]); }, h2, m, c0, c1, y + c0);
   });
   return m;
 }
