@@ -130,8 +130,9 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation held in the cache."""
         self._cache_ids = []
-        if self._cache is not None and not self._cache.truncate(0):
-            self._cache = None
+        with torch.inference_mode():  # the cache tensors were made in inference mode
+            if self._cache is not None and not self._cache.truncate(0):
+                self._cache = None
 
     @property
     def stats(self) -> GenerationStats | None:
