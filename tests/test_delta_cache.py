@@ -212,8 +212,11 @@ def test_stories260k_session_theta_zero_matches_dense():
     b = delta.generate([1], max_new_tokens=80)
     assert a.token_ids == b.token_ids
     assert b.stats.attn_sparsity is not None and b.stats.k_cache_bytes > 0
-    c = Session.load(path, backend="cpu", progress=False, delta=0.3).generate([1], max_new_tokens=80)
+    s3 = Session.load(path, backend="cpu", progress=False, delta=0.3)
+    c = s3.generate([1], max_new_tokens=80)
     assert 0.0 < c.stats.attn_sparsity < 1.0 and c.stats.k_cache_bytes > 0  # D = 8: the window dominates
+    s3.reset()  # outside inference mode: the cache made inside it must still reset
+    assert s3.generate([1], max_new_tokens=80).token_ids == c.token_ids
 
 
 @pytest.mark.slow
