@@ -27,9 +27,11 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
     need = set(_LAYER_KEYS) | ({"bq", "bk", "bv"} if cfg.qkv_bias else set())
     t0 = time.perf_counter()
     n_expected = cfg.n_layers * len(need) + 2 + (0 if cfg.tie_embeddings else 1)
-    bar = tqdm(total=n_expected, desc=f"loading {cfg.name}", unit="tensor", leave=False,
-               disable=not progress, mininterval=1.0, delay=2.0)  # appears only when loading is slow
+    bar = None
     for name, tensor in source.tensors():
+        if bar is None:  # started at the first tensor: a source may convert everything before yielding
+            bar = tqdm(total=n_expected, desc=f"loading {cfg.name}", unit="tensor", leave=False,
+                       disable=not progress, mininterval=1.0, delay=2.0)  # appears only when slow
         bar.update(1)
         if not name.startswith("layers."):
             top[name] = place(tensor)
@@ -45,7 +47,8 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
             ffn = DenseFFN(cfg, place(torch.cat([p["w_gate"], p["w_up"]], 0)), place(p["w_down"].t()))
             blocks[i] = Block(place(p["attn_norm"]), attn, place(p["ffn_norm"]), ffn)
             del p
-    bar.close()
+    if bar is not None:
+        bar.close()
     missing = [i for i in range(cfg.n_layers) if i not in blocks]
     if missing or "tok_embeddings" not in top or "norm" not in top:
         raise ValueError(f"{source.describe()}: incomplete checkpoint (layers missing: {missing[:8]}, "
