@@ -51,3 +51,18 @@ def wikitext_path():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def greedy_decode(model, cache, ids, n):
+    """Greedy tokens from the bare decoder through `cache` (prefill, then one-token steps); returns
+    (new token ids, logits of the last step)."""
+    out = []
+    with torch.inference_mode():
+        logits = model(torch.tensor(ids), 0, cache)
+        pos = len(ids)
+        for _ in range(n):
+            t = int(logits[-1].argmax())
+            out.append(t)
+            logits = model(torch.tensor([t]), pos, cache)
+            pos += 1
+    return out, logits

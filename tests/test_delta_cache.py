@@ -11,7 +11,7 @@ from sparsedge.delta.cache import DeltaLayerCache
 from sparsedge.ffn.synthetic import random_transformer, tiny_config
 from sparsedge.kv_cache import DenseLayerCache, KVCache
 
-from .conftest import need_data, smollm2_gguf
+from .conftest import greedy_decode, need_data, smollm2_gguf
 from .test_delta_kernels import walk_keys
 
 
@@ -177,28 +177,15 @@ def test_delta_config_resolve_forms(tmp_path):
         DeltaConfig.resolve(tmp_path / "other", model)
 
 
-def _greedy(model, cache, ids, n):
-    out = []
-    with torch.inference_mode():
-        logits = model(torch.tensor(ids), 0, cache)
-        pos = len(ids)
-        for _ in range(n):
-            t = int(logits[-1].argmax())
-            out.append(t)
-            logits = model(torch.tensor([t]), pos, cache)
-            pos += 1
-    return out, logits
-
-
 def test_tiny_model_theta_zero_greedy_equals_dense():
     cfg = tiny_config(activation="silu", n_kv_heads=2, n_heads=4)
     model = random_transformer(cfg)
     model.ensure_rope(cfg.max_seq_len)
     ids = list(range(3, 60))
-    dense, ld = _greedy(model, KVCache.dense(cfg, 128, torch.float32, "cpu"), ids, 24)
+    dense, ld = greedy_decode(model, KVCache.dense(cfg, 128, torch.float32, "cpu"), ids, 24)
     for delta in ({"theta": 0.0, "window": 0, "sinks": 0}, {"theta": 0.0}):
         cache = DeltaConfig.resolve(delta, cfg).make_cache(cfg, 128, torch.float32, "cpu")
-        got, lg = _greedy(model, cache, ids, 24)
+        got, lg = greedy_decode(model, cache, ids, 24)
         assert got == dense
         torch.testing.assert_close(lg, ld, atol=1e-3, rtol=1e-3)
 
@@ -249,10 +236,10 @@ def test_ffn_predictors_and_delta_combine(tmp_path):
     theta = torch.full((cfg.n_layers, cfg.n_kv_heads), 0.0)
     save_section(tmp_path / "art", model, "delta", {"theta": theta}, {"window": 0, "sinks": 0})
     ids = list(range(3, 40))
-    dense, ld = _greedy(model, KVCache.dense(cfg, 64, torch.float32, "cpu"), ids, 10)
+    dense, ld = greedy_decode(model, KVCache.dense(cfg, 64, torch.float32, "cpu"), ids, 10)
     ffn.attach_predictors(model, tmp_path / "art")
     cache = DeltaConfig.resolve(tmp_path / "art", model).make_cache(cfg, 64, torch.float32, "cpu")
-    got, lg = _greedy(model, cache, ids, 10)
+    got, lg = greedy_decode(model, cache, ids, 10)
     assert got == dense
     torch.testing.assert_close(lg, ld, atol=1e-3, rtol=1e-3)
     assert any(type(layer.ffn).__name__ == "SparseFFN" for layer in model.layers)

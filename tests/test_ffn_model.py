@@ -10,22 +10,14 @@ from sparsedge.ffn.calibrate import Variant, calibrate_model, collect_inputs, ex
 from sparsedge.ffn.synthetic import all_keeping_predictors, random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
 
+from .conftest import greedy_decode
+
 BACKEND = get_backend("cpu")
 
 
 def greedy(model, prompt, n):
     model.ensure_rope(64)
-    cache = KVCache.dense(model.config, 64, model.dtype, model.device)
-    with torch.inference_mode():
-        logits = model(torch.tensor(prompt), 0, cache)
-        out = []
-        pos = len(prompt)
-        for _ in range(n):
-            t = int(logits[-1].argmax())
-            out.append(t)
-            logits = model(torch.tensor([t]), pos, cache)
-            pos += 1
-    return out
+    return greedy_decode(model, KVCache.dense(model.config, 64, model.dtype, model.device), prompt, n)[0]
 
 
 @pytest.mark.parametrize("act", ["relu", "drelu", "relu2", "fatrelu"])

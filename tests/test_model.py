@@ -26,20 +26,12 @@ class DictSource:
         return "test-dict"
 
 
-def hf_to_canonical(sd: dict, n_layers: int, tied: bool) -> dict:
-    out = {"tok_embeddings": sd["model.embed_tokens.weight"], "norm": sd["model.norm.weight"]}
-    if not tied:
-        out["lm_head"] = sd["lm_head.weight"]
-    names = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
-             "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo", "self_attn.q_proj.bias": "bq",
-             "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
-             "post_attention_layernorm.weight": "ffn_norm", "mlp.gate_proj.weight": "w_gate",
-             "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down"}
-    for i in range(n_layers):
-        for hf, ours in names.items():
-            key = f"model.layers.{i}.{hf}"
-            if key in sd:
-                out[f"layers.{i}.{ours}"] = sd[key]
+def hf_to_canonical(sd: dict, tied: bool) -> dict:
+    from sparsedge.loading.hf import hf_to_canonical as name_of
+
+    out = {name_of(k): v for k, v in sd.items() if name_of(k) is not None}
+    if tied:
+        out.pop("lm_head", None)
     return out
 
 
@@ -67,7 +59,7 @@ def make_pair(kind="llama", tied=False, rope_scaling=None, seed=0):
                       rope_theta=10000.0 if kind == "qwen2" else 500000.0, rope_scaling=rope_scaling,
                       max_seq_len=256, tie_embeddings=tied, qkv_bias=kind == "qwen2", arch=kind)
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    ours = build_transformer(DictSource(cfg, hf_to_canonical(sd, 3, tied)), get_backend("cpu"), torch.float32,
+    ours = build_transformer(DictSource(cfg, hf_to_canonical(sd, tied)), get_backend("cpu"), torch.float32,
                              progress=False)
     ours.ensure_rope(256)
     return hf, ours

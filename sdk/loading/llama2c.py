@@ -20,6 +20,7 @@ from loguru import logger
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
 from .base import ModelFormatError, ModelSource
+from .hf import _LAYER_MAP as _HF_LAYER_MAP
 
 HEADER_BYTES = 7 * 4
 _MAGIC_V1 = 0x616B3432  # "ak42": llama2.c's newer export versions
@@ -181,7 +182,10 @@ class Llama2cSource(ModelSource):
         return f"llama2c:{self.path}"
 
 
-# canonical -> transformers Llama parameter names
+# canonical -> transformers Llama parameter names (the inverse of the HF loader's map)
+_CANONICAL_TO_HF_LAYER = {ours: hf for hf, ours in _HF_LAYER_MAP.items()}
+
+
 def canonical_to_hf_name(name: str) -> str:
     if name == "tok_embeddings":
         return "model.embed_tokens.weight"
@@ -190,13 +194,7 @@ def canonical_to_hf_name(name: str) -> str:
     if name == "lm_head":
         return "lm_head.weight"
     _, i, k = name.split(".", 2)
-    sub = {
-        "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-        "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-        "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-        "bv": "self_attn.v_proj.bias", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-        "w_down": "mlp.down_proj.weight",
-    }[k]
+    sub = _CANONICAL_TO_HF_LAYER[k]
     return f"model.layers.{i}.{sub}"
 
 
