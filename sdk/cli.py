@@ -15,16 +15,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_generate(args) -> int:
+    from .delta import delta_from_cli
     from .session import Session
 
-    delta = None
-    if args.delta is not None:
-        try:
-            delta = {"theta": float(args.delta)}
-        except ValueError:
-            delta = args.delta  # an artifact folder
-        if isinstance(delta, dict):
-            delta.update({k: v for k, v in (("window", args.window), ("sinks", args.sinks)) if v is not None})
+    delta = delta_from_cli(args.delta, args.window, args.sinks)
     session = Session.load(args.model, backend=args.backend, dtype=args.dtype, predictors=args.predictors,
                            delta=delta, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

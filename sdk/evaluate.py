@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
+from .delta import delta_from_cli
+from .session import reset_counters, sum_counters
+
 
 def add_ppl_arguments(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder, .gguf, llama2.c .bin or smollm2-135m")
@@ -35,32 +38,6 @@ def add_ppl_arguments(p) -> None:
                    help="run the evaluated tokens through the one-token decode path instead of prefill")
     p.add_argument("--dtype", default=None, help="weights dtype (default: the backend's)")
     p.add_argument("--backend", default="cpu")
-
-
-def _delta_arg(args):
-    if args.delta is None:
-        return None
-    try:
-        theta = float(args.delta)
-    except ValueError:
-        return args.delta  # an artifact folder
-    cfg = {"theta": theta}
-    if args.window is not None:
-        cfg["window"] = args.window
-    if args.sinks is not None:
-        cfg["sinks"] = args.sinks
-    return cfg
-
-
-def _sum_stats(objs) -> dict:
-    total: dict = {}
-    for o in objs:
-        fn = getattr(o, "stats", None)
-        if callable(fn):
-            for k, v in fn().items():
-                if isinstance(v, (int, float)):
-                    total[k] = total.get(k, 0) + v
-    return total
 
 
 def window_nll(model, cache, ids: list[int], decode: bool) -> tuple[float, int]:
@@ -83,9 +60,7 @@ def perplexity(session, windows: list[list[int]], decode: bool = False, progress
     ffns = [layer.ffn for layer in model.layers]
     sparse = any(isinstance(f, SparseFFN) for f in ffns)
     set_per_token(model, True)
-    for f in ffns:
-        if callable(getattr(f, "reset_stats", None)):
-            f.reset_stats()
+    reset_counters(ffns)
     model.ensure_rope(max(len(w) for w in windows))
     total, count = 0.0, 0
     attn: dict = {}
@@ -94,13 +69,11 @@ def perplexity(session, windows: list[list[int]], decode: bool = False, progress
     with torch.inference_mode():
         for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
             cache = session._new_cache()
-            for lc in cache.layers:
-                if callable(getattr(lc, "reset_stats", None)):
-                    lc.reset_stats()
+            reset_counters(cache.layers)
             nll, n = window_nll(model, cache, w, decode)
             total += nll
             count += n
-            for k, v in _sum_stats(cache.layers).items():
+            for k, v in sum_counters(cache.layers).items():
                 attn[k] = attn.get(k, 0) + v
             k_bytes += cache.k_bytes()
             k_dense += cache.dense_k_bytes()
@@ -110,7 +83,7 @@ def perplexity(session, windows: list[list[int]], decode: bool = False, progress
            "ffn_predicted_sparsity": None, "ffn_sparsity": None, "ffn_down_sparsity": None,
            "attn_sparsity": None, "k_cache_bytes_ratio": k_bytes / k_dense if k_dense else 1.0}
     if sparse:
-        f = _sum_stats(ffns)
+        f = sum_counters(ffns)
         if f.get("neurons"):
             out["ffn_predicted_sparsity"] = 1.0 - f["predicted_active"] / f["neurons"]
             out["ffn_sparsity"] = 1.0 - f["gate_up_rows"] / f["neurons"]
@@ -132,7 +105,8 @@ def run_ppl(args) -> dict:
     from .session import Session
 
     session = Session.load(args.model, backend=getattr(args, "backend", "cpu"), dtype=getattr(args, "dtype", None),
-                           predictors=args.predictors, delta=_delta_arg(args),
+                           predictors=args.predictors,
+                           delta=delta_from_cli(args.delta, args.window, args.sinks),
                            max_seq_len=max(args.seq_len, 2))
     text = read_text(args.text, getattr(args, "text_start", 0.0))
     windows = token_windows(session.tokenizer, text, args.max_tokens, args.seq_len)

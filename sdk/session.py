@@ -68,17 +68,19 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def _sum_counters(objs) -> dict:
+def sum_counters(objs) -> dict:
+    """Sum the numeric `stats()` counters of FFN modules or layer caches (those that have them)."""
     total: dict = {}
     for obj in objs:
         fn = getattr(obj, "stats", None)
         if callable(fn):
             for k, v in fn().items():
-                total[k] = total.get(k, 0) + v
+                if isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0) + v
     return total
 
 
-def _reset_counters(objs) -> None:
+def reset_counters(objs) -> None:
     for obj in objs:
         if callable(getattr(obj, "reset_stats", None)):
             obj.reset_stats()
@@ -239,8 +241,8 @@ class _Generation:
             prefill_s = time.perf_counter() - t0
             s._cache_ids = list(self.ids)
             pos = len(self.ids)
-            _reset_counters(ffns)
-            _reset_counters(cache.layers)
+            reset_counters(ffns)
+            reset_counters(cache.layers)
             new: list[int] = []
             text, emitted, reason = "", 0, "max_new_tokens"
             hold = max((len(x) for x in self.stops), default=1) - 1
@@ -290,7 +292,7 @@ class _Generation:
         st.prefill_tokens_per_s = n_prefill / prefill_s if prefill_s > 0 else 0.0
         st.decode_tokens_per_s = steps / decode_s if decode_s > 0 else 0.0
         bytes_per_token = float(model.dense_weight_bytes_per_token())
-        f = _sum_counters(ffns)
+        f = sum_counters(ffns)
         if f.get("neurons"):
             st.ffn_predicted_sparsity = 1.0 - f["predicted_active"] / f["neurons"]
             st.ffn_sparsity = 1.0 - f.get("gate_up_rows", f["predicted_active"]) / f["neurons"]
@@ -299,7 +301,7 @@ class _Generation:
             bytes_per_token -= sum(x.dense.weight_bytes() for x in sparse_layers)
             bytes_per_token += f["weight_bytes"] / max(f["tokens"] / max(len(sparse_layers), 1), 1)
         st.weight_bytes_per_token = bytes_per_token
-        a = _sum_counters(cache.layers)
+        a = sum_counters(cache.layers)
         if a.get("scored_delta_entries"):
             st.attn_sparsity = a["zero_delta_entries"] / a["scored_delta_entries"]
         st.k_cache_bytes, st.k_cache_dense_bytes = cache.k_bytes(), cache.dense_k_bytes()

@@ -32,14 +32,10 @@ def add_arguments(p) -> None:
 
 
 def _ours(args) -> dict:
+    from ..delta import delta_from_cli
     from ..session import Session
 
-    delta = None
-    if args.delta is not None:
-        try:
-            delta = float(args.delta)
-        except ValueError:
-            delta = args.delta
+    delta = delta_from_cli(args.delta)
     s = Session.load(args.model, dtype=args.dtype, predictors=args.predictors, delta=delta, backend=args.device
                      if args.device != "cpu" else "cpu")
     ids = s.tokenizer.encode(args.prompt)

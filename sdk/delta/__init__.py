@@ -25,6 +25,19 @@ DEFAULT_WINDOW = 64
 DEFAULT_SINKS = 4
 
 
+def delta_from_cli(value: str | None, window: int | None = None, sinks: int | None = None):
+    """A `--delta` command-line value (a theta number, or an artifact folder) as DeltaConfig.resolve input;
+    --window / --sinks override the defaults for a number (an artifact carries its own)."""
+    if value is None:
+        return None
+    try:
+        spec = {"theta": float(value)}
+    except ValueError:
+        return value
+    spec.update({k: v for k, v in (("window", window), ("sinks", sinks)) if v is not None})
+    return spec
+
+
 @dataclass
 class DeltaConfig:
     theta: list  # [L][H] floats (per layer, per KV head)
