@@ -126,6 +126,8 @@ class Transformer(nn.Module):
         self.tok_embeddings, self.norm, self.lm_head = tok_embeddings, norm, lm_head
         self.layers = nn.ModuleList(layers)
         self.rope_cos = self.rope_sin = None
+        self.key_scale = None  # power-of-two q/k channel scales folded into wqkv (sparsedge.delta.balance)
+        self._unscaled_fingerprint = None
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +175,10 @@ class Transformer(nn.Module):
         return total
 
     def weights_fingerprint(self) -> str:
-        """Identity hash of the weights (config + a strided sample of every tensor), for artifacts."""
+        """Identity hash of the weights (config + a strided sample of every tensor), for artifacts. With a
+        key scale folded in (sparsedge.delta.balance) it is the hash of the unscaled weights."""
+        if self.key_scale is not None and self._unscaled_fingerprint is not None:
+            return self._unscaled_fingerprint
         hsh = hashlib.sha256(self.config.to_json().encode())
         tensors = [self.tok_embeddings, self.norm]
         for layer in self.layers:

@@ -91,12 +91,25 @@ class Session:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.config = model.config
         self.max_seq_len = max_seq_len
-        self.delta = delta  # sparsedge.delta.DeltaConfig or None
-        self.source = source
-        self.model.ensure_rope(max_seq_len)
         self._cache: KVCache | None = None
         self._cache_ids: list[int] = []  # tokens whose k/v are in the cache, in order
+        self.delta = delta  # sparsedge.delta.DeltaConfig or None (the setter folds its key scale)
+        self.source = source
+        self.model.ensure_rope(max_seq_len)
         self.last_result: GenerationResult | None = None
+
+    @property
+    def delta(self):
+        return self._delta
+
+    @delta.setter
+    def delta(self, cfg) -> None:
+        """Switch delta attention (a DeltaConfig, or None for the dense cache): folds the config's key scale
+        into the model's q/k rows (or unfolds it; exact, see sparsedge.delta.balance) and drops the cache."""
+        from .delta.balance import set_key_scale
+        set_key_scale(self.model, getattr(cfg, "key_scale", None))
+        self._delta = cfg
+        self._cache, self._cache_ids = None, []
 
     # --- loading ----------------------------------------------------------------------------
     @classmethod

@@ -70,5 +70,7 @@ def test_cli_run_on_stories260k(tmp_path):
     from sparsedge import Session
     s = Session.load(path, backend="cpu", progress=False, delta=tmp_path / "art")
     assert isinstance(s.delta, DeltaConfig) and s.delta.window == 16 and s.delta.sinks == 2
+    assert summary["key_balance"] and s.delta.key_scale is not None  # balanced by default, folded on load
+    assert s.model.key_scale is not None and torch.equal(s.model.key_scale, s.delta.key_scale)
     r = s.generate([1], max_new_tokens=40)
     assert r.stats.attn_sparsity is not None and len(r.token_ids) > 0

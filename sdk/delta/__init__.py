@@ -4,11 +4,13 @@
     DeltaConfig.resolve({"theta": [...per layer...], "window": 64, "sinks": 4}, cfg)
     DeltaConfig.resolve({"theta": [[...per KV head...] per layer]}, cfg)
     DeltaConfig.resolve("art/", cfg)                                         # calibrated artifact folder
+    DeltaConfig.resolve({"theta": ..., "key_scale": ks}, cfg)                 # + q/k channel balancing
     cache = delta_cfg.make_cache(cfg, max_seq_len, dtype, device)            # -> KVCache of DeltaLayerCache
 
 Knobs: theta (per layer, or per layer x KV head), window W (the last W positions, incl. the query's own,
 are scored exactly), sinks (the first positions, scored exactly), and the packed buffer's capacity policy
-(initial_density, growth; see sparsedge.delta.cache).
+(initial_density, growth; see sparsedge.delta.cache), and an optional key scale ([L, H, D] powers of two,
+sparsedge.delta.balance) that the Session folds into the q/k projections: a per-channel theta for free.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .balance import check_key_scale
 from .cache import DeltaLayerCache
 
 SECTION = "delta"
@@ -47,6 +50,7 @@ class DeltaConfig:
     growth: float = 0.25  # growth step, fraction of Tmax * D
     source: str = ""
     meta: dict = field(default_factory=dict)
+    key_scale: torch.Tensor | None = None  # [L, H, D] powers of two (sparsedge.delta.balance), or None
 
     def __post_init__(self):
         if int(self.window) < 0 or int(self.sinks) < 0:
@@ -65,13 +69,15 @@ class DeltaConfig:
     def describe(self) -> str:
         flat = [t for row in self.theta for t in row]
         rng = f"{min(flat):.3g}" if min(flat) == max(flat) else f"{min(flat):.3g}..{max(flat):.3g}"
-        return f"delta(theta={rng}, window={self.window}, sinks={self.sinks}{', ' + self.source if self.source else ''})"
+        bal = ", balanced keys" if self.key_scale is not None else ""
+        return (f"delta(theta={rng}, window={self.window}, sinks={self.sinks}{bal}"
+                f"{', ' + self.source if self.source else ''})")
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def resolve(cls, delta, model_config, model=None, **overrides) -> "DeltaConfig":
         """Accepts a DeltaConfig, a float theta, a dict {"theta": float | [L] | [L][H], "window", "sinks",
-        "initial_density", "growth"}, or an artifact folder (str / Path) holding a "delta" section (this
+        "initial_density", "growth", "key_scale"}, or an artifact folder (str / Path) holding a "delta" section (this
         needs `model`, the loaded Transformer, whose weights the artifact must match; `model_config` may
         also be the model itself)."""
         if hasattr(model_config, "layers") and hasattr(model_config, "config"):
@@ -84,12 +90,12 @@ class DeltaConfig:
         elif isinstance(delta, (int, float)):
             cfg = cls(theta=_expand_theta(float(delta), L, H))
         elif isinstance(delta, dict):
-            unknown = set(delta) - {"theta", "window", "sinks", "initial_density", "growth"}
+            unknown = set(delta) - {"theta", "window", "sinks", "initial_density", "growth", "key_scale"}
             if unknown:
                 raise ValueError(f"unknown delta config keys {sorted(unknown)}")
             if "theta" not in delta:
                 raise ValueError("delta config dict needs a 'theta'")
-            kw = {k: delta[k] for k in ("window", "sinks", "initial_density", "growth") if k in delta}
+            kw = {k: delta[k] for k in ("window", "sinks", "initial_density", "growth", "key_scale") if k in delta}
             cfg = cls(theta=_expand_theta(delta["theta"], L, H), **kw)
         elif isinstance(delta, (str, os.PathLike)):
             text = str(delta)
@@ -103,6 +109,8 @@ class DeltaConfig:
         if overrides:
             cfg = DeltaConfig(**{**cfg.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         cfg.theta = _expand_theta(cfg.theta, L, H)
+        if cfg.key_scale is not None:
+            cfg.key_scale = check_key_scale(cfg.key_scale, L, H, model_config.head_dim)
         return cfg
 
     @classmethod
@@ -119,7 +127,7 @@ class DeltaConfig:
         theta = tensors["theta"].float().tolist() if "theta" in tensors else meta["theta"]
         return cls(theta=_expand_theta(theta, model_config.n_layers, model_config.n_kv_heads),
                    window=int(meta.get("window", DEFAULT_WINDOW)), sinks=int(meta.get("sinks", DEFAULT_SINKS)),
-                   source=str(path), meta=meta)
+                   source=str(path), meta=meta, key_scale=tensors.get("key_scale"))
 
     # --- cache --------------------------------------------------------------------------------
     def make_layer_cache(self, model_config, i: int, max_seq_len: int, dtype, device) -> DeltaLayerCache:

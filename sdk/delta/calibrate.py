@@ -2,6 +2,8 @@
 
 1. Run the dense decoder over calibration windows and capture, per layer, the post-RoPE q, k and v the
    attention hands to its cache, and the dense attention output.
+1b. Unless --no-key-balance: derive power-of-two q/k channel scales (sparsedge.delta.balance) and replay
+   the captures as the balanced model produces them; the scales are saved with the thetas.
 2. For each layer, replay the captured window through a DeltaLayerCache (the fused kernels, exactly the
    inference path) at every theta of a grid, all KV heads at once (the query heads of group h depend only
    on KV head h's theta, so one run measures every head): relative output error
@@ -14,7 +16,8 @@
                           Lagrange multiplier found with bisection (each unit takes the grid theta that
                           minimises error^2 - mu * sparsity).
 4. Measure the chosen setting once more and save the "delta" section (theta [L, H] + meta) with
-   sparsedge.artifact.save_section into --out (the FFN section, if any, is kept).
+   sparsedge.artifact.save_section into --out (the FFN section, if any, is kept); plus key_scale [L, H, D]
+   when balanced.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from . import DEFAULT_SINKS, DEFAULT_WINDOW, SECTION
+from .balance import key_scales_from_captures, scale_captures
 from .cache import DeltaLayerCache
 
 GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0, 2.5, 3.0, 4.0]
@@ -43,6 +47,8 @@ def add_arguments(p) -> None:
     g.add_argument("--target-sparsity", type=float, default=0.6,
                    help="mean delta sparsity over layers (sparsity mode; default 0.6)")
     g.add_argument("--per-head", action="store_true", help="one theta per KV head instead of per layer")
+    g.add_argument("--no-key-balance", action="store_true",
+                   help="do not balance q/k channels (one theta for every key channel; ablation)")
     g.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="exact local window W (default 64)")
     g.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="exact sink tokens (default 4)")
     g.add_argument("--delta-tokens", type=int, default=2048,
@@ -224,19 +230,29 @@ def run(args) -> dict:
     logger.info(f"delta calibration: {n_tok} tokens of {args.text} in {len(windows)} windows, mode {args.theta_mode}, "
                 f"window {args.window}, sinks {args.sinks}{', per head' if args.per_head else ''}")
     per_layer = capture(model, windows)
+    key_scale = None
+    if not getattr(args, "no_key_balance", False):
+        key_scale = key_scales_from_captures(per_layer, cfg.n_heads, cfg.n_kv_heads)
+        per_layer = scale_captures(per_layer, key_scale, cfg.n_heads)
+        e = torch.log2(key_scale)
+        logger.info(f"q/k channel balancing: key scales 2^{int(e.min())}..2^{int(e.max())}")
     theta, info = calibrate_layers(per_layer, cfg.n_heads // cfg.n_kv_heads, model.dtype, args.theta_mode,
                                    args.error_budget, args.target_sparsity, args.per_head, args.window, args.sinks)
     meta = {"theta": theta.tolist(), "window": args.window, "sinks": args.sinks, "mode": args.theta_mode,
             "error_budget": args.error_budget if args.theta_mode == "error" else None,
             "target_sparsity": args.target_sparsity if args.theta_mode == "sparsity" else None,
             "per_head": bool(args.per_head),
+            "key_balance": "rms(q) per rotary pair, power of two" if key_scale is not None else None,
             "sparsity_definition": "zero delta entries / entries of keys scored by delta (prefill, per query)",
             "text": Path(args.text).name, "text_start": getattr(args, "text_start", 0.0), "tokens": n_tok,
             "seq_len": args.seq_len, **info}
-    out = save_section(args.out, model, SECTION, {"theta": theta.float().contiguous()}, meta)
+    tensors = {"theta": theta.float().contiguous()}
+    if key_scale is not None:
+        tensors["key_scale"] = key_scale.contiguous()
+    out = save_section(args.out, model, SECTION, tensors, meta)
     summary = {"out": str(out), "seconds": time.perf_counter() - t0, "mode": args.theta_mode,
                "sparsity_mean": info["sparsity_mean"], "error_mean": info["error_mean"],
-               "theta_min": float(theta.min()), "theta_max": float(theta.max())}
+               "theta_min": float(theta.min()), "theta_max": float(theta.max()), "key_balance": key_scale is not None}
     logger.info("delta calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
                                                     for k, x in summary.items()}))
     return summary

@@ -65,11 +65,13 @@ def main(argv=None) -> int:
                  for t in args.thetas.split(",") if t]
     if args.artifact:
         tensors, meta = load_section(args.artifact, s.model, "delta")
+        common = {"window": meta["window"], "sinks": meta["sinks"]}
+        if "key_scale" in tensors:  # the calibration grid was measured on the balanced model
+            common["key_scale"] = tensors["key_scale"]
         settings.append((f"calibrated (artifact, {meta.get('mode')})", "calibrated",
-                         {"theta": tensors["theta"].tolist(), "window": meta["window"], "sinks": meta["sinks"]}))
+                         {"theta": tensors["theta"].tolist(), **common}))
         for tgt in [float(x) for x in args.targets.split(",") if x]:
-            settings.append((f"calibrated target {tgt}", "calibrated",
-                             {"theta": thetas_for_target(meta, tgt), "window": meta["window"], "sinks": meta["sinks"]}))
+            settings.append((f"calibrated target {tgt}", "calibrated", {"theta": thetas_for_target(meta, tgt), **common}))
     rows = []
     dsel = None if args.decode_settings is None else {int(x) for x in args.decode_settings.split(",") if x}
     for si, (name, kind, cfg) in enumerate(settings):
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
                    "attn_sparsity": r["attn_sparsity"], "k_cache_bytes_ratio": r["k_cache_bytes_ratio"],
                    "seconds": time.perf_counter() - t0,
                    "theta": cfg["theta"] if cfg and not isinstance(cfg["theta"], list) else
-                   ("per-layer" if cfg else None)}
+                   ("per-layer" if cfg else None), "key_balance": bool(cfg and "key_scale" in cfg)}
             rows.append(row)
             logger.info(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     for r in rows:
