@@ -211,16 +211,20 @@ struct DeltaArgs {
   float scale;
 };
 
-// acc[0:Rp] += v * qT[c*Rp : c*Rp+Rp], stored into S row j after each token (the running prefix sums).
+// Prefix sums of the delta scores over keys j0..j1 (inclusive), starting from zero: acc[0:Rp] +=
+// v * qT[c*Rp : c*Rp+Rp] for every delta entry, stored into S row j after each token j >= n_sink; the
+// final sum goes to `total` when given (split-K chunks add their offsets later). Four accumulators keep
+// four FMA chains in flight: one chain would make the walk FMA-latency bound (~4 cycles per entry).
 template <typename T>
-void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t jd_max, int64_t Rp, const float* qT, float* S) {
+void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t j0, int64_t j1, int64_t Rp, const float* qT, float* S,
+                float* total = nullptr) {
   const T* vals = a.vals + h * a.cap;
   const uint8_t* ch = a.chan + h * a.cap;
   const int32_t* off = a.off + h * (a.Tmax + 1);
 #ifdef SPARSEDGE_DELTA_AVX2
   if (Rp == 8) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j <= jd_max; ++j) {
+    for (int64_t j = j0; j <= j1; ++j) {
       int64_t e = off[j];
       const int64_t e1 = off[j + 1];
       for (; e + 4 <= e1; e += 4) {
@@ -234,12 +238,13 @@ void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t jd_max, int64_t Rp, co
       if (j >= a.n_sink)
         _mm256_storeu_ps(S + j * 8, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     }
+    if (total) _mm256_storeu_ps(total, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     return;
   }
 #endif
   std::vector<float> acc_buf(Rp, 0.f);
   float* acc = acc_buf.data();
-  for (int64_t j = 0; j <= jd_max; ++j) {
+  for (int64_t j = j0; j <= j1; ++j) {
     for (int64_t e = off[j]; e < off[j + 1]; ++e) {
       const float v = to_f32(vals[e]);
       const float* qr = qT + ch[e] * Rp;
@@ -248,6 +253,7 @@ void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t jd_max, int64_t Rp, co
     }
     if (j >= a.n_sink) std::memcpy(S + j * Rp, acc, Rp * sizeof(float));
   }
+  if (total) std::memcpy(total, acc, Rp * sizeof(float));
 }
 
 template <typename T>
@@ -274,7 +280,7 @@ void attend_block(const DeltaArgs<T>& a, int64_t h, int64_t t0, int64_t t1) {
   // 1. delta scores: keys n_sink .. p_last - window (for the block's last query; earlier rows overwrite
   //    or mask what is not theirs below)
   const int64_t jd_max = p_last - a.window;
-  if (jd_max >= a.n_sink) delta_walk<T>(a, h, jd_max, Rp, qT, S);
+  if (jd_max >= a.n_sink) delta_walk<T>(a, h, 0, jd_max, Rp, qT, S);
   // 2. exact scores, 3. causal mask (rows of a prefill block end at different positions)
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t p = a.start + t;
@@ -407,18 +413,11 @@ void attend_decode_split(const DeltaArgs<T>& a, int64_t chunks) {
   at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(jd_max + 1, (c + 1) * per);
-      const T* vals = a.vals + h * a.cap;
-      const uint8_t* ch = a.chan + h * a.cap;
-      const int32_t* off = a.off + h * (a.Tmax + 1);
-      const float* q = qT.data() + h * D * Rp;
-      float* Sh = Sbase + h * nk * Rp;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t e = off[j]; e < off[j + 1]; ++e)
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[e])), _mm256_loadu_ps(q + ch[e] * Rp), acc);
-        if (j >= a.n_sink) _mm256_storeu_ps(Sh + j * Rp, acc);
+      if (j1 > j0) {
+        delta_walk<T>(a, h, j0, j1 - 1, Rp, qT.data() + h * D * Rp, Sbase + h * nk * Rp, tot.data() + i * Rp);
+      } else {
+        std::fill(tot.data() + i * Rp, tot.data() + (i + 1) * Rp, 0.f);
       }
-      _mm256_storeu_ps(tot.data() + i * Rp, acc);
     }
   });
   // chunk offsets: exclusive prefix of the chunk totals (in place)
