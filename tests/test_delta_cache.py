@@ -61,7 +61,8 @@ def test_reconstruction_error_at_most_theta(dtype, theta):
     k = k.to(dtype)
     c = DeltaLayerCache(2, 64, 200, dtype, "cpu", theta, window=8, sinks=2)
     _run(c, q.to(dtype), k, v.to(dtype), [120, 1, 1, 78])
-    err = (c.reconstructed_keys() - k.float().transpose(0, 1)).abs()
+    assert c.encoded == 200 - 8  # the window's keys are not encoded yet
+    err = (c.reconstructed_keys() - k[: c.encoded].float().transpose(0, 1)).abs()
     if dtype == torch.float32:
         assert float(err.max()) <= theta + 1e-5
     else:
@@ -133,10 +134,34 @@ def test_stats_definition_by_brute_force():
             zero += 2 * 64 - int(nnz[j])
     st = c.stats()
     assert st["scored_delta_entries"] == scored and st["zero_delta_entries"] == zero
-    assert st["encoded_delta_entries"] == 70 * 2 * 64
-    assert st["encoded_zero_entries"] == 70 * 2 * 64 - int(nnz.sum())
+    assert c.encoded == 70 - W and int(nnz[70 - W:].sum()) == 0  # deferred: the window is not encoded
+    assert st["encoded_delta_entries"] == (70 - W) * 2 * 64
+    assert st["encoded_zero_entries"] == (70 - W) * 2 * 64 - int(nnz.sum())
     c.reset_stats()
     assert c.stats()["scored_delta_entries"] == 0
+
+
+def test_keys_are_encoded_when_they_leave_the_window():
+    """Deferred encoding: after a prefill of n tokens exactly n - W keys are encoded, each decode step encodes
+    the one key that leaves the window (from the ring), and the result equals encoding everything at once."""
+    q, k, v = _pair(T=90)
+    W = 16
+    c = DeltaLayerCache(2, 64, 90, torch.float32, "cpu", 0.3, window=W, sinks=2)
+    c.attend(q[:40], k[:40], v[:40], 0)
+    assert c.encoded == 40 - W
+    for p in range(40, 90):
+        c.attend(q[p:p + 1], k[p:p + 1], v[p:p + 1], p)
+        assert c.encoded == p + 1 - W
+    full = DeltaLayerCache(2, 64, 90, torch.float32, "cpu", 0.3, window=0, sinks=2)
+    full.attend(q, k, v, 0)  # W = 0: every key encoded at once
+    n = c.encoded
+    assert torch.equal(c.offsets[:, : n + 1], full.offsets[:, : n + 1])
+    for h in range(2):
+        e = int(c.offsets[h, n])
+        assert torch.equal(c.values[h, :e], full.values[h, :e]) and torch.equal(c.chan[h, :e], full.chan[h, :e])
+    # un-encoded positions hold empty ranges, and the K bytes count their keys once (in the ring)
+    assert (c.offsets[:, n:] == c.offsets[:, n:n + 1]).all()
+    assert c.k_bytes() < full.k_bytes() + W * 2 * 64 * 4
 
 
 def test_k_bytes_accounting():

@@ -5,9 +5,17 @@ Per layer, for its H KV heads (layout of sparsedge/ops/delta.py):
   values    [H, cap]      cache dtype  packed delta values of every cached token, token after token
   chan      [H, cap]      uint8        channel of each packed value
   offsets   [H, Tmax + 1] int32        token t's deltas are values[h, offsets[h, t]:offsets[h, t + 1]]
+                                       (an empty range for positions not encoded yet)
   sink_k    [H, S, D]     cache dtype  dense keys of positions < S (the attention sinks)
   window_k  [H, W, D]     cache dtype  ring of the last W dense keys (position j at slot j % W)
   v_cache   [H, Tmax, D]  cache dtype  dense values
+
+Deferred encoding: a key is delta-encoded only when it leaves the local window (the kernels read the
+deltas of keys j <= p - W only; nearer keys are scored exactly from the ring). Positions
+0..encoded-1 are encoded; the keys of encoded..length-1 live in the ring (W > 0) and are encoded from it
+just before the ring slot is overwritten. So a window key is never held twice (dense in the ring and as
+deltas): at 512 tokens with W = 64 that is 1/8 of the delta buffer saved. With W = 0 every key is encoded
+at once.
 
 Capacity policy for the packed buffer (values + chan): preallocated at
 `initial_density * Tmax * D` entries per head (default density 0.5, i.e. the expected density of a
@@ -23,15 +31,15 @@ Statistics (`stats()`, summed by the Session over layers; `attn_sparsity = zero 
                         scores through deltas, i.e. keys j with S <= j <= p - W for the query at p)
   zero_delta_entries    among those (query, key, head, channel) entries, the ones whose delta is zero
                         (not stored), i.e. the multiply-adds of q.k that the delta path skips.
-  encoded_delta_entries / encoded_zero_entries: H * D per token encoded, and the zeros among them
+  encoded_delta_entries / encoded_zero_entries: H * D per key encoded, and the zeros among them
                         (the plain "fraction of zeros in the delta matrix").
 A GQA group shares one pattern, so entries are counted per KV head, not per query head.
 
 `truncate(n)`: n == 0 resets; n == length is a no-op; 0 < n < length is implemented honestly when the
-local window still holds the dense keys the next query needs (W == 0, the ring has not wrapped over
-them, i.e. length - n <= 1 for a wrapped ring): the reference k_hat is rebuilt from the kept deltas (in
-float64, then rounded to fp32; within rounding of the sequential sum). Otherwise it returns False and
-the Session re-prefills.
+ring still holds the dense keys the next query scores exactly and the un-encoded keys (W == 0, the ring
+has not wrapped over them, i.e. length - n <= 1 for a wrapped ring): deltas of positions >= n are dropped
+and the reference k_hat is rebuilt from the kept ones (in float64, then rounded to fp32; within rounding
+of the sequential sum). Otherwise it returns False and the Session re-prefills.
 """
 from __future__ import annotations
 
@@ -78,7 +86,8 @@ class DeltaLayerCache:
         self.window_k = torch.zeros(H, self.window, D, dtype=dtype, **kw)
         self.v_cache = torch.zeros(H, Tmax, D, dtype=dtype, **kw)
         self.length = 0
-        self._used = [0] * H  # packed entries in use per head (host copy of offsets[:, length])
+        self.encoded = 0  # positions 0..encoded-1 are delta-encoded (deferred encoding, see above)
+        self._used = [0] * H  # packed entries in use per head (host copy of offsets[:, encoded])
         self._tot = torch.zeros(Tmax + 1, dtype=torch.int64)  # entries over all heads before position i
         self.grow_events = 0
         self.reset_stats()
@@ -116,7 +125,7 @@ class DeltaLayerCache:
         keeps the host-side per-position totals used by the statistics."""
         T, D = k.shape[0], self.D
         i = 0
-        used = self._used_at(start)
+        used = max(self._used)
         while i < T:
             remaining = T - i
             fit = (self.capacity - used) // D
@@ -138,10 +147,35 @@ class DeltaLayerCache:
                                                                + (blk[:, 1:] - blk[:, :1]).sum(0))
             used = max(self._used)
 
-    def _used_at(self, start: int) -> int:
-        if start == self.length:
-            return max(self._used)
-        return int(self.offsets[:, start].max())
+    def _encode_upto(self, target: int, k: torch.Tensor, start: int) -> None:
+        """Encode positions encoded..target-1: those before `start` from the ring (they are still there:
+        encoded >= start - W), the rest from this call's keys k [T, H, D] (positions start..)."""
+        e0 = self.encoded
+        if target <= e0:
+            return
+        if e0 < start:
+            W = self.window
+            if W == 0 or e0 < start - W:
+                raise RuntimeError(f"delta cache of layer {self.layer}: keys {e0}..{start - 1} are neither encoded "
+                                   f"nor in the window ring")
+            hi = min(start, target)
+            if hi - e0 == 1:  # the decode step: one key leaves the window
+                ring = self.window_k[:, e0 % W].unsqueeze(0)
+            else:
+                ring = self.window_k[:, torch.arange(e0, hi, device=self.device) % W].transpose(0, 1)
+            self._encode(ring, e0)
+            self.encoded = hi
+        if target > start:
+            lo = max(self.encoded, start)
+            self._encode(k[lo - start: target - start], lo)
+        self.encoded = target
+
+    def _mark_unencoded(self, n: int) -> None:
+        """Positions encoded..n-1 get empty delta ranges, so every kernel (and k_bytes) sees consistent offsets."""
+        e = self.encoded
+        if n > e:
+            self.offsets[:, e + 1: n + 1] = self.offsets[:, e: e + 1]
+            self._tot[e + 1: n + 1] = self._tot[e]
 
     # --- the layer-cache protocol -------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -158,8 +192,10 @@ class DeltaLayerCache:
                 raise ValueError(f"delta cache holds {self.length} tokens; cannot attend from position {start} "
                                  f"(keys are delta-encoded in order)")
         self.v_cache[:, start:n] = v.transpose(0, 1)
-        self._encode(k, start)
         S, W = self.n_sink, self.window
+        e0 = self.encoded
+        self._encode_upto(n if W == 0 else max(e0, n - W), k, start)
+        self._mark_unencoded(n)
         if start < S:
             m = min(S, n)
             self.sink_k[:, start:m] = k[: m - start].transpose(0, 1)
@@ -172,17 +208,19 @@ class DeltaLayerCache:
             slots = torch.arange(lo, n, device=self.device) % W
             self.window_k[:, slots] = k[lo - start:].transpose(0, 1).to(self.dtype)
         self.length = n
-        self._count(start, T)
+        self._count(start, T, e0)
         return out
 
-    def _count(self, start: int, T: int) -> None:
-        """Accumulate the statistics defined in the module docstring for queries start..start+T-1."""
+    def _count(self, start: int, T: int, e0: int) -> None:
+        """Accumulate the statistics defined in the module docstring for queries start..start+T-1 (keys
+        e0..encoded-1 were encoded by this call)."""
         S, W, HD = self.n_sink, self.window, self.H * self.D
         n = start + T
         tot = self._tot
         st = self.stats_
-        st["encoded_delta_entries"] += HD * T
-        st["encoded_zero_entries"] += HD * T - int(tot[n] - tot[start])
+        n_enc = self.encoded - e0
+        st["encoded_delta_entries"] += HD * n_enc
+        st["encoded_zero_entries"] += HD * n_enc - int(tot[self.encoded] - tot[e0])
         if T == 1:
             hi = start - W
             if hi >= S:
@@ -201,22 +239,24 @@ class DeltaLayerCache:
         if n >= self.length:
             return True
         if n <= 0:
-            self.length = 0
+            self.length = self.encoded = 0
             self.ref.zero_()
             self.offsets[:, 0] = 0
             self._used = [0] * self.H
             return True
         W, S = self.window, self.n_sink
-        if W > 0 and self.length - 1 - W >= max(S, n - W + 1):
+        if W > 0 and max(S, n - W + 1) < min(n, self.length - W):
             return False  # the ring has overwritten dense keys that queries at n.. would score exactly
-        end = self.offsets[:, n].long()
+        keep = min(self.encoded, n)  # deltas of positions >= n go; un-encoded keys stay in the ring
+        end = self.offsets[:, keep].long()
         ref = torch.zeros(self.H, self.D, dtype=torch.float64, device=self.device)
         for h in range(self.H):
             e = int(end[h])
             ref[h].index_add_(0, self.chan[h, :e].long(), self.values[h, :e].double())
         self.ref.copy_(ref.float())
-        self.length = n
+        self.length, self.encoded = n, keep
         self._used = end.tolist()
+        self._mark_unencoded(n)
         return True
 
     def k_bytes(self) -> int:
@@ -250,6 +290,6 @@ class DeltaLayerCache:
 
     # --- inspection (tests, calibration) ----------------------------------------------------
     def reconstructed_keys(self) -> torch.Tensor:
-        """k_hat [H, length, D] (fp32) of every cached position."""
+        """k_hat [H, encoded, D] (fp32) of every encoded position (the window's keys are not encoded yet)."""
         from sparsedge.ops.delta import reconstruct_keys
-        return reconstruct_keys(self.values, self.chan, self.offsets, self.length, self.D)
+        return reconstruct_keys(self.values, self.chan, self.offsets, self.encoded, self.D)
