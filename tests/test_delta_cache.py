@@ -164,6 +164,19 @@ def test_keys_are_encoded_when_they_leave_the_window():
     assert c.k_bytes() < full.k_bytes() + W * 2 * 64 * 4
 
 
+def test_fill_leaves_the_state_of_a_prefill():
+    q, k, v = _pair(T=80)
+    a = DeltaLayerCache(2, 64, 80, torch.float32, "cpu", 0.3, window=16, sinks=4)
+    b = DeltaLayerCache(2, 64, 80, torch.float32, "cpu", 0.3, window=16, sinks=4)
+    a.attend(q[:70], k[:70], v[:70], 0)
+    b.fill(k[:70], v[:70])
+    for name in ("offsets", "ref", "window_k", "sink_k", "v_cache"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.length, a.encoded) == (b.length, b.encoded) == (70, 54)
+    torch.testing.assert_close(b.attend(q[70:71], k[70:71], v[70:71], 70), a.attend(q[70:71], k[70:71], v[70:71], 70),
+                               atol=0, rtol=0)
+
+
 def test_k_bytes_accounting():
     q, k, v = _pair(T=100)
     c = DeltaLayerCache(2, 64, 100, torch.float32, "cpu", 0.5, window=16, sinks=4)

@@ -191,25 +191,44 @@ class DeltaLayerCache:
             else:
                 raise ValueError(f"delta cache holds {self.length} tokens; cannot attend from position {start} "
                                  f"(keys are delta-encoded in order)")
-        self.v_cache[:, start:n] = v.transpose(0, 1)
-        S, W = self.n_sink, self.window
         e0 = self.encoded
-        self._encode_upto(n if W == 0 else max(e0, n - W), k, start)
-        self._mark_unencoded(n)
-        if start < S:
-            m = min(S, n)
-            self.sink_k[:, start:m] = k[: m - start].transpose(0, 1)
+        self._write(k, v, start)
         out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
-                                  self.window_k, start, S, W, self.scale)
-        if W > 0 and T == 1:  # the ring keeps the last W positions, for the next call
+                                  self.window_k, start, self.n_sink, self.window, self.scale)
+        self._commit(k, start)
+        self._count(start, T, e0)
+        return out
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append keys/values k, v [T, H, D] without computing attention: the cache state a prefill of these
+        positions leaves (used to set up long contexts in benchmarks without an O(T^2) prefill)."""
+        start = self.length
+        if start + k.shape[0] > self.Tmax:
+            raise ValueError(f"positions up to {start + k.shape[0]} exceed the delta cache's {self.Tmax} tokens")
+        self._write(k, v, start)
+        self._commit(k, start)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Before the kernel: dense V, the keys that leave the window encoded, the sink keys."""
+        n = start + k.shape[0]
+        self.v_cache[:, start:n] = v.transpose(0, 1)
+        self._encode_upto(n if self.window == 0 else max(self.encoded, n - self.window), k, start)
+        self._mark_unencoded(n)
+        if start < self.n_sink:
+            m = min(self.n_sink, n)
+            self.sink_k[:, start:m] = k[: m - start].transpose(0, 1)
+
+    def _commit(self, k: torch.Tensor, start: int) -> None:
+        """After the kernel (which reads the ring as it was): the ring keeps the last W positions."""
+        T, W = k.shape[0], self.window
+        n = start + T
+        if W > 0 and T == 1:
             self.window_k[:, start % W] = k[0]
         elif W > 0:
             lo = max(start, n - W)
             slots = torch.arange(lo, n, device=self.device) % W
             self.window_k[:, slots] = k[lo - start:].transpose(0, 1).to(self.dtype)
         self.length = n
-        self._count(start, T, e0)
-        return out
 
     def _count(self, start: int, T: int, e0: int) -> None:
         """Accumulate the statistics defined in the module docstring for queries start..start+T-1 (keys

@@ -1,0 +1,22 @@
+"""Smoke test of the benchmark CLI (tools/bench.py attn): it runs end to end on a small context and reports
+consistent numbers (timings are not asserted: speed targets live in the benchmark's output, not in tests)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attn_bench_cli_small():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "attn", "--contexts", "300",
+                          "--shapes", "smollm2", "--iters", "2", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    [row] = res["rows"]
+    assert row["context"] == 300 and (row["Hq"], row["H"], row["D"]) == (9, 3, 64)
+    assert 0.3 < row["delta_density"] < 0.5  # keys calibrated to ~60% sparsity
+    assert row["k_bytes_delta"] < row["k_bytes_dense"] and row["kernel_delta_us"] > 0
+    assert row["output_rel_diff"] < 0.5
