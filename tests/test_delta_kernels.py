@@ -134,10 +134,10 @@ def test_attention_rejects_offsets_outside_buffer():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("Hq,H,S,W,D", [(9, 3, 4, 64, 64), (3, 3, 0, 0, 64), (8, 1, 2, 30, 48)])
+@pytest.mark.parametrize("Hq,H,S,W,D", [(9, 3, 4, 64, 64), (3, 3, 0, 0, 64), (8, 1, 2, 30, 48), (8, 2, 4, 16, 64)])
 def test_split_key_decode_path_equals_reference(dtype, Hq, H, S, W, D):
-    """Long-context decode with KV heads not divisible by the threads takes the split-K path
-    (n >= 1024, T = 1): same answers as the reference, any chunking."""
+    """Long-context decode (n >= 1024, T = 1, several threads) takes the split-K path: same answers as the
+    reference, any chunking."""
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
