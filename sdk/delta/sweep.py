@@ -106,7 +106,10 @@ def plot(rows, path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = {("global", "prefill"): ("o-", "global theta, prefill"), ("calibrated", "prefill"): ("s-", "calibrated per-layer, prefill"),
               ("global", "decode"): ("o--", "global theta, decode"), ("calibrated", "decode"): ("s--", "calibrated per-layer, decode")}
+    balanced = any(r.get("key_balance") for r in rows)
     for (kind, pth), (st, label) in styles.items():
+        if kind == "calibrated" and balanced:
+            label = label.replace("per-layer", "per-layer, balanced keys")
         pts = sorted((r["attn_sparsity"] * 100, r["ppl_increase_pct"]) for r in rows
                      if r["kind"] == kind and r["path"] == pth and r["attn_sparsity"] is not None)
         if pts:
