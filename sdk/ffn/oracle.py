@@ -1,7 +1,8 @@
 """How much FFN sparsity can any predictor buy on a SiLU/GELU model? Masks vs oracles, by perplexity.
 
     python -m sparsedge.ffn.oracle --model smollm2-135m --text ../shared/data/wikitext-2-raw/wiki.test.raw \
-        --sparsity 0.4 --methods oracle,gate,svd,svd-band,svd-product --rank 128 --json-out ffn_oracle.json
+        --sparsity 0.4 --methods oracle,gate,svd,svd-band,svd-product --rank 128 --json-out ffn_oracle.json \
+        --plot ffn_oracle.png
 
 Every method decides, per token and layer, which FFN neurons to skip (gate/up rows not computed, down rows
 not read) at a per-layer target fraction (`--sparsity`, 0.1 less on layers 0 and 1 as METHODS.md's
@@ -197,6 +198,30 @@ def run(session, text_path, methods, sparsities, rank=None, calib_start=0.5, tok
             "eval_tokens": sum(len(w) for w in ev), "text": str(text_path), "calib_start": calib_start}
 
 
+def plot(rows: list[dict], path, title: str = "") -> None:
+    """Perplexity increase vs skipped fraction, one line per method (and rank)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    keys = sorted({(r["method"], r["rank"]) for r in rows}, key=lambda k: (METHODS.index(k[0]), k[1] or 0))
+    for method, rank in keys:
+        pts = sorted((100 * r["skipped"], r["ppl_increase_pct"]) for r in rows
+                     if r["method"] == method and r["rank"] == rank)
+        ax.plot(*zip(*pts), "o-", label=method + (f" (rank {rank})" if rank else ""))
+    ax.axhline(2.0, color="grey", lw=0.8, ls=":")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=-0.2)
+    ax.set_xlabel("FFN neurons skipped per token (%)")
+    ax.set_ylabel("perplexity increase vs dense (%)")
+    ax.set_title(title or "FFN sparsity bounds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     from ..session import Session
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--plot", default=None, help="PNG of perplexity increase vs skipped fraction")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     bad = set(methods) - set(METHODS)
@@ -221,6 +247,8 @@ def main(argv=None) -> int:
               args.calib_start, args.tokens, args.eval_tokens, args.seq_len)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot(res["rows"], args.plot, f"{Path(str(args.model)).name}: FFN sparsity bounds")
     print(json.dumps(res))
     return 0
 
