@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--prompt-file", default=None,
+                   help="use the first --prompt-tokens tokens of this text file as the prompt (long contexts)")
+    p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="runs per engine; the best is reported")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -38,7 +41,14 @@ def _ours(args) -> dict:
     delta = delta_from_cli(args.delta)
     s = Session.load(args.model, dtype=args.dtype, predictors=args.predictors, delta=delta, backend=args.device
                      if args.device != "cpu" else "cpu")
-    ids = s.tokenizer.encode(args.prompt)
+    if args.prompt_file:
+        from ..ffn.calibrate import read_text
+        ids = s.tokenizer.encode(read_text(args.prompt_file)[: 16 * args.prompt_tokens])[: args.prompt_tokens]
+        if len(ids) + args.new_tokens > s.max_seq_len:
+            raise SystemExit(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the "
+                             f"context of {s.max_seq_len} tokens")
+    else:
+        ids = s.tokenizer.encode(args.prompt)
     s.generate(ids, max_new_tokens=4)  # warm-up
     best = None
     for _ in range(args.repeats):
