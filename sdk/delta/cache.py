@@ -2,7 +2,7 @@
 
 Per layer, for its H KV heads (layout of sparsedge/ops/delta.py):
   ref       [H, D]        fp32         running reference key k_hat (starts at zero)
-  values    [H, cap]      cache dtype  packed delta values of every cached token, token after token
+  values    [H, cap]      cache dtype  packed delta values of every encoded token, token after token
   chan      [H, cap]      uint8        channel of each packed value
   offsets   [H, Tmax + 1] int32        token t's deltas are values[h, offsets[h, t]:offsets[h, t + 1]]
                                        (an empty range for positions not encoded yet)
