@@ -44,6 +44,7 @@ of the sequential sum). Otherwise it returns False and the Session re-prefills.
 from __future__ import annotations
 
 import math
+from array import array
 
 import torch
 from loguru import logger
@@ -88,7 +89,10 @@ class DeltaLayerCache:
         self.length = 0
         self.encoded = 0  # positions 0..encoded-1 are delta-encoded (deferred encoding, see above)
         self._used = [0] * H  # packed entries in use per head (host copy of offsets[:, encoded])
-        self._tot = torch.zeros(Tmax + 1, dtype=torch.int64)  # entries over all heads before position i
+        # entries over all heads before position i (encoded positions only): a compact host array for the
+        # per-step scalar reads (a tensor element read costs ~1 us), with a zero-copy tensor view for prefill
+        self._tot = array("q", bytes(8 * (Tmax + 1)))
+        self._tot_t = torch.frombuffer(self._tot, dtype=torch.int64)
         self.grow_events = 0
         self.reset_stats()
 
@@ -143,8 +147,8 @@ class DeltaLayerCache:
             else:
                 blk = self.offsets[:, start + i - c: start + i + 1].to("cpu", torch.int64)
                 self._used = blk[:, -1].tolist()
-                self._tot[start + i - c + 1: start + i + 1] = (self._tot[start + i - c]
-                                                               + (blk[:, 1:] - blk[:, :1]).sum(0))
+                self._tot_t[start + i - c + 1: start + i + 1] = (self._tot[start + i - c]
+                                                                 + (blk[:, 1:] - blk[:, :1]).sum(0))
             used = max(self._used)
 
     def _encode_upto(self, target: int, k: torch.Tensor, start: int) -> None:
@@ -175,7 +179,6 @@ class DeltaLayerCache:
         e = self.encoded
         if n > e:
             self.offsets[:, e + 1: n + 1] = self.offsets[:, e: e + 1]
-            self._tot[e + 1: n + 1] = self._tot[e]
 
     # --- the layer-cache protocol -------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -252,7 +255,7 @@ class DeltaLayerCache:
         if hi.numel():
             scored = int((hi - S + 1).sum()) * HD
             st["scored_delta_entries"] += scored
-            st["zero_delta_entries"] += scored - int((tot[hi + 1] - tot[S]).sum())
+            st["zero_delta_entries"] += scored - int((self._tot_t[hi + 1] - tot[S]).sum())
 
     def truncate(self, n: int) -> bool:
         if n >= self.length:
