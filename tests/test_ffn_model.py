@@ -119,8 +119,16 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     p.add_argument("--seq-len", type=int)
     args = p.parse_args(["--model", str(stories_path), "--out", str(tmp_path / "art"), "--text", str(text),
                          "--tokens", "2048", "--seq-len", "256", "--dtype", "float32", "--text-start", "0.5"])
-    summary = cal.run(args)
+    from loguru import logger
+    msgs: list[str] = []
+    logger.enable("sparsedge")
+    hid = logger.add(lambda m: msgs.append(str(m)), level="WARNING")
+    try:
+        summary = cal.run(args)
+    finally:
+        logger.remove(hid)
     assert summary["predicted_sparsity"] > 0.3
+    assert any("estimate the gate only" in m for m in msgs)  # the SiLU quality warning
     q = argparse.ArgumentParser()
     evaluate.add_ppl_arguments(q)
     base = ["--model", str(stories_path), "--text", str(text), "--max-tokens", "512", "--seq-len", "256"]
