@@ -9,7 +9,7 @@
    on KV head h's theta, so one run measures every head): relative output error
    ||o_delta - o_dense||_F / ||o_dense||_F per head group and per layer, and the delta sparsity
    (zero entries among the entries scored by delta, as sparsedge.delta.cache defines it).
-3. Choose theta per layer (or per layer x KV head with --per-head):
+3. Choose theta per layer x KV head (default; per layer with --no-per-head):
    --theta-mode error:    the largest theta whose error stays within --error-budget (grid, then bisection
                           between the bracketing grid points);
    --theta-mode sparsity: minimise sum(error^2) subject to mean sparsity >= --target-sparsity, by a
@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -46,7 +47,9 @@ def add_arguments(p) -> None:
                    help="relative attention-output error per layer (error mode; default 0.05)")
     g.add_argument("--target-sparsity", type=float, default=0.6,
                    help="mean delta sparsity over layers (sparsity mode; default 0.6)")
-    g.add_argument("--per-head", action="store_true", help="one theta per KV head instead of per layer")
+    g.add_argument("--per-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="one theta per layer and KV head (default; with balanced keys it measured better than "
+                        "one per layer: docs/results/delta.md), or --no-per-head for one per layer")
     g.add_argument("--no-key-balance", action="store_true",
                    help="do not balance q/k channels (one theta for every key channel; ablation)")
     g.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="exact local window W (default 64)")
