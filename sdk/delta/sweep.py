@@ -7,7 +7,8 @@ One session, one set of evaluation windows (the first --max-tokens tokens of --t
 for each setting it swaps the session's DeltaConfig and runs sparsedge.evaluate.perplexity (the real cache
 and fused kernels). Per-layer thetas for other sparsity targets are re-allocated from the calibration grid
 stored in the artifact (same error/sparsity curves, another Lagrange multiplier), so one calibration serves
-every target. Prints one JSON object last and writes a PNG plot.
+every target; these rows are per layer even when the artifact itself is per KV head (the grid is stored per
+layer), and use the artifact's key scales. Prints one JSON object last and writes a PNG plot.
 """
 from __future__ import annotations
 
