@@ -138,3 +138,34 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     assert dense["ffn_sparsity"] is None and sparse["ffn_sparsity"] > 0.3
     assert sparse["ppl"] == pytest.approx(dec["ppl"], rel=1e-3)
     assert sparse["ppl"] < 3 * dense["ppl"]
+
+
+def test_ppl_budget_picks_the_sparsest_s_within_budget(tmp_path, stories_path):
+    """--ppl-budget: every s of the grid is measured on held-out calibration text; the artifact holds the
+    sparsest one within budget; an impossible budget fails with a clear error and writes nothing."""
+    import argparse
+
+    from sparsedge.artifact import read_manifest
+    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.ffn import calibrate as cal
+
+    text = data_path(TINYSTORIES_SAMPLE)
+    p = argparse.ArgumentParser()
+    cal.add_arguments(p)
+    for a in ("--model", "--out", "--text", "--dtype"):
+        p.add_argument(a)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--seq-len", type=int)
+    base = ["--model", str(stories_path), "--text", str(text), "--tokens", "1536", "--seq-len", "256",
+            "--dtype", "float32", "--text-start", "0.5", "--budget-tokens", "256", "--s-grid", "0.2,0.5,0.9",
+            "--quantile-points", "64"]
+    summary = cal.run(p.parse_args(base + ["--out", str(tmp_path / "art"), "--ppl-budget", "40"]))
+    table = summary["budget_table"]
+    assert [row["s"] for row in table] == [0.2, 0.5, 0.9]
+    ok = [row for row in table if row["ppl_increase_pct"] <= 40]
+    assert ok and summary["s"] == max(ok, key=lambda row: row["ffn_sparsity"])["s"]
+    settings = read_manifest(tmp_path / "art")["sections"]["ffn"]["settings"]
+    assert settings["ppl_budget_pct"] == 40 and settings["s"] == summary["s"]
+    with pytest.raises(cal.BudgetError, match="nothing was written"):
+        cal.run(p.parse_args(base + ["--out", str(tmp_path / "none"), "--ppl-budget", "-50"]))
+    assert not (tmp_path / "none").exists()

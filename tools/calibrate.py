@@ -3,6 +3,7 @@
 
     python tools/calibrate.py --model smollm2-135m --out art/ --text wiki.train.txt [--rank R] [--s S] [--tokens N]
     python tools/calibrate.py --model smollm2-135m --out art/ --text ... --delta [--no-ffn] [--window W] [--sinks S]
+    python tools/calibrate.py --model M --out art/ --text ... --ppl-budget 2     # the sparsest s within +2% ppl
 
 Writes (atomically) an artifact folder: safetensors tensors + manifest.json, which
 Session.load(..., predictors=DIR, delta=DIR) and tools/eval.py consume. The FFN and delta sections can be
@@ -42,7 +43,11 @@ def main(argv=None) -> int:
         p.error("--no-ffn leaves nothing to calibrate; add --delta")
     summary = {}
     if not args.no_ffn:
-        summary["ffn"] = ffn_cal.run(args)
+        try:
+            summary["ffn"] = ffn_cal.run(args)
+        except ffn_cal.BudgetError as exc:
+            logger.error(str(exc))
+            return 2
     if args.delta:
         summary["delta"] = delta_cal.run(args)
     if args.json:

@@ -247,6 +247,14 @@ def add_arguments(p) -> None:
     g.add_argument("--quantile-points", type=int, default=256)
     g.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
                    help="also export the predictors, e.g. --export powerinfer DIR")
+    g.add_argument("--ppl-budget", type=float, default=None, metavar="PCT",
+                   help="choose s instead of taking --s: calibrate every s of --s-grid and keep the one with the "
+                        "most FFN sparsity whose perplexity on held-out calibration text rises by at most PCT "
+                        "percent (e.g. 2); fails, writing nothing, when none does")
+    g.add_argument("--s-grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                   help="s values tried with --ppl-budget")
+    g.add_argument("--budget-tokens", type=int, default=1024,
+                   help="calibration tokens held out (not fitted) to measure perplexity with --ppl-budget")
 
 
 def variant_from_args(args) -> Variant:
@@ -265,10 +273,57 @@ def load_for_calibration(args):
 
 
 def prepare_data(session, args):
+    """(fitting windows, held-out windows, xa, xb); windows are held out only with --ppl-budget."""
     text = read_text(args.text, getattr(args, "text_start", 0.0))
     windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len)
+    held: list = []
+    if getattr(args, "ppl_budget", None) is not None:
+        n_hold = max(1, -(-args.budget_tokens // args.seq_len))
+        if len(windows) < n_hold + 2:
+            raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
+                             f"tokens, {n_hold} to hold out and at least 2 to fit; raise --tokens")
+        windows, held = windows[:-n_hold], windows[-n_hold:]
     xa, xb = collect_inputs(session.model, windows, getattr(args, "max_layer_tokens", None))
-    return windows, xa, xb
+    return windows, held, xa, xb
+
+
+class BudgetError(ValueError):
+    """No s of the grid keeps the perplexity increase within --ppl-budget."""
+
+
+def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget_pct: float,
+                     held: list[list[int]], n_points: int = 256) -> tuple[dict, dict, list[dict]]:
+    """Calibrate one variant per s (one SVD per layer serves all), measure each on the held-out windows through
+    the per-token sparse path, return (tensors, meta, table) of the sparsest within budget."""
+    from dataclasses import replace
+
+    from ..evaluate import perplexity
+    from .module import attach_tensors, detach_predictors
+
+    model = session.model
+    variants = [replace(base, s=s, name=f"s={s}") for s in s_grid]
+    results = calibrate_model(model, xa, xb, variants, n_points=n_points)
+    dense = perplexity(session, held, progress=False)["ppl"]
+    table = []
+    for v, (tensors, meta) in tqdm(list(zip(variants, results)), desc="held-out perplexity per s", unit="s"):
+        attach_tensors(model, tensors, meta["tau"], per_token=True)
+        try:
+            r = perplexity(session, held, progress=False)
+        finally:
+            detach_predictors(model)
+        table.append({"s": v.s, "ppl": r["ppl"], "dense_ppl": dense, "ppl_increase_pct": 100 * (r["ppl"] / dense - 1),
+                      "ffn_sparsity": r["ffn_sparsity"]})
+        logger.info(f"s={v.s}: held-out ppl {r['ppl']:.3f} ({table[-1]['ppl_increase_pct']:+.2f}%), "
+                    f"FFN sparsity {r['ffn_sparsity']:.3f}")
+    ok = [i for i, row in enumerate(table) if row["ppl_increase_pct"] <= budget_pct]
+    if not ok:
+        best = min(table, key=lambda row: row["ppl_increase_pct"])
+        raise BudgetError(f"no s in {s_grid} keeps the held-out perplexity within +{budget_pct}% (best: s={best['s']} "
+                          f"at {best['ppl_increase_pct']:+.2f}% for {100 * best['ffn_sparsity']:.1f}% FFN sparsity); "
+                          f"nothing was written. Raise --ppl-budget, try smaller --s-grid values, or use a "
+                          f"ReLU-family model (see python -m sparsedge.ffn.oracle for this model's bound)")
+    i = max(ok, key=lambda j: table[j]["ffn_sparsity"])
+    return results[i][0], results[i][1], table
 
 
 def run(args) -> dict:
@@ -277,18 +332,33 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     session = load_for_calibration(args)
     model = session.model
-    windows, xa, xb = prepare_data(session, args)
+    windows, held, xa, xb = prepare_data(session, args)
     n_tok = sum(len(w) for w in windows)
     logger.info(f"calibration text {args.text}: {n_tok} tokens in {len(windows)} windows "
-                f"({xa[0].shape[0]} SVD / {xb[0].shape[0]} threshold tokens per layer)")
+                f"({xa[0].shape[0]} SVD / {xb[0].shape[0]} threshold tokens per layer)"
+                + (f", {sum(len(w) for w in held)} held out for the perplexity budget" if held else ""))
     v = variant_from_args(args)
-    [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points)
+    budget_table = None
+    if args.ppl_budget is not None:
+        grid = [float(x) for x in args.s_grid.split(",") if x.strip()]
+        if not grid or any(not 0 < x <= 1.5 for x in grid):
+            raise ValueError(f"--s-grid must list s values in (0, 1.5], got {args.s_grid!r}")
+        tensors, meta, budget_table = choose_by_budget(session, xa, xb, v, grid, args.ppl_budget, held,
+                                                       n_points=args.quantile_points)
+        v = Variant(**{**asdict(v), "s": meta["settings"]["s"]})
+    else:
+        [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points)
     meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
                              "seq_len": args.seq_len, "dtype": str(args.dtype), "chat_template": False})
+    if budget_table is not None:
+        meta["settings"].update({"ppl_budget_pct": args.ppl_budget, "budget_table": budget_table,
+                                 "held_out_tokens": sum(len(w) for w in held)})
     from ..artifact import save_section
     out = save_section(args.out, model, SECTION, tensors, meta)
     summary = {"out": str(out), "seconds": time.perf_counter() - t0, **meta["mean"],
                "rank": meta["rank"][0], "s": v.s, "penalty": v.penalty}
+    if budget_table is not None:
+        summary["budget_table"] = budget_table
     if args.export:
         summary["export"] = str(export_powerinfer(tensors, model.config.n_layers, args.export[1]))
     if cfg_activation_is_smooth(model):
