@@ -101,6 +101,20 @@ def test_attach_refuses_artifact_without_ffn_section(tmp_path):
     assert "delta" in read_manifest(tmp_path / "art")["sections"]
 
 
+def calibrate_parser():
+    """tools/calibrate.py's FFN arguments (what sparsedge.ffn.calibrate.run reads)."""
+    import argparse
+
+    from sparsedge.ffn import calibrate as cal
+    p = argparse.ArgumentParser()
+    cal.add_arguments(p)
+    for a in ("--model", "--out", "--text", "--dtype"):
+        p.add_argument(a)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--seq-len", type=int)
+    return p
+
+
 @pytest.mark.slow
 def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     """Real checkpoint (SiLU): calibration hits its targets and evaluation runs the sparse path."""
@@ -111,12 +125,7 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     from sparsedge.ffn import calibrate as cal
 
     text = data_path(TINYSTORIES_SAMPLE)
-    p = argparse.ArgumentParser()
-    cal.add_arguments(p)
-    for a in ("--model", "--out", "--text", "--dtype"):
-        p.add_argument(a)
-    p.add_argument("--tokens", type=int)
-    p.add_argument("--seq-len", type=int)
+    p = calibrate_parser()
     args = p.parse_args(["--model", str(stories_path), "--out", str(tmp_path / "art"), "--text", str(text),
                          "--tokens", "2048", "--seq-len", "256", "--dtype", "float32", "--text-start", "0.5"])
     from loguru import logger
@@ -143,19 +152,12 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
 def test_ppl_budget_picks_the_sparsest_s_within_budget(tmp_path, stories_path):
     """--ppl-budget: every s of the grid is measured on held-out calibration text; the artifact holds the
     sparsest one within budget; an impossible budget fails with a clear error and writes nothing."""
-    import argparse
-
     from sparsedge.artifact import read_manifest
     from sparsedge.data import TINYSTORIES_SAMPLE, data_path
     from sparsedge.ffn import calibrate as cal
 
     text = data_path(TINYSTORIES_SAMPLE)
-    p = argparse.ArgumentParser()
-    cal.add_arguments(p)
-    for a in ("--model", "--out", "--text", "--dtype"):
-        p.add_argument(a)
-    p.add_argument("--tokens", type=int)
-    p.add_argument("--seq-len", type=int)
+    p = calibrate_parser()
     base = ["--model", str(stories_path), "--text", str(text), "--tokens", "1536", "--seq-len", "256",
             "--dtype", "float32", "--text-start", "0.5", "--budget-tokens", "256", "--s-grid", "0.2,0.5,0.9",
             "--quantile-points", "64"]
