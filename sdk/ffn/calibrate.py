@@ -320,8 +320,10 @@ def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget
         best = min(table, key=lambda row: row["ppl_increase_pct"])
         raise BudgetError(f"no s in {s_grid} keeps the held-out perplexity within +{budget_pct}% (best: s={best['s']} "
                           f"at {best['ppl_increase_pct']:+.2f}% for {100 * best['ffn_sparsity']:.1f}% FFN sparsity); "
-                          f"nothing was written. Raise --ppl-budget, try smaller --s-grid values, or use a "
-                          f"ReLU-family model (see python -m sparsedge.ffn.oracle for this model's bound)")
+                          f"nothing was written. Raise --ppl-budget, try smaller --s-grid values, on SiLU/GELU "
+                          f"models --no-runtime-tau or a lower --tau-target (the runtime tau alone zeroes that "
+                          f"fraction of h), or use a ReLU-family model (python -m sparsedge.ffn.oracle shows this "
+                          f"model's bound)")
     i = max(ok, key=lambda j: table[j]["ffn_sparsity"])
     return results[i][0], results[i][1], table
 
