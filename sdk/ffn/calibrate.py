@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -295,8 +295,6 @@ def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget
                      held: list[list[int]], n_points: int = 256) -> tuple[dict, dict, list[dict]]:
     """Calibrate one variant per s (one SVD per layer serves all), measure each on the held-out windows through
     the per-token sparse path, return (tensors, meta, table) of the sparsest within budget."""
-    from dataclasses import replace
-
     from ..evaluate import perplexity
     from .module import attach_tensors, detach_predictors
 
@@ -347,7 +345,7 @@ def run(args) -> dict:
             raise ValueError(f"--s-grid must list s values in (0, 1.5], got {args.s_grid!r}")
         tensors, meta, budget_table = choose_by_budget(session, xa, xb, v, grid, args.ppl_budget, held,
                                                        n_points=args.quantile_points)
-        v = Variant(**{**asdict(v), "s": meta["settings"]["s"]})
+        v = replace(v, s=meta["settings"]["s"])
     else:
         [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points)
     meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,

@@ -109,87 +109,101 @@ def band_thresholds(scores: torch.Tensor, cost: torch.Tensor, target: float, two
     return lo, hi
 
 
+class LayerFit:
+    """One layer's calibration inputs (x_a: SVD half, x_b: cut half) and its whitened-SVD factors, computed
+    once per kind (gate, or gate+up) and shared by every method and target fitted on the layer."""
+
+    def __init__(self, dense, x_a: torch.Tensor, x_b: torch.Tensor, rank: int):
+        self.dense, self.x_a, self.x_b, self.rank = dense, x_a, x_b, rank
+        self._factors: dict = {}
+
+    def factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind not in self._factors:
+            d = self.dense
+            w = d.w_gate.float() if kind == "gate" else torch.cat([d.w_gate.float(), d.w_up.float()])
+            self._factors[kind] = P.whitened_svd(w, self.x_a.double().T @ self.x_a.double(), self.rank)
+        return self._factors[kind]
+
+    def keep(self, method: str, target: float):
+        """keep(x, g, h) -> bool [T, I]: the method's skip decision at `target`, fitted on x_b."""
+        dense, x_b = self.dense, self.x_b
+        act, ap = dense.activation, float(dense.act_param)
+        w_norm = dense.w_down_t.float().norm(dim=1)
+        g_b, h_b = dense.hidden(x_b.to(dense.w_down_t.dtype))
+        g_b, h_b = g_b.float(), h_b.float()
+        contrib = h_b.abs() * w_norm
+
+        def quantile(v):
+            v = v.flatten()
+            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+            return float(torch.quantile(v, target)) if target > 0 else -math.inf
+
+        if method == "oracle":
+            thr = quantile(contrib)
+            return lambda x, g, h: (h.float().abs() * w_norm) >= thr
+        if method == "gate":
+            thr = quantile(P.act_values(g_b, act, ap).abs())
+            return lambda x, g, h: P.act_values(g.float(), act, ap).abs() >= thr
+        if method in ("svd", "svd-band"):
+            p1, p2 = self.factors("gate")
+            lo, hi = band_thresholds(P.scores_of(x_b, p1, p2), contrib, target, method == "svd-band")
+
+            def keep(x, g, h):
+                s = P.scores_of(x.float(), p1, p2)
+                return ~((s > lo) & (s < hi))
+            return keep
+        if method == "svd-product":
+            p1, p2 = self.factors("gate+up")
+            I = dense.I
+
+            def score(x):
+                z = P.scores_of(x.float(), p1, p2)
+                return (P.act_values(z[:, :I], act, ap) * z[:, I:]).abs() * w_norm
+
+            _, hi = band_thresholds(score(x_b), contrib, target, two_sided=False)
+            return lambda x, g, h: score(x) >= hi
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+
+
 def fit_layer(method: str, dense, x_a: torch.Tensor, x_b: torch.Tensor, target: float, rank: int):
-    """keep(x, g, h) -> bool [T, I] for one layer, fitted on calibration inputs (x_a: SVD half, x_b: cuts)."""
-    act, ap = dense.activation, float(dense.act_param)
-    w_norm = dense.w_down_t.float().norm(dim=1)
-    g_b, h_b = dense.hidden(x_b.to(dense.w_down_t.dtype))
-    g_b, h_b = g_b.float(), h_b.float()
-    contrib = h_b.abs() * w_norm
-
-    def quantile(v):
-        v = v.flatten()
-        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-        return float(torch.quantile(v, target)) if target > 0 else -math.inf
-
-    if method == "oracle":
-        thr = quantile(contrib)
-        return lambda x, g, h: (h.float().abs() * w_norm) >= thr
-    if method == "gate":
-        thr = quantile(P.act_values(g_b, act, ap).abs())
-        return lambda x, g, h: P.act_values(g.float(), act, ap).abs() >= thr
-    xtx = x_a.double().T @ x_a.double()
-    I = dense.I
-    if method in ("svd", "svd-band"):
-        p1, p2 = P.whitened_svd(dense.w_gate.float(), xtx, rank)
-        lo, hi = band_thresholds(P.scores_of(x_b, p1, p2), contrib, target, method == "svd-band")
-
-        def keep(x, g, h):
-            s = P.scores_of(x.float(), p1, p2)
-            return ~((s > lo) & (s < hi))
-        return keep
-    if method == "svd-product":
-        p1, p2 = P.whitened_svd(torch.cat([dense.w_gate.float(), dense.w_up.float()]), xtx, rank)
-
-        def score(x):
-            z = P.scores_of(x.float(), p1, p2)
-            return (P.act_values(z[:, :I], act, ap) * z[:, I:]).abs() * w_norm
-
-        _, hi = band_thresholds(score(x_b), contrib, target, two_sided=False)
-        return lambda x, g, h: score(x) >= hi
-    raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    """keep(x, g, h) -> bool [T, I] for one layer and one method (see LayerFit to fit several)."""
+    return LayerFit(dense, x_a, x_b, rank).keep(method, target)
 
 
-def evaluate_masks(model, windows, keeps) -> tuple[float, float]:
-    """(perplexity, skipped fraction) with layer i's FFN masked by keeps[i]."""
-    from ..evaluate import window_nll
-    from ..kv_cache import KVCache
+def evaluate_masks(session, windows, keeps) -> tuple[float, float]:
+    """(perplexity, skipped fraction) with layer i's FFN masked by keeps[i], through sparsedge.evaluate."""
+    from ..evaluate import perplexity
+    model = session.model
     dense = [layer.ffn for layer in model.layers]
     masked = [MaskedFFN(d, k) for d, k in zip(dense, keeps)]
     for layer, m in zip(model.layers, masked):
         layer.ffn = m
-    total, count = 0.0, 0
     try:
-        model.ensure_rope(max(len(w) for w in windows))
-        with torch.inference_mode():
-            for w in windows:
-                nll, n = window_nll(model, KVCache.dense(model.config, len(w), model.dtype, model.device), w, False)
-                total += nll
-                count += n
+        ppl = perplexity(session, windows, progress=False)["ppl"]
     finally:
         for layer, d in zip(model.layers, dense):
             layer.ffn = d
-    return math.exp(total / count), sum(m.skipped for m in masked) / max(1, sum(m.total for m in masked))
+    return ppl, sum(m.skipped for m in masked) / max(1, sum(m.total for m in masked))
 
 
 def run(session, text_path, methods, sparsities, rank=None, calib_start=0.5, tokens=8192, eval_tokens=4096,
         seq_len=512, progress=True) -> dict:
     from .calibrate import collect_inputs, read_text, token_windows
     model = session.model
-    if model.config.activation not in ("silu", "gelu", "gelu_tanh"):
+    if model.config.activation in P.RELU_FAMILY:
         logger.warning(f"{model.config.activation} is relu-family: its exact zeros make the oracles trivial")
     cal = token_windows(session.tokenizer, read_text(text_path, calib_start), tokens, seq_len)
     ev = token_windows(session.tokenizer, read_text(text_path, 0.0), eval_tokens, seq_len)
     xa, xb = collect_inputs(model, cal, progress=progress)
     rank = rank or P.default_rank(model.config.intermediate_size)
-    dense_ppl, _ = evaluate_masks(model, ev, [lambda x, g, h: torch.ones_like(h, dtype=torch.bool)] * len(xa))
+    dense_ppl, _ = evaluate_masks(session, ev, [lambda x, g, h: torch.ones_like(h, dtype=torch.bool)] * len(xa))
+    fits = [LayerFit(layer.ffn, xa[i], xb[i], rank) for i, layer in enumerate(model.layers)]
     rows = []
     jobs = [(m, p) for m in methods for p in sparsities]
     for method, p in tqdm(jobs, desc="oracle masks", unit="setting", disable=not progress):
         t0 = time.perf_counter()
-        keeps = [fit_layer(method, layer.ffn, xa[i], xb[i], max(0.0, p - (0.1 if i < 2 else 0.0)), rank)
-                 for i, layer in enumerate(model.layers)]
-        ppl, skipped = evaluate_masks(model, ev, keeps)
+        keeps = [f.keep(method, max(0.0, p - (0.1 if i < 2 else 0.0))) for i, f in enumerate(fits)]
+        ppl, skipped = evaluate_masks(session, ev, keeps)
         rows.append({"method": method, "target": p, "rank": rank if method.startswith("svd") else None,
                      "ppl": ppl, "ppl_increase_pct": 100 * (ppl / dense_ppl - 1), "skipped": skipped,
                      "seconds": time.perf_counter() - t0})
