@@ -23,6 +23,8 @@ from loguru import logger
 from tqdm import tqdm
 
 from . import predictor as P
+from . import q4
+from ..ops.ffn import q4_estimates, q4_scores
 
 SECTION = "ffn"
 
@@ -37,10 +39,9 @@ class Variant:
     rank: int | None = None  # None: default_rank(I)
     tau_target: float = 0.5  # silu/gelu: fraction of |act(gate)| zeroed by tau (0 disables tau)
     runtime_tau: bool = True  # apply tau in the kernel (else tau only defines the calibration target)
+    predictor: str = "svd"  # or "q4": the 4-bit gate x up predictor (sdk/ffn/q4.py); never a runtime tau
+    group: int = q4.DEFAULT_GROUP  # q4: inputs per quantization scale
     name: str = ""
-
-    def key(self) -> tuple:
-        return (self.whiten, self.rank, self.tau_target)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -153,6 +154,12 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
         w_down_t = dense.w_down_t.detach().float().cpu()
         prepared: dict = {}
         for vi, v in enumerate(variants):
+            if v.predictor == "q4":
+                _calibrate_q4_layer(i, dense, g_a, x_b, g_b, h_b, w_down_t, v, prepared, results[vi],
+                                    n_points, free_cap, guard)
+                continue
+            if v.predictor != "svd":
+                raise ValueError(f"unknown predictor {v.predictor!r} (svd or q4)")
             rank = v.rank or P.default_rank(I)
             key = (v.whiten, rank, v.tau_target)
             if key not in prepared:
@@ -185,10 +192,13 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
     out = []
     for v, (tensors, meta) in zip(variants, results):
         layers = meta["layers"]
+        if v.predictor == "q4":
+            meta.update({"method": "q4-predictor", "predictor": "q4", "group": v.group})
+        else:
+            meta.update({"method": "svd-predictor", "predictor": "svd", "rank": [m["rank"] for m in layers]})
         meta.update({
-            "method": "svd-predictor", "activation": cfg.activation,
-            "rank": [m["rank"] for m in layers],
-            "tau": [m["tau"] if v.runtime_tau else 0.0 for m in layers],
+            "activation": cfg.activation,
+            "tau": [m["tau"] if v.runtime_tau and v.predictor == "svd" else 0.0 for m in layers],
             "calibration_tau": [m["tau"] for m in layers],
             "settings": {**asdict(v), "n_points": n_points, "free_cap": free_cap, "guard": guard,
                          "tokens_svd": int(sum(x.shape[0] for x in xa) / max(L, 1)),
@@ -201,6 +211,36 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
         })
         out.append((tensors, meta))
     return out
+
+
+def _calibrate_q4_layer(i, dense, g_a, x_b, g_b, h_b, w_down_t, v: Variant, prepared: dict, result,
+                        n_points: int, free_cap: float, guard: float) -> None:
+    """One layer of a q4 variant: pack gate/up, score the threshold half, greedy per-neuron thresholds.
+
+    The target is s x true sparsity as for the SVD predictor (on SiLU/GELU the true sparsity is the tau
+    fraction, --tau-target), but tau never zeroes h at runtime and the penalty is the untouched |h| *
+    ||W_down[:, i]||: the point of this predictor is to skip only neurons that truly contribute little."""
+    act, ap = dense.activation, float(dense.act_param)
+    key = ("q4", v.group, v.tau_target)
+    if key not in prepared:
+        qw, sc = q4.pack_gate_up(dense.w_gate, dense.w_up, v.group)
+        tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
+        g_hat, _ = q4_estimates(x_b[:512], qw, sc)
+        err = float((g_hat - g_b[:512]).norm() / g_b[:512].norm().clamp_min(1e-30))
+        prepared[key] = (qw, sc, tau, q4_scores(x_b, qw, sc, act, ap), err)
+    qw, sc, tau, scores, err = prepared[key]
+    true_sp = 1.0 - P.true_active(_apply_tau(h_b, g_b, tau, act, ap)).float().mean().item()
+    target = max(0.0, (v.s - (0.1 if i < 2 else 0.0)) * true_sp)
+    c = P.importance(h_b, g_b, w_down_t, v.penalty, act, ap, 0.0)
+    bias, info = P.calibrate_thresholds(scores, c, target, n_points, free_cap, guard)
+    thresh = -bias
+    rs = P.recall_stats(scores > thresh[None, :], P.true_active(h_b), P.importance(h_b, g_b, w_down_t, "full",
+                                                                                    act, ap, 0.0))
+    tensors, meta = result
+    tensors[f"layers.{i}.q"], tensors[f"layers.{i}.scale"] = qw, sc
+    tensors[f"layers.{i}.thresh"] = thresh.contiguous()
+    meta["layers"].append({"layer": i, "group": v.group, "tau": tau, "target_sparsity": target, "q4_rel_error": err,
+                           **rs, **{k: info[k] for k in info if k != "steps"}})
 
 
 def export_powerinfer(tensors: dict, n_layers: int, out_dir) -> Path:

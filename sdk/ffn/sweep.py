@@ -6,7 +6,7 @@ evaluated for perplexity through the sparse per-token path; writes JSON and (opt
     python -m sparsedge.ffn.sweep ... --preset s --plot docs/results/ffn_ppl_vs_sparsity.png
 
 Variants are presets or given as --variant "name:s=0.8,penalty=full,whiten=1,bias_mode=calibrated,rank=64,
-tau_target=0.5,runtime_tau=1" (repeatable). Calibration text: --text from --calib-start (a fraction of
+tau_target=0.5,runtime_tau=1" or "name:predictor=q4,s=0.8,group=64" (repeatable). Calibration text: --text from --calib-start (a fraction of
 its length); evaluation text: --eval-text (default --text) from --eval-start (default 0), so the default
 calibrates on the second half of the file and evaluates on its first tokens.
 """
@@ -43,9 +43,9 @@ def parse_variant(spec: str, base: dict) -> Variant:
         k = k.strip()
         if k in ("whiten", "runtime_tau"):
             fields[k] = v.strip() not in ("0", "false", "False", "no")
-        elif k in ("penalty", "bias_mode"):
+        elif k in ("penalty", "bias_mode", "predictor"):
             fields[k] = v.strip()
-        elif k == "rank":
+        elif k in ("rank", "group"):
             fields[k] = int(v)
         else:
             fields[k] = float(v)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         r = perplexity(session, eval_windows)
         row = {"name": v.name, "settings": meta["settings"], "ppl": r["ppl"], "tokens": r["tokens"],
                "ffn_sparsity": r["ffn_sparsity"], "ffn_down_sparsity": r["ffn_down_sparsity"],
-               "ffn_bytes_sparsity": r["ffn_bytes_sparsity"], "calib": meta["mean"], "rank": meta["rank"][0],
+               "ffn_bytes_sparsity": r["ffn_bytes_sparsity"], "calib": meta["mean"], "rank": meta.get("rank", [None])[0],
                "eval_seconds": r["seconds"]}
         if dense:
             row["ppl_increase"] = r["ppl"] / dense["ppl"] - 1
