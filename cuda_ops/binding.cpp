@@ -49,7 +49,7 @@ at::Tensor workspace(const at::Tensor& like, int64_t bytes) {
   return at::empty({std::max<int64_t>(bytes, 256)}, like.options().dtype(at::kByte));
 }
 
-Act parse_activation(c10::string_view name) {
+Act parse_activation(c10::string_view name, const char* op = "sparse_ffn") {
   const std::string s(name.data(), name.size());
   if (s == "silu") return Act::SiLU;
   if (s == "gelu") return Act::GELU;
@@ -58,7 +58,7 @@ Act parse_activation(c10::string_view name) {
   if (s == "fatrelu") return Act::FATReLU;
   if (s == "drelu") return Act::DReLU;
   if (s == "relu2") return Act::ReLU2;
-  TORCH_CHECK(false, "sparse_ffn: unknown FFN activation '", s,
+  TORCH_CHECK(false, op, ": unknown FFN activation '", s,
               "' (supported: silu, gelu, gelu_tanh, relu, fatrelu, drelu, relu2)");
   return Act::SiLU;
 }
@@ -178,6 +178,50 @@ std::tuple<at::Tensor, at::Tensor> ffn_predict_cuda(const at::Tensor& x, const a
   auto idx = at::empty({a.T, a.I}, a.x.options().dtype(at::kInt));
   auto count = at::empty({a.T}, a.x.options().dtype(at::kInt));
   launch_predict(a, idx, count);
+  return {idx, count};
+}
+
+// 4-bit gate x up predictor: q [I, 2, d/2] uint8 is read in place (it must be contiguous, like the FFN
+// weights); scale / thresh are converted to fp32 only when they are not already (a no-op for the Session's).
+std::tuple<at::Tensor, at::Tensor> ffn_predict_q4_cuda(const at::Tensor& x_in, const at::Tensor& q,
+                                                       const at::Tensor& scale_in, const at::Tensor& thresh_in,
+                                                       c10::string_view activation, double act_param) {
+  const char* op = "ffn_predict_q4";
+  SD_CHECK_CUDA(op, x_in);
+  SD_CHECK_SAME_DEVICE(op, x_in, q);
+  SD_CHECK_SAME_DEVICE(op, x_in, scale_in);
+  SD_CHECK_SAME_DEVICE(op, x_in, thresh_in);
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be [T, d], got ", x_in.sizes());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const Act act = parse_activation(activation, op);
+  auto x = x_in.contiguous();
+  const DType xt = dtype_of(op, "x", x.scalar_type());
+  const int64_t T = x.size(0), d = x.size(1);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 3 && q.size(1) == 2 && q.size(2) * 2 == d, op,
+              ": q must be uint8 [I, 2, d/2] with d = ", d, ", got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(q.is_contiguous(), op, ": q (the 4-bit gate/up weights) must be contiguous (place it once with "
+              "Backend.place)");
+  const int64_t I = q.size(0);
+  TORCH_CHECK(scale_in.dim() == 3 && scale_in.size(0) == I && scale_in.size(1) == 2 && scale_in.size(2) > 0 &&
+                  d % scale_in.size(2) == 0 && d / scale_in.size(2) >= 2 && (d / scale_in.size(2)) % 2 == 0,
+              op, ": scale must be [I=", I, ", 2, d/G] with an even group size G dividing d=", d, ", got ",
+              scale_in.sizes());
+  TORCH_CHECK(is_float_type(scale_in.scalar_type()), op, ": scale must be float32 (or float16/bfloat16), got ",
+              scale_in.scalar_type());
+  TORCH_CHECK(thresh_in.numel() == I, op, ": thresh must be [I=", I, "], got ", thresh_in.sizes());
+  TORCH_CHECK(is_float_type(thresh_in.scalar_type()), op, ": thresh must be float32 (or float16/bfloat16), got ",
+              thresh_in.scalar_type());
+  const int64_t ng = scale_in.size(2), G = d / ng;
+  TORCH_CHECK(d + 8 * ng <= kMaxQ4StagedBytes, op, ": d=", d, " with group size ", G,
+              " exceeds the kernels' shared-memory limit (d + 8 d/G <= ", kMaxQ4StagedBytes, ")");
+  auto scale = scale_in.to(at::kFloat).contiguous();
+  auto thresh = thresh_in.to(at::kFloat).contiguous();
+  auto idx = at::empty({T, I}, x.options().dtype(at::kInt));
+  auto count = at::empty({T}, x.options().dtype(at::kInt));
+  auto ws = workspace(x, ffn_predict_q4_workspace_bytes(T, d, G, I));
+  SD_CHECK_LAUNCH(op, ffn_predict_q4(x.data_ptr(), q.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                                     thresh.data_ptr<float>(), idx.data_ptr<int32_t>(), count.data_ptr<int32_t>(), T,
+                                     d, G, I, act, static_cast<float>(act_param), xt, ws.data_ptr(), stream_of(x)));
   return {idx, count};
 }
 
@@ -438,6 +482,7 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
   m.impl("add_rms_norm", &add_rms_norm_cuda);
   m.impl("rope", &rope_cuda);
   m.impl("ffn_predict", &ffn_predict_cuda);
+  m.impl("ffn_predict_q4", &ffn_predict_q4_cuda);
   m.impl("sparse_ffn_rows", &sparse_ffn_rows_cuda);
   m.impl("sparse_ffn", &sparse_ffn_cuda);
   m.impl("delta_encode", &delta_encode_cuda);
@@ -451,6 +496,7 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsedge fused CUDA kernels (registered for the CUDA dispatch key of the sparsedge ops)";
-  m.attr("OPS") = pybind11::make_tuple("rms_norm", "add_rms_norm", "rope", "ffn_predict", "sparse_ffn_rows",
-                                       "sparse_ffn", "delta_encode", "delta_attention", "dense_attention", "linear", "linear_t");
+  m.attr("OPS") = pybind11::make_tuple("rms_norm", "add_rms_norm", "rope", "ffn_predict", "ffn_predict_q4",
+                                       "sparse_ffn_rows", "sparse_ffn", "delta_encode", "delta_attention",
+                                       "dense_attention", "linear", "linear_t");
 }

@@ -36,6 +36,15 @@ constexpr int64_t kMaxStagedFloats = 12288;  // 48 KiB
 cudaError_t ffn_predict(const void* x, const void* p1, const void* p2, const void* bias, int32_t* idx,
                         int32_t* count, int64_t T, int64_t d, int64_t r, int64_t I, DType xt, DType pt,
                         void* workspace, cudaStream_t stream);
+// 4-bit gate x up predictor (sdk/ops/ffn.py, ffn_predict_q4): x [T, d] (xt), q [I, 2, d/2] uint8 (contiguous),
+// scale [I, 2, d/G] fp32, thresh [I] fp32, G even and dividing d; neuron i is active for token t when
+// |act(g^, u^)| > thresh[i] (act_param as in sparse_ffn_rows, no tau). Same idx/count contract as ffn_predict.
+// One token's int8 x and group scales are staged in shared memory: d + 8 * d / G <= kMaxQ4StagedBytes.
+constexpr int64_t kMaxQ4StagedBytes = 4 * kMaxStagedFloats - 256;
+int64_t ffn_predict_q4_workspace_bytes(int64_t T, int64_t d, int64_t G, int64_t I);
+cudaError_t ffn_predict_q4(const void* x, const uint8_t* q, const float* scale, const float* thresh, int32_t* idx,
+                           int32_t* count, int64_t T, int64_t d, int64_t G, int64_t I, Act act, float act_param,
+                           DType xt, void* workspace, cudaStream_t stream);
 // Conditional FFN over per-token active lists: y [T, d] (dtype xt), down_count [T].
 // x [T, d] (xt); w_gate, w_up, w_down_t [I, d] (wt); idx [T, I] int32 (ascending not required); count [T].
 cudaError_t sparse_ffn_rows(const void* x, const int32_t* idx, const int32_t* count, const void* w_gate,

@@ -12,6 +12,10 @@ is sparsedge.model.DenseFFN (torch matmuls) on the same weights. Achieved bandwi
 the call must read / time. The activation is silu without tau, so every predicted-active row is also
 accumulated in the down projection (no second-level zeros flatter the sparse path).
 
+--predictor q4 runs the 4-bit gate x up predictor instead (`ffn_predict_q4` on 4-bit copies of each layer's
+own W_gate/W_up, thresholds at each neuron's (1 - density) quantile, then `sparse_ffn_rows`); its bytes
+(I x d plus scales) count in the sparse side's bandwidth.
+
 `decode_relu_1b(args)` is the end-to-end variant: a randomly initialised relu Llama of 1B shape in our
 engine, dense vs predictors forced to --density (wired as `bench.py decode --synthetic-1b`).
 """
@@ -38,6 +42,10 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--activation", default="silu")
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default max(32, 2%% of I))")
+    p.add_argument("--predictor", choices=("svd", "q4"), default="svd",
+                   help="svd: the fused sparse_ffn op with a low-rank predictor; q4: ffn_predict_q4 (4-bit gate x "
+                        "up, packed from each layer's own weights) then sparse_ffn_rows")
+    p.add_argument("--q4-group", type=int, default=64)
 
 
 def _shape(name: str) -> tuple[int, int]:
@@ -86,7 +94,22 @@ def _samples(fn, device, iters: int, warmup: int = 3) -> list[float]:
     return sorted(out)
 
 
-def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list, xs: list) -> dict:
+def q4_thresholds(f, density: float, activation: str, n: int = 256, seed: int = 11) -> torch.Tensor:
+    """Per-neuron thresholds putting each neuron's |act(g) u| at its (1 - density) quantile over white inputs
+    (the bench's x), so about `density` of the neurons are predicted active per call."""
+    from ..ops.ffn import activate
+
+    I, d = f.w_up.shape
+    if density >= 1.0 or density <= 0.0:
+        return torch.full((I,), -1.0 if density >= 1.0 else math.inf, device=f.w_up.device)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(f.w_up.device)
+    sc = activate(x @ f.w_gate.float().T, x @ f.w_up.float().T, activation, 0.0, 0.0).abs()
+    return torch.quantile(sc, 1.0 - density, dim=0)
+
+
+def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list, xs: list,
+               packs: list | None = None) -> dict:
+    from ..ffn import q4
     from ..ffn.predictor import default_rank
 
     ops = torch.ops.sparsedge
@@ -95,13 +118,19 @@ def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list
     elt = torch.finfo(dtype).bits // 8
     counts = []
     state = {"i": 0}
+    if packs is not None:
+        threshs = [q4_thresholds(f, density, args.activation) for f in layers]
 
     def sparse_call():
         i = state["i"]
         state["i"] += 1
-        f = layers[i % len(layers)]
-        y, c, dc = ops.sparse_ffn(xs[i % len(xs)], p1, p2, bias, f.w_gate, f.w_up, f.w_down_t,
-                                  args.activation, 0.0, 0.0)
+        k = i % len(layers)
+        f, x = layers[k], xs[i % len(xs)]
+        if packs is not None:
+            idx, c = ops.ffn_predict_q4(x, packs[k][0], packs[k][1], threshs[k], args.activation, 0.0)
+            y, dc = ops.sparse_ffn_rows(x, idx, c, f.w_gate, f.w_up, f.w_down_t, args.activation, 0.0, 0.0)
+        else:
+            y, c, dc = ops.sparse_ffn(x, p1, p2, bias, f.w_gate, f.w_up, f.w_down_t, args.activation, 0.0, 0.0)
         counts.append((c, dc))
         return y
 
@@ -117,6 +146,8 @@ def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list
     s_dense = _samples(dense_call, device, iters)
     t_sparse, t_dense = s_sparse[len(s_sparse) // 2], s_dense[len(s_dense) // 2]
     pred_bytes = (p1.numel() + p2.numel()) * elt + bias.numel() * 4
+    if packs is not None:
+        pred_bytes, rank = q4.nbytes(I, d, args.q4_group), 0
     sparse_bytes = pred_bytes + 2 * active * d * elt + down * d * elt
     dense_bytes = 3 * I * d * elt
     return {"shape": f"{d}x{I}", "d": d, "I": I, "dtype": str(dtype).replace("torch.", ""), "density": density,
@@ -125,7 +156,8 @@ def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list
             "sparse_min_ms": 1e3 * s_sparse[0], "dense_min_ms": 1e3 * s_dense[0],
             "speedup_min": s_dense[0] / s_sparse[0],
             "sparse_gb_s": sparse_bytes / t_sparse / 1e9, "dense_gb_s": dense_bytes / t_dense / 1e9,
-            "sparse_mib": sparse_bytes / 2**20, "dense_mib": dense_bytes / 2**20, "layers_rotated": len(layers)}
+            "sparse_mib": sparse_bytes / 2**20, "dense_mib": dense_bytes / 2**20, "layers_rotated": len(layers),
+            "predictor": "q4" if packs is not None else "svd", "predictor_mib": pred_bytes / 2**20}
 
 
 def run(args) -> dict:
@@ -156,8 +188,12 @@ def run(args) -> dict:
             gen = torch.Generator().manual_seed(7)
             xs = [torch.randn(1, d, generator=gen).to(device, dtype) for _ in range(64)]
             logger.info(f"{shape} {dname}: {n_layers} layers x {layer_bytes / 2**20:.0f} MiB rotated")
+            packs = None
+            if args.predictor == "q4":
+                from ..ffn.q4 import pack_gate_up
+                packs = [tuple(t.to(device) for t in pack_gate_up(f.w_gate, f.w_up, args.q4_group)) for f in layers]
             for dens in (float(x) for x in args.densities.split(",")):
-                r = bench_case(d, I, dtype, dens, device, args, layers, xs)
+                r = bench_case(d, I, dtype, dens, device, args, layers, xs, packs)
                 r["shape_name"] = shape
                 results.append(r)
                 logger.info(f"{shape} {r['dtype']} density {dens:.2f} (measured {r['measured_density']:.3f}): "

@@ -68,3 +68,14 @@ def all_keeping_predictors(model, rank: int = 4) -> dict:
         out[f"layers.{i}.p2"] = torch.zeros(I, rank)
         out[f"layers.{i}.bias"] = torch.full((I,), 1e30)
     return out
+
+
+def all_keeping_q4_predictors(model, group: int = 16) -> dict:
+    """Artifact-style 4-bit gate x up predictors (sdk/ffn/q4.py) that mark every neuron active (thresh -1 < |score|)."""
+    from .q4 import pack_gate_up
+    out = {}
+    for i, layer in enumerate(model.layers):
+        q, scale = pack_gate_up(layer.ffn.w_gate, layer.ffn.w_up, group)
+        out[f"layers.{i}.q"], out[f"layers.{i}.scale"] = q, scale
+        out[f"layers.{i}.thresh"] = torch.full((q.shape[0],), -1.0)
+    return out
