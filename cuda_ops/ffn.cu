@@ -16,7 +16,8 @@
 //                        positions in ascending order -> idx[t, :count[t]], count[t].
 // ffn_predict_q4 (3 launches, no host sync; layout and arithmetic in sdk/ops/ffn.py)
 //   1. q4_quantize_kernel  one block per token, a warp per group of G inputs: amax, xs = amax / 127,
-//                        xq = rint(x * (127 / amax)) (IEEE div/mul even under --use_fast_math), xsum8 = 8 sum xq;
+//                        xq = rint(x * inv), inv = 127 / amax correctly rounded as the reference computes it
+//                        (IEEE ops even under --use_fast_math), xsum8 = 8 sum xq;
 //                        xq [T, d] int8, xs / xsum8 [T, d/G] to the workspace. When G is 32 x a power of two
 //                        the int8 x is stored permuted per 4 nibble bytes: [x_j..x_j+3 | x_j+G/2..x_j+G/2+3],
 //                        so the 16 packed bytes a lane loads pair with 32 contiguous bytes of x.
@@ -273,7 +274,9 @@ __global__ void q4_quantize_kernel(const TX* __restrict__ x, int8_t* __restrict_
     float amax = 0.f;
     for (int64_t k = lane; k < G; k += 32) amax = fmaxf(amax, fabsf(to_f<TX>(xg[k])));
     amax = warp_max(amax);
-    // IEEE division / product (the reference's fp32 ops), not the --use_fast_math approximations
+    // The reference's exact fp32 ops (IEEE, not the --use_fast_math approximations): one correctly rounded
+    // division, as q4_estimates in sdk/ops/ffn.py and the CPU kernel compute it. An ulp off here flips
+    // round-half-even ties of fp16/bf16 x.
     const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
     int sum = 0;
     for (int64_t k = lane; k < G; k += 32) {

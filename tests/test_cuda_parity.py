@@ -17,6 +17,7 @@ on machines without a GPU; it proves nothing about the CUDA kernels).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -175,6 +176,76 @@ def test_ffn_predict(dtype, density, shape, T):
     check_active_sets(idx, count, scores, "ffn_predict")
     if density in (0.0, 1.0):
         assert int(count.min()) == int(count.max()) == int(density * I)
+
+
+# (d, I, G): groups 32/64/128 on the vector path, d = 576 / 160 not multiples of 128, I not multiples of 32;
+# G = 96 (not 32 x a power of two) takes the kernel's generic path, G = 2048 spans two warp steps per group.
+Q4_CASES = [(576, 1536, 32), (576, 1536, 64), (4096, 1024, 128), (384, 300, 128), (160, 77, 32), (576, 256, 96),
+            (4096, 64, 2048)]
+Q4_IDS = [f"d{d}-I{I}-G{G}" for d, I, G in Q4_CASES]
+Q4_ACTS = ["silu", "gelu", "relu", "drelu"]
+
+
+@functools.lru_cache(maxsize=None)
+def q4_weights(d, I, G):
+    from sparsedge.ffn.q4 import pack_gate_up
+
+    gen = torch.Generator().manual_seed(d * 7 + I + G)
+    w_gate = torch.randn(I, d, generator=gen) / math.sqrt(d)
+    w_up = torch.randn(I, d, generator=gen) / math.sqrt(d)
+    return pack_gate_up(w_gate, w_up, G)
+
+
+@pytest.mark.parametrize("mode", ["half", "all", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("act", Q4_ACTS)
+@pytest.mark.parametrize("case", Q4_CASES, ids=Q4_IDS)
+@pytest.mark.parametrize("T", [1, 3])
+def test_ffn_predict_q4(mode, dtype, act, case, T):
+    from sparsedge.ops.ffn import q4_scores
+
+    d, I, G = case
+    q, scale = q4_weights(d, I, G)
+    gen = torch.Generator().manual_seed(31 * T + d + G)
+    x = torch.randn(T, d, generator=gen).to(dtype)
+    x[0, :G] = 0.0  # a group with max|x| = 0
+    scores = q4_scores(x, q, scale, act, 0.0)  # [T, I] fp32, what the op compares
+    if mode == "all":
+        thresh = torch.full((I,), -1.0)
+    elif mode == "none":
+        thresh = torch.full((I,), float("inf"))
+    else:  # per-neuron thresholds around the median non-zero score: about half of silu/gelu neurons active
+        base = torch.quantile(scores[scores > 0], 0.5)
+        thresh = base * (0.5 + torch.rand(I, generator=gen))
+    idx, count = op("ffn_predict_q4")(dev(x), dev(q), dev(scale), dev(thresh), act, 0.0)
+    assert idx.shape == (T, I) and idx.dtype == torch.int32 and count.shape == (T,) and count.dtype == torch.int32
+    idx_ref, count_ref = ref("ffn_predict_q4")(x, q, scale, thresh, act, 0.0)
+    margin = scores.double() - thresh.double()  # active iff > 0 (the sign is exact)
+    assert torch.equal(count_ref, (margin > 0).sum(-1).to(torch.int32)), "harness: reference != its own scores"
+    # the estimates are bit-exact by construction; only the activation's last bits may differ near thresh
+    check_active_sets(idx, count, margin, f"ffn_predict_q4 {act}")
+    if mode == "all":
+        assert count.cpu().tolist() == [I] * T
+    elif mode == "none":
+        assert count.cpu().tolist() == [0] * T
+    else:
+        assert 0 < int(count_ref.sum()) < T * I, "thresholds leave no mix of active and inactive neurons"
+
+
+def test_ffn_predict_q4_rejects_bad_inputs():
+    if not ops.has_fused("ffn_predict_q4", DEV):
+        pytest.skip(f"no fused ffn_predict_q4 loaded for {DEV} (the composite reference does not validate)")
+    q, scale = q4_weights(160, 77, 32)
+    x, thresh = dev(torch.randn(2, 160)), dev(torch.zeros(77))
+    qd, sd = dev(q), dev(scale)
+    with pytest.raises(RuntimeError, match="q must be uint8"):
+        op("ffn_predict_q4")(x, qd.to(torch.int32), sd, thresh, "silu", 0.0)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        op("ffn_predict_q4")(x, qd, sd[:, :, :1].repeat(1, 1, 3), thresh, "silu", 0.0)
+    with pytest.raises(RuntimeError, match="thresh must be"):
+        op("ffn_predict_q4")(x, qd, sd, thresh[:5], "silu", 0.0)
+    with pytest.raises((RuntimeError, ValueError), match="activation"):
+        op("ffn_predict_q4")(x, qd, sd, thresh, "swish", 0.0)
 
 
 def random_active(T, I, density, gen):

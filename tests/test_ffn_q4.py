@@ -180,3 +180,21 @@ def test_cli_refuses_svd_options_and_powerinfer_export_with_q4():
     args = p.parse_args(["--predictor", "q4", "--export", "powerinfer", "x"])
     with pytest.raises(SystemExit, match="no 4-bit"):
         cal.run(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [64, 32])  # 64: the AVX2 path; 32: the scalar one
+def test_fused_estimates_are_bitwise_the_reference(dtype, G):
+    """relu scores are exact products, so with each threshold set to the reference's own score the kernel must
+    call every neuron inactive, and every neuron active one ulp lower: any rounding difference in the x
+    quantization (fp16/bf16 inputs hit round-half-even ties) or the group sums would flip decisions."""
+    I, d, T = 512, 576, 12
+    _, _, q, scale = _packed(I, d, G, seed=7)
+    x = torch.randn(T, d).to(dtype)
+    ref = q4_scores(x, q, scale, "relu", 0.0)
+    for t in range(T):
+        at = ref[t]
+        below = torch.nextafter(at, torch.full_like(at, -float("inf")))
+        for thresh, want in ((at, 0), (below, I)):
+            _, count = torch.ops.sparsedge.ffn_predict_q4(x[t:t + 1], q, scale, thresh, "relu", 0.0)
+            assert int(count[0]) == want, (t, want)

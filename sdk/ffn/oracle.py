@@ -14,6 +14,8 @@ is exactly what a sparse kernel executing that decision computes.
                a bound no predictor can beat at equal sparsity)
   gate         skip where |act(g_i)| is smallest, with the exact gate pre-activation g (CATS-style; the
                bound for any predictor that estimates the gate alone, i.e. for SVD gate predictors)
+  gate-band    the exact gate again, with per-neuron two-sided cuts (lo_i < g_i < hi_i is inactive): the
+               bound for per-neuron-threshold gate predictors (tighter than `gate`'s one cut per layer)
   svd          the shipped predictor's decision rule: rank-r whitened SVD of W_gate, one cut per neuron
                from below (predicted active when the score is above it)
   svd-band     same scores, a two-sided cut: inactive when lo_i < score < hi_i (SiLU's near-zero band)
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from . import predictor as P
 
-METHODS = ("oracle", "gate", "svd", "svd-band", "svd-product")
+METHODS = ("oracle", "gate", "gate-band", "svd", "svd-band", "svd-product")
 
 
 class MaskedFFN(torch.nn.Module):
@@ -144,6 +146,9 @@ class LayerFit:
         if method == "gate":
             thr = quantile(P.act_values(g_b, act, ap).abs())
             return lambda x, g, h: P.act_values(g.float(), act, ap).abs() >= thr
+        if method == "gate-band":
+            lo, hi = band_thresholds(g_b, contrib, target, two_sided=True)
+            return lambda x, g, h: ~((g.float() > lo) & (g.float() < hi))
         if method in ("svd", "svd-band"):
             p1, p2 = self.factors("gate")
             lo, hi = band_thresholds(P.scores_of(x_b, p1, p2), contrib, target, method == "svd-band")

@@ -22,7 +22,8 @@ Gate/up dot products accumulate in fp32; y is returned in x's dtype.
                                nibble), each stored as w/scale + 8 in [0, 15]
   scale    [I, 2, d/G] fp32    per-group scale (G = d / scale.shape[2], even)
   thresh   [I] fp32            neuron i is predicted active when |act(g^_i) * u^_i| > thresh_i
-  x is quantized per group of G to int8 (xs = max|x_g| / 127, xq = round-half-even(x * (127 / max|x_g|))),
+  x is quantized per group of G to int8 (xs = max|x_g| / 127, xq = round-half-even(x * inv) with inv the
+  correctly rounded fp32 quotient 127 / max|x_g|),
   every group dot sum_k (q - 8) * xq is an exact integer, and g^ = fp32(sum over groups, in group order, in
   fp64, of dot_g * fp32(scale_g * xs_g)): every term is exact in fp64, so kernels agree to the last bit.
   The op returns the same (idx, count) as ffn_predict, for sparse_ffn_rows.
@@ -102,7 +103,8 @@ def q4_estimates(x, q, scale) -> tuple[torch.Tensor, torch.Tensor]:
     G = d // ng
     xg = x.float().reshape(T, ng, G)
     amax = xg.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # one correctly rounded division (`127.0 / amax` would be torch's reciprocal-then-multiply, two roundings)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xq = torch.round(xg * inv[..., None])
     xs = amax / 127.0
     qq = q.reshape(I, 2, ng, G // 2)
