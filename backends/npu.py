@@ -23,7 +23,7 @@ from .base import Backend, register_backend
 ENV_LIB = "SPARSEDGE_ASCEND_LIB"
 LIB_NAME = "libsparsedge_ascend.so"
 # ops with an AscendC kernel in ascendc_ops/kernels (the others always run their composite reference on NPU)
-NPU_KERNEL_OPS = ("ffn_predict", "sparse_ffn", "sparse_ffn_rows", "delta_encode", "delta_attention")
+NPU_KERNEL_OPS = ("ffn_predict", "sparse_ffn", "sparse_ffn_rows", "delta_encode", "delta_attention", "ffn_predict_q4")
 
 _state: dict = {"tried": False, "path": None, "error": None, "build_info": None}
 

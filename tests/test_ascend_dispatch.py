@@ -45,9 +45,10 @@ def report():
 
 
 def test_registered_for_privateuse1(report):
-    for op in ("ffn_predict", "sparse_ffn", "sparse_ffn_rows", "delta_encode", "delta_attention"):
+    for op in ("ffn_predict", "sparse_ffn", "sparse_ffn_rows", "delta_encode", "delta_attention", "ffn_predict_q4"):
         assert report["registered"][op], op
     assert report["build_info"].startswith("ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention")
+    assert "ffn_predict_q4" in report["build_info"].split(";")[0].split(",")
 
 
 def test_sparse_ffn_argument_order(report):
@@ -79,6 +80,22 @@ def test_predict_and_rows_argument_order(report):
     (k1, b1, a1), _ = map(parse, rows["log"])
     assert a1[1:4] == ["0", "0", "0"] and a1[7:9] == [rows["ptrs"]["idx"], rows["ptrs"]["count"]]
     assert a1[14:18] == [1, 4, 0.05, 0.0] and b1 == 4         # rows mode, fatrelu(0.05), all 4 cores
+
+
+def test_ffn_predict_q4_argument_order(report):
+    case = report["cases"]["ffn_predict_q4"]
+    assert case["ok"] and case["cmds"] == ["sparsedge_ffn_predict_q4"]
+    (k1, b1, a1), (k2, b2, a2) = map(parse, case["log"])
+    p = case["ptrs"]
+    assert k1 == "sparsedge_ffn_q4_f16" and k2 == "sparsedge_ffn_concat"
+    # x, q, scale, thresh, workspace, then T, d, G, I, act, act_param, hPad, ngPad, nPerCore, nTile, qRows
+    assert a1[:4] == [p["x"], p["q"], p["scale"], p["thresh"]]
+    assert a1[5:11] == [2, 64, 32, 300, 1, 0.0]                # gelu = 1
+    assert a1[11:15] == [32, 8, 128, 128]                     # 32 B half-rows, 2 groups -> 8, 300 on 4 cores
+    assert b1 == 3
+    # concat: workspace, idx, count, T, I, dPad = 0 (no partial-y region), mainBlocks, nPerCore
+    assert a2[0] == a1[4] and a2[1:3] == [p["idx"], p["count"]]
+    assert a2[3:8] == [2, 300, 0, b1, 128] and b2 == 2
 
 
 def test_delta_encode_dispatch(report):

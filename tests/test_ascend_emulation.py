@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsedge.ops.delta import delta_attention_ref, delta_encode_ref
-from sparsedge.ops.ffn import ffn_predict_ref, sparse_ffn_ref, sparse_ffn_rows_ref
+from sparsedge.ops.ffn import ffn_predict_q4_ref, ffn_predict_ref, q4_scores, sparse_ffn_ref, sparse_ffn_rows_ref
 
 _spec = importlib.util.spec_from_file_location(
     "sparsedge_ascend_testutil", Path(__file__).resolve().parents[1] / "ascendc_ops" / "emulation" / "testutil.py")
@@ -124,6 +124,79 @@ def test_sparse_ffn_rows(emu, chip, density):
     y, down = sparse_ffn_rows_ref(x, idx, count, wg, wu, wd, "silu", 0.0, 0.02)
     check_close(res["y"], y, x.dtype)
     assert torch.equal(res["down_count"], down)
+
+
+# ------------------------------------------------------------------------------------ ffn_predict_q4
+def make_q4(T, d, G, I, density, dtype=torch.float16, seed=0, activation="silu", act_param=0.0):
+    """x, q, scale, thresh with about `density` of the (token, neuron) pairs active (0 and 1 exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    x[:, :G] = 0   # an all-zero group: amax = 0 -> inv = 0
+    q = torch.randint(0, 256, (I, 2, d // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(I, 2, d // G, generator=g) * (0.5 / math.sqrt(d))
+    scores = q4_scores(x, q, scale, activation, act_param)
+    if density == 0.0:
+        thresh = torch.full((I,), 1e30)
+    elif density == 1.0:
+        thresh = torch.full((I,), -1.0)   # scores are >= 0
+    else:
+        thresh = scores.flatten().quantile(1 - density) * (0.5 + torch.rand(I, generator=g))
+    return x, q, scale, thresh.float(), scores
+
+
+def check_q4(res, x, q, scale, thresh, scores, activation, act_param):
+    """Kernel decisions (fp32 estimates) vs the reference (fp64 accumulation): ascending ids, and the same active set
+    except for neurons whose reference score is within a small relative margin of the threshold."""
+    idx, count = ffn_predict_q4_ref(x, q, scale, thresh, activation, act_param)
+    T, I = scores.shape
+    margin = 1e-4 * scores.abs().amax(-1, keepdim=True).clamp_min(1e-6)
+    near = (scores - thresh).abs() <= margin
+    flips = 0
+    for t in range(T):
+        n = int(res["count"][t])
+        got = res["idx"][t, :n].long()
+        assert n == 0 or (got[1:] > got[:-1]).all()
+        gm = torch.zeros(I, dtype=torch.bool)
+        gm[got] = True
+        diff = gm ^ (scores[t] > thresh)
+        assert not (diff & ~near[t]).any(), f"token {t}: {int((diff & ~near[t]).sum())} decisions off the boundary"
+        flips += int(diff.sum())
+    assert flips <= max(2, T * I // 500)      # the boundary cases stay rare
+    return idx, count
+
+
+@pytest.mark.parametrize("chip,dtype", [("310B", torch.float16), ("910B", torch.float16), ("910B", torch.bfloat16)])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 256, 64, 700), (3, 96, 32, 300), (2, 160, 16, 130), (2, 512, 128, 200)])
+def test_ffn_predict_q4(emu, chip, dtype, density, shape):
+    T, d, G, I = shape
+    x, q, scale, thresh, scores = make_q4(T, d, G, I, density, dtype=dtype, seed=7)
+    res = emu.ffn_predict_q4(x, q, scale, thresh, activation="silu", chip=chip, cores=4)
+    _, count = check_q4(res, x, q, scale, thresh, scores, "silu", 0.0)
+    if density in (0.0, 1.0):
+        assert torch.equal(res["count"], count)
+        assert all(torch.equal(res["idx"][t, : count[t]], torch.arange(I, dtype=torch.int32)[: count[t]])
+                   for t in range(T))
+    _, t = emu.ffn_q4_tiling(chip, T, d, G, I, 4)
+    assert res["ub"] == (t["ubBytes"], t["concatUbBytes"])
+
+
+@pytest.mark.parametrize("activation,act_param", [
+    ("silu", 0.0), ("gelu", 0.0), ("gelu_tanh", 0.0), ("relu", 0.0), ("fatrelu", 0.05), ("drelu", 0.0),
+    ("relu2", 0.0)])
+def test_ffn_predict_q4_activations(emu, activation, act_param):
+    x, q, scale, thresh, scores = make_q4(2, 128, 32, 256, 0.5, seed=8, activation=activation, act_param=act_param)
+    res = emu.ffn_predict_q4(x, q, scale, thresh, activation=activation, act_param=act_param, chip="310B", cores=3)
+    check_q4(res, x, q, scale, thresh, scores, activation, act_param)
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("cores", [1, 3, 8])
+def test_ffn_predict_q4_cores_and_long_rows(emu, chip, cores):
+    # d / G = 512 groups: WholeReduceSum runs in chunks of <= 255 repeats; 1 or several cores and neuron tiles
+    x, q, scale, thresh, scores = make_q4(1, 8192, 16, 100, 0.5, seed=9, activation="gelu")
+    res = emu.ffn_predict_q4(x, q, scale, thresh, activation="gelu", chip=chip, cores=cores)
+    check_q4(res, x, q, scale, thresh, scores, "gelu", 0.0)
 
 
 # ------------------------------------------------------------------------------------- delta

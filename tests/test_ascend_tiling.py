@@ -75,6 +75,35 @@ def test_ffn_tiling_rejects(emu):
 
 
 @pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("T,d,I", [(1, 576, 1536), (1, 2048, 8192), (1, 4096, 11008), (4, 4096, 14336),
+                                   (1, 8192, 28672), (3, 96, 37)])
+@pytest.mark.parametrize("G", [16, 32, 64, 128])
+@pytest.mark.parametrize("cores", [1, 8, 48])
+def test_ffn_q4_tiling(emu, chip, T, d, I, G, cores):
+    if d % G:
+        assert emu.ffn_q4_tiling(chip, T, d, G, I, cores)[0] == 1
+        return
+    rc, t = emu.ffn_q4_tiling(chip, T, d, G, I, cores)
+    assert rc == 0, t
+    assert t["ubLimit"] == CHIPS[chip] and t["ubBytes"] <= t["ubLimit"] and t["concatUbBytes"] <= t["ubLimit"]
+    assert t["dPad"] % 16 == 0 and 0 <= t["dPad"] - d < 16
+    assert t["hPad"] % 32 == 0 and 0 <= t["hPad"] - d // 2 < 32                # one 32-B aligned UB block per half-row
+    assert t["ngPad"] % 8 == 0 and 0 <= t["ngPad"] - d // G < 8
+    assert t["nPerCore"] % 64 == 0 and t["blockDim"] * t["nPerCore"] >= I > (t["blockDim"] - 1) * t["nPerCore"]
+    assert t["nTile"] % 64 == 0 and 64 <= t["nTile"] <= min(t["nPerCore"], 2048) and t["qRows"] >= 1
+    assert t["blockDim"] <= cores and t["concatBlockDim"] == min(T, cores)
+    assert t["wsBytes"] == T * t["blockDim"] * 32 + T * t["blockDim"] * t["nPerCore"] * 4
+
+
+def test_ffn_q4_tiling_rejects(emu):
+    assert emu.ffn_q4_tiling("310B", 1, 256, 24, 64, 8)[0] == 1    # G not a multiple of 16
+    assert emu.ffn_q4_tiling("310B", 1, 512, 256, 64, 8)[0] == 1   # G > 128: more than one repeat per group
+    assert emu.ffn_q4_tiling("310B", 1, 200, 32, 64, 8)[0] == 1    # d not a multiple of G
+    assert emu.ffn_q4_tiling("310B", 0, 256, 32, 64, 8)[0] == 1
+    assert emu.ffn_q4_tiling("910B", 1, 256, 32, 64, 8, elem_bytes=4)[0] == 1
+
+
+@pytest.mark.parametrize("chip", CHIPS)
 @pytest.mark.parametrize("T,H,D", [(1, 3, 64), (512, 8, 128), (100000, 2, 64), (7, 5, 40), (64, 32, 256)])
 def test_delta_encode_tiling(emu, chip, T, H, D):
     rc, t = emu.delta_encode_tiling(chip, T, H, D, 8)

@@ -11,11 +11,13 @@
 #include "aclrtlaunch_sparsedge_delta_encode_f16.h"
 #include "aclrtlaunch_sparsedge_ffn_concat.h"
 #include "aclrtlaunch_sparsedge_ffn_f16.h"
+#include "aclrtlaunch_sparsedge_ffn_q4_f16.h"
 #include "aclrtlaunch_sparsedge_ffn_reduce_f16.h"
 #ifdef SPARSEDGE_HAS_BF16  // 910B builds only (see CMakeLists.txt)
 #include "aclrtlaunch_sparsedge_delta_attention_decode_bf16.h"
 #include "aclrtlaunch_sparsedge_delta_encode_bf16.h"
 #include "aclrtlaunch_sparsedge_ffn_bf16.h"
+#include "aclrtlaunch_sparsedge_ffn_q4_bf16.h"
 #include "aclrtlaunch_sparsedge_ffn_reduce_bf16.h"
 #endif
 
@@ -53,6 +55,12 @@ void sd_launch_ffn_concat(uint32_t blockDim, void* stream, void* ws, void* idx, 
                           uint32_t dPad, uint32_t mainBlocks, uint32_t nPerCore) {
     check(ACLRT_LAUNCH_KERNEL(sparsedge_ffn_concat)(blockDim, stream, ws, idx, count, T, I, dPad, mainBlocks, nPerCore),
           "sparsedge_ffn_concat");
+}
+void sd_launch_ffn_q4(int dtype, uint32_t blockDim, void* stream, void* x, void* q, void* scale, void* thresh,
+                      void* ws, uint32_t T, uint32_t d, uint32_t G, uint32_t I, uint32_t act, float actParam,
+                      uint32_t hPad, uint32_t ngPad, uint32_t nPerCore, uint32_t nTile, uint32_t qRows) {
+    SD_DISPATCH(dtype, sparsedge_ffn_q4, blockDim, stream, x, q, scale, thresh, ws, T, d, G, I, act, actParam, hPad,
+                ngPad, nPerCore, nTile, qRows);
 }
 void sd_launch_delta_encode(int dtype, uint32_t blockDim, void* stream, void* k, void* ref, void* theta, void* values,
                             void* chan, void* offsets, void* status, uint32_t T, uint32_t H, uint32_t D, uint32_t cap,

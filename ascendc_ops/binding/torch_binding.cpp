@@ -194,6 +194,47 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_rows(const at::Tensor& x, const at
     return {y, down};
 }
 
+// 4-bit gate x up predictor: sparsedge_ffn_q4 (per-core active lists in the workspace) + sparsedge_ffn_concat
+std::tuple<at::Tensor, at::Tensor> ffn_predict_q4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                                                  const at::Tensor& thresh, c10::string_view activation,
+                                                  double act_param) {
+    SD_CHECK_DEVICE(x, "x");
+    SD_CHECK_DEVICE(q, "q");
+    TORCH_CHECK(x.dim() == 2, "sparsedge (npu): x must be [T, d]");
+    int64_t T = x.size(0), d = x.size(1), I = q.size(0);
+    TORCH_CHECK(q.dim() == 3 && q.size(1) == 2 && q.size(2) * 2 == d && q.scalar_type() == at::kByte,
+                "sparsedge (npu): q must be uint8 [I, 2, d/2]");
+    TORCH_CHECK(scale.dim() == 3 && scale.size(0) == I && scale.size(1) == 2 && scale.size(2) > 0 &&
+                    d % scale.size(2) == 0, "sparsedge (npu): scale must be [I, 2, d/G]");
+    TORCH_CHECK(thresh.dim() == 1 && thresh.size(0) == I, "sparsedge (npu): thresh must be [I]");
+    uint32_t G = uint32_t(d / scale.size(2));
+    int c = chip();
+    int dt = dtype_of(x, c);
+    uint32_t act = activation_id(std::string(activation));
+    SdFfnQ4Tiling t;
+    check_tiling(sd_ffn_q4_tiling(c, uint32_t(T), uint32_t(d), G, uint32_t(I), 2, core_num(c, x), &t),
+                 "ffn_predict_q4 (G must be a multiple of 16, at most 128)");
+    at::Tensor xc = x.contiguous(), qc = q.contiguous();
+    at::Tensor sc = scale.to(x.device(), at::kFloat).contiguous();
+    at::Tensor th = thresh.to(x.device(), at::kFloat).contiguous();
+    at::Tensor idx = at::empty({T, I}, x.options().dtype(at::kInt));
+    at::Tensor count = at::empty({T}, x.options().dtype(at::kInt));
+    at::Tensor ws = workspace(t.wsBytes, x);
+    void* s = stream();
+    at_npu::native::OpCommand cmd;
+    cmd.Name("sparsedge_ffn_predict_q4");
+    cmd.SetCustomHandler([=]() -> int {
+        sd_launch_ffn_q4(dt, t.blockDim, s, ptr(xc), ptr(qc), ptr(sc), ptr(th), ptr(ws), uint32_t(T), uint32_t(d), G,
+                         uint32_t(I), act, float(act_param), t.hPad, t.ngPad, t.nPerCore, t.nTile, t.qRows);
+        // the q4 workspace has no partial-y region: concat reads it with dPad = 0
+        sd_launch_ffn_concat(t.concatBlockDim, s, ptr(ws), ptr(idx), ptr(count), uint32_t(T), uint32_t(I), 0u,
+                             t.blockDim, t.nPerCore);
+        return 0;
+    });
+    cmd.Run();
+    return {idx, count};
+}
+
 // ---------------------------------------------------------------------------------------- delta
 at::Tensor delta_encode(const at::Tensor& k, at::Tensor& ref, const at::Tensor& theta, at::Tensor& values,
                         at::Tensor& chan, at::Tensor& offsets, int64_t start) {
@@ -286,6 +327,7 @@ at::Tensor delta_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 
 TORCH_LIBRARY_IMPL(sparsedge, PrivateUse1, m) {
     m.impl("ffn_predict", &sparsedge_npu::ffn_predict);
+    m.impl("ffn_predict_q4", &sparsedge_npu::ffn_predict_q4);
     m.impl("sparse_ffn", &sparsedge_npu::sparse_ffn);
     m.impl("sparse_ffn_rows", &sparsedge_npu::sparse_ffn_rows);
     m.impl("delta_encode", &sparsedge_npu::delta_encode);
@@ -294,7 +336,7 @@ TORCH_LIBRARY_IMPL(sparsedge, PrivateUse1, m) {
 
 // which kernels this library carries (read by sparsedge.backends.npu for `sparsedge doctor`)
 extern "C" const char* sparsedge_ascend_build_info() {
-    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention"
+    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,ffn_predict_q4"
 #ifdef SPARSEDGE_SOC_VERSION
            ";soc=" SPARSEDGE_SOC_VERSION
 #endif

@@ -12,7 +12,7 @@ import torch
 
 import sparsedge.ops as ops
 from sparsedge.ops.delta import delta_attention_ref, delta_encode_ref
-from sparsedge.ops.ffn import ffn_predict_ref, sparse_ffn_ref, sparse_ffn_rows_ref
+from sparsedge.ops.ffn import ffn_predict_q4_ref, ffn_predict_ref, q4_scores, sparse_ffn_ref, sparse_ffn_rows_ref
 
 lib_path = sys.argv[1]
 torch.ops.load_library(lib_path)
@@ -67,6 +67,18 @@ report["cases"]["ffn_predict"] = {
 y2r, dc2r = sparse_ffn_rows_ref(x, idr, cnr, wg, wu, wd, "fatrelu", 0.05, 0.0)
 report["cases"]["sparse_ffn_rows"] = {"log": log, "cmds": cmds, "err": err(y2, y2r), "count_ok": bool(torch.equal(dc2, dc2r)),
                                       "ptrs": {"idx": ptr(idr), "count": ptr(cnr)}}
+
+G4 = 32
+q4 = torch.randint(0, 256, (I, 2, 64 // 2), dtype=torch.uint8, generator=g)
+s4 = torch.rand(I, 2, 64 // G4, generator=g) * 0.05
+x4 = x[:, :64].contiguous()
+th4 = q4_scores(x4, q4, s4, "gelu", 0.0).mean(0)   # between the two tokens' scores: away from the boundary
+(idx4, cnt4), log, cmds = call("ffn_predict_q4", x4, q4, s4, th4, "gelu", 0.0)
+idr4, cnr4 = ffn_predict_q4_ref(x4, q4, s4, th4, "gelu", 0.0)
+report["cases"]["ffn_predict_q4"] = {
+    "log": log, "cmds": cmds, "ok": bool(torch.equal(cnt4, cnr4) and all(
+        torch.equal(idx4[t, : cnr4[t]], idr4[t, : cnr4[t]]) for t in range(T))),
+    "ptrs": {"x": ptr(x4), "q": ptr(q4), "scale": ptr(s4), "thresh": ptr(th4), "idx": ptr(idx4), "count": ptr(cnt4)}}
 
 H, Hq, D, Tmax = 2, 4, 64, 40
 k = (torch.randn(Tmax, H, D, generator=g) * 0.4).cumsum(0).half()

@@ -78,6 +78,12 @@ class SdFfnTiling(ctypes.Structure):
                [(n, ctypes.c_uint32) for n in ("redBlockDim", "redCols", "redUbBytes")]
 
 
+class SdFfnQ4Tiling(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("blockDim", "dPad", "hPad", "ngPad", "nPerCore", "nTile", "qRows",
+                                               "ubBytes", "ubLimit")] + [("wsBytes", ctypes.c_uint64)] + \
+               [(n, ctypes.c_uint32) for n in ("concatBlockDim", "concatUbBytes")]
+
+
 class SdDeltaEncodeTiling(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint32) for n in ("blockDim", "dPad", "maxTokens", "ubBytes", "ubLimit")]
 
@@ -121,6 +127,11 @@ class Emu:
         rc = self.lib.sd_ffn_tiling(CHIPS[chip], MODES[mode], T, d, r, I, elem_bytes, cores, ctypes.byref(t))
         return rc, _as_dict(t)
 
+    def ffn_q4_tiling(self, chip, T, d, G, I, cores, elem_bytes=2):
+        t = SdFfnQ4Tiling()
+        rc = self.lib.sd_ffn_q4_tiling(CHIPS[chip], T, d, G, I, elem_bytes, cores, ctypes.byref(t))
+        return rc, _as_dict(t)
+
     def delta_encode_tiling(self, chip, T, H, D, cores, elem_bytes=2):
         t = SdDeltaEncodeTiling()
         rc = self.lib.sd_delta_encode_tiling(CHIPS[chip], T, H, D, elem_bytes, cores, ctypes.byref(t))
@@ -153,6 +164,19 @@ class Emu:
             ctypes.c_float(tau), _p(y), _p(idx_out), _p(count_out), _p(down), ub)
         self._check(rc)
         return {"y": y, "idx": idx_out, "count": count_out, "down_count": down, "ub": (ub[0], ub[1])}
+
+    def ffn_predict_q4(self, x, q, scale, thresh, *, activation="silu", act_param=0.0, chip="310B", cores=4):
+        """x [T, d] fp16/bf16, q uint8 [I, 2, d/2], scale fp32 [I, 2, d/G], thresh fp32 [I] -> idx, count, ub."""
+        T, d = x.shape
+        I, G = q.shape[0], d // scale.shape[2]
+        idx = torch.full((T, I), -1, dtype=torch.int32)
+        count = torch.zeros(T, dtype=torch.int32)
+        ub = (ctypes.c_uint64 * 2)()
+        q, scale, thresh = q.contiguous(), scale.float().contiguous(), thresh.float().contiguous()
+        rc = self.lib.sd_emu_ffn_q4(CHIPS[chip], DTYPES[x.dtype], cores, _p(x), _p(q), _p(scale), _p(thresh), T, d, G,
+                                    I, ACTIVATIONS[activation], ctypes.c_float(act_param), _p(idx), _p(count), ub)
+        self._check(rc)
+        return {"idx": idx, "count": count, "ub": (ub[0], ub[1])}
 
     def delta_encode(self, k, ref, theta, values, chan, offsets, start, *, chip="310B", cores=4):
         T, H, D = k.shape

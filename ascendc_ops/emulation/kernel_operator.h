@@ -570,6 +570,45 @@ inline void Cast(const LocalTensor<D>& d, const LocalTensor<S>& s, RoundMode mod
     }
 }
 
+// And (bitwise, tensor-tensor) and ShiftRight (by a scalar): 16-bit integer types (AscendC also has 32-bit
+// ShiftRight); unsigned types shift logically, signed types arithmetically.
+template <typename T>
+inline void And(const LocalTensor<T>& d, const LocalTensor<T>& a, const LocalTensor<T>& b, const int32_t& n) {
+    static_assert(std::is_same_v<T, uint16_t> || std::is_same_v<T, int16_t>, "And: uint16_t / int16_t operands only");
+    d.vecOperand(uint32_t(n), "And"); a.vecOperand(uint32_t(n), "And"); b.vecOperand(uint32_t(n), "And");
+    std::vector<T> av(a.ptr(), a.ptr() + n), bv(b.ptr(), b.ptr() + n);
+    for (int32_t i = 0; i < n; ++i) d.ptr()[i] = T(av[i] & bv[i]);
+}
+template <typename T>
+inline void ShiftRight(const LocalTensor<T>& d, const LocalTensor<T>& s, const T& v, const int32_t& n) {
+    static_assert(std::is_integral_v<T> && (sizeof(T) == 2 || sizeof(T) == 4), "ShiftRight: 16/32-bit integers only");
+    d.vecOperand(uint32_t(n), "ShiftRight"); s.vecOperand(uint32_t(n), "ShiftRight");
+    std::vector<T> sv(s.ptr(), s.ptr() + n);
+    for (int32_t i = 0; i < n; ++i) d.ptr()[i] = T(sv[i] >> v);
+}
+
+// WholeReduceSum, contiguous-mask mode: for each of repeatTimes repeats, the sum of the first `mask` elements of
+// the repeat (src starts at r * srcRepStride 32-B blocks) goes to dst[r * dstRepStride] (unit: one dst element).
+// The hardware adds within a repeat as a binary tree; this sums sequentially in fp32 (identical for exact sums).
+template <typename T>
+inline void WholeReduceSum(const LocalTensor<T>& dst, const LocalTensor<T>& src, const int32_t mask,
+                           const int32_t repeatTimes, const int32_t dstRepStride, const int32_t srcBlkStride,
+                           const int32_t srcRepStride) {
+    const int32_t per = int32_t(ONE_REPEAT_BYTE_SIZE / sizeof(T)), blk = int32_t(ONE_BLK_SIZE / sizeof(T));
+    EMU_CHECK(mask >= 1 && mask <= per, "WholeReduceSum: mask out of range for the data type");
+    EMU_CHECK(repeatTimes >= 0 && repeatTimes <= int32_t(MAX_REPEAT_TIMES), "WholeReduceSum: repeatTimes must be 0..255");
+    EMU_CHECK(srcBlkStride == 1, "WholeReduceSum: the harness implements srcBlkStride = 1 only");
+    src.vecOperand(0, "WholeReduceSum");
+    for (int32_t r = 0; r < repeatTimes; ++r) {
+        uint64_t base = uint64_t(r) * uint64_t(srcRepStride) * uint64_t(blk);
+        src.check(base, uint64_t(mask));
+        float sum = 0.f;
+        for (int32_t i = 0; i < mask; ++i) sum += float(src.ptr()[base + i]);
+        dst.check(uint64_t(r) * uint64_t(dstRepStride), 1);
+        dst.ptr()[uint64_t(r) * uint64_t(dstRepStride)] = T(sum);
+    }
+}
+
 // ReduceSum / ReduceMax: result in dst[0]; the shared tmp buffer must hold one partial per 256-B repeat.
 template <typename T>
 inline void checkReduceTmp(const LocalTensor<T>& tmp, uint32_t n, const char* api) {

@@ -78,6 +78,21 @@ void sd_launch_ffn_concat(uint32_t blockDim, void* stream, void* ws, void* idx, 
     record("sparsedge_ffn_concat", blockDim, ws, idx, count, T, I, dPad, mainBlocks, nPerCore);
     run(blockDim, [&] { sparsedge_ffn_concat(GM(ws), GM(idx), GM(count), T, I, dPad, mainBlocks, nPerCore); });
 }
+void sd_launch_ffn_q4(int dtype, uint32_t blockDim, void* stream, void* x, void* q, void* scale, void* thresh,
+                      void* ws, uint32_t T, uint32_t d, uint32_t G, uint32_t I, uint32_t act, float actParam,
+                      uint32_t hPad, uint32_t ngPad, uint32_t nPerCore, uint32_t nTile, uint32_t qRows) {
+    (void)stream;
+    record(dtype == SD_BF16 ? "sparsedge_ffn_q4_bf16" : "sparsedge_ffn_q4_f16", blockDim, x, q, scale, thresh, ws, T,
+           d, G, I, act, actParam, hPad, ngPad, nPerCore, nTile, qRows);
+    run(blockDim, [&] {
+        if (dtype == SD_BF16)
+            sparsedge_ffn_q4_bf16(GM(x), GM(q), GM(scale), GM(thresh), GM(ws), T, d, G, I, act, actParam, hPad, ngPad,
+                                  nPerCore, nTile, qRows);
+        else
+            sparsedge_ffn_q4_f16(GM(x), GM(q), GM(scale), GM(thresh), GM(ws), T, d, G, I, act, actParam, hPad, ngPad,
+                                 nPerCore, nTile, qRows);
+    });
+}
 void sd_launch_delta_encode(int dtype, uint32_t blockDim, void* stream, void* k, void* ref, void* theta, void* values,
                             void* chan, void* offsets, void* status, uint32_t T, uint32_t H, uint32_t D, uint32_t cap,
                             uint32_t offStride, uint32_t start, uint32_t dPad, uint32_t maxTokens) {
@@ -153,6 +168,24 @@ int sd_emu_ffn(int chip, int dtype, int mode, uint32_t coreNum, void* x, void* p
             sd_launch_ffn_reduce(dtype, t.redBlockDim, nullptr, ws.data(), y, countOut ? countOut : scratch.data(),
                                  downOut, T, d, t.dPad, t.blockDim, t.redCols);
         }
+        ub[1] = g_last_ub;
+    })
+}
+
+// ffn_predict_q4: main kernel, then sparsedge_ffn_concat over its workspace (dPad = 0: no partial-y region).
+int sd_emu_ffn_q4(int chip, int dtype, uint32_t coreNum, void* x, void* q, void* scale, void* thresh, uint32_t T,
+                  uint32_t d, uint32_t G, uint32_t I, uint32_t act, float actParam, void* idxOut, void* countOut,
+                  uint64_t* ub) {
+    EMU_TRY({
+        sd_emu_set_chip(chip);
+        SdFfnQ4Tiling t;
+        int rc = sd_ffn_q4_tiling(chip, T, d, G, I, 2, coreNum, &t);
+        if (rc != SD_OK) throw std::runtime_error("sd_ffn_q4_tiling failed with status " + std::to_string(rc));
+        std::vector<uint8_t> ws(t.wsBytes + 64, 0xCD);
+        sd_launch_ffn_q4(dtype, t.blockDim, nullptr, x, q, scale, thresh, ws.data(), T, d, G, I, act, actParam, t.hPad,
+                         t.ngPad, t.nPerCore, t.nTile, t.qRows);
+        ub[0] = g_last_ub;
+        sd_launch_ffn_concat(t.concatBlockDim, nullptr, ws.data(), idxOut, countOut, T, I, 0, t.blockDim, t.nPerCore);
         ub[1] = g_last_ub;
     })
 }

@@ -69,12 +69,31 @@ typedef struct {
     uint32_t nPad;
 } SdDeltaAttnTiling;
 
+typedef struct {
+    uint32_t blockDim;      // cores launched (neurons split like ffn_predict: nPerCore each)
+    uint32_t dPad;          // d rounded up to 16 elements (x row in UB)
+    uint32_t hPad;          // bytes of one half-row (gate or up, d/2 bytes) in UB, rounded up to 32
+    uint32_t ngPad;         // groups per half-row (d/G) rounded up to 8 (32 B of fp32)
+    uint32_t nPerCore;      // neurons owned by one core, multiple of 64
+    uint32_t nTile;         // neurons per activation + compaction tile, multiple of 64
+    uint32_t qRows;         // neurons (q + scale rows) fetched per DataCopyPad
+    uint32_t ubBytes;
+    uint32_t ubLimit;
+    uint64_t wsBytes;       // counters [T, blockDim, 8] int32 + index lists [T, blockDim, nPerCore] int32
+    uint32_t concatBlockDim;  // cores of sparsedge_ffn_concat (launched with dPad = 0)
+    uint32_t concatUbBytes;
+} SdFfnQ4Tiling;
+
 // modes of the FFN kernel
 enum SdFfnMode { SD_FFN_FUSED = 0, SD_FFN_ROWS = 1, SD_FFN_PREDICT = 2 };
 
 uint32_t sd_chip_ub_bytes(int chip);
 int sd_ffn_tiling(int chip, int mode, uint32_t T, uint32_t d, uint32_t r, uint32_t I, uint32_t elemBytes,
                   uint32_t coreNum, SdFfnTiling* out);
+// ffn_predict_q4: G = d / scale.shape[2] must be a multiple of 16 and at most 128 (one WholeReduceSum repeat of
+// G/2 fp32 lanes per group); elemBytes is x's (2: fp16 / bf16).
+int sd_ffn_q4_tiling(int chip, uint32_t T, uint32_t d, uint32_t G, uint32_t I, uint32_t elemBytes, uint32_t coreNum,
+                     SdFfnQ4Tiling* out);
 int sd_delta_encode_tiling(int chip, uint32_t T, uint32_t H, uint32_t D, uint32_t elemBytes, uint32_t coreNum,
                            SdDeltaEncodeTiling* out);
 int sd_delta_attn_tiling(int chip, uint32_t H, uint32_t Hq, uint32_t D, uint32_t n, uint32_t elemBytes,
@@ -159,6 +178,57 @@ int sd_ffn_tiling(int chip, int mode, uint32_t T, uint32_t d, uint32_t r, uint32
     if (mode == SD_FFN_PREDICT)
         t.redUbBytes = sd_ub32(t.blockDim * SD_WS_ROW_INTS * 4u) + sd_ub32(t.nPerCore * 4u);
     if (t.redUbBytes > t.ubLimit) return SD_ERR_UB;
+    *out = t;
+    return SD_OK;
+}
+
+// UB bytes of the q4 predictor kernel; the order mirrors FfnPredictQ4Kernel::Init.
+static uint32_t sd_ffn_q4_ub(uint32_t dPad, uint32_t hPad, uint32_t ngPad, uint32_t G, uint32_t nTile, uint32_t qRows,
+                             uint32_t e) {
+    uint32_t ub = 0, h2 = 2u * hPad;
+    ub += sd_ub32(dPad * e);                          // xQue (1 buffer)
+    ub += sd_ub32(dPad * 4u);                         // xF
+    ub += sd_ub32(h2 * 4u);                           // xq in nibble order [lo | hi]
+    ub += sd_ub32(h2);                                // nibbles (uint8)
+    ub += sd_ub32(h2 * 2u);                           // nibbles as half
+    ub += sd_ub32(h2 * 4u);                           // nibbles as fp32 (also |x| / int32 scratch)
+    ub += sd_ub32(hPad);                              // 0x0F0F mask (uint16)
+    ub += 3u * sd_ub32(2u * ngPad * 4u);              // xs, c = scale * xs, group dots
+    ub += sd_reduce_tmp_bytes(G > ngPad ? G : ngPad) + SD_BLOCK;  // redTmp + redDst
+    ub += SD_BLOCK;                                   // cntQue
+    ub += 8u * sd_ub32(nTile * 4u);                   // score, thresh, ramp, active, g, u, h, tmp
+    ub += sd_ub32(nTile / 8u);                        // compare mask bits
+    ub += SD_BUFFER_NUM * sd_ub32(qRows * h2);        // qQue (double buffered)
+    ub += SD_BUFFER_NUM * sd_ub32(qRows * 2u * ngPad * 4u);  // sQue
+    return ub;
+}
+
+int sd_ffn_q4_tiling(int chip, uint32_t T, uint32_t d, uint32_t G, uint32_t I, uint32_t e, uint32_t coreNum,
+                     SdFfnQ4Tiling* out) {
+    if (!out || T == 0 || d == 0 || I == 0 || e != 2u || coreNum == 0) return SD_ERR_ARG;
+    if (G == 0 || G % 16u != 0 || G > 128u || d % G != 0) return SD_ERR_ARG;
+    SdFfnQ4Tiling t = {0};
+    t.ubLimit = sd_chip_ub_bytes(chip);
+    t.dPad = sd_align(d, 16u);
+    t.hPad = sd_align(d / 2u, SD_BLOCK);
+    t.ngPad = sd_align(d / G, 8u);
+    uint32_t per = sd_align(sd_ceil_div(I, coreNum), 64u);
+    t.nPerCore = per;
+    t.blockDim = sd_ceil_div(I, per);
+    uint32_t nTile = per < 2048u ? per : 2048u, qRows = 16u;
+    for (;;) {
+        uint32_t ub = sd_ffn_q4_ub(t.dPad, t.hPad, t.ngPad, G, nTile, qRows, e);
+        if (ub <= t.ubLimit) { t.ubBytes = ub; break; }
+        if (qRows > 1u) { qRows /= 2u; continue; }
+        if (nTile > 64u) { nTile -= 64u; continue; }
+        return SD_ERR_UB;
+    }
+    t.nTile = nTile;
+    t.qRows = qRows;
+    t.wsBytes = (uint64_t)T * t.blockDim * SD_WS_ROW_INTS * 4u + (uint64_t)T * t.blockDim * t.nPerCore * 4u;
+    t.concatBlockDim = T < coreNum ? T : coreNum;
+    t.concatUbBytes = sd_ub32(t.blockDim * SD_WS_ROW_INTS * 4u) + sd_ub32(t.nPerCore * 4u);
+    if (t.concatUbBytes > t.ubLimit) return SD_ERR_UB;
     *out = t;
     return SD_OK;
 }

@@ -13,13 +13,17 @@
  *             into an fp32 UB accumulator; the partial y goes to GM workspace.
  *   ROWS    : same, but the active list is the caller's idx/count; core b takes a contiguous segment.
  *   PREDICT : the compaction only; each core writes its list to the workspace.
+ * Plus FfnPredictQ4Kernel (sparsedge_ffn_q4_*, op ffn_predict_q4): the 4-bit gate x up predictor, PREDICT-mode
+ * workspace output, fp32 estimates from exact integer group dots (precision note at the class).
  * A second launch does the cross-core reduction through the GM workspace: sparsedge_ffn_reduce_* sums the
  * per-core partials column-slice by column-slice (and the counters), sparsedge_ffn_concat concatenates the
  * per-core index lists in core order (so ids stay ascending).  Two launches instead of SyncAll() keep the
  * kernel portable between 310B (coupled) and 910B (AIV-only launch), with no soft-sync workspace.
  *
  * Precision: weights/activations fp16 (310B, 910B) or bf16 (910B only); every dot product and the y
- * accumulator are fp32 in UB; y is rounded once, at the end.
+ * accumulator are fp32 in UB; y is rounded once, at the end.  ffn_predict_q4: x quantized to int8 per group as
+ * the reference does, integer group dots exact in fp32, sum_g dot_g * fp32(scale_g * xs_g) in fp32 where the
+ * reference uses fp64, so decisions can differ only for neurons within a few fp32 ulps of their threshold.
  */
 #include "kernel_operator.h"
 using namespace AscendC;
@@ -38,6 +42,59 @@ struct FfnParams {
     float actParam, tau;
     uint32_t dPad, rPad, nPerCore, nTile, p2Rows;
 };
+
+// ---- h = act(g) * u over n lanes (n * 4 B a multiple of 256 B; pad lanes with g = u = 0 give h = 0).
+// tmp: n fp32 scratch, mask: n bits. Shared by SparseFfnKernel and FfnPredictQ4Kernel.
+__aicore__ inline void ActivateLanes(const LocalTensor<float>& g, const LocalTensor<float>& u, const LocalTensor<float>& h,
+                                     const LocalTensor<float>& tmp, const LocalTensor<uint8_t>& mask, uint32_t n,
+                                     uint32_t act, float actParam, float tau)
+{
+    switch (act) {
+        case ACT_SILU:  // g * sigmoid(g)
+            Muls(tmp, g, -1.0f, n);
+            Exp(tmp, tmp, n);
+            Adds(tmp, tmp, 1.0f, n);
+            Div(h, g, tmp, n);
+            break;
+        case ACT_GELU:  // 0.5 g (1 + erf(g / sqrt 2))
+            Muls(tmp, g, 0.70710678118654752f, n);
+            Erf(tmp, tmp, n);
+            Adds(tmp, tmp, 1.0f, n);
+            Mul(tmp, tmp, g, n);
+            Muls(h, tmp, 0.5f, n);
+            break;
+        case ACT_GELU_TANH:  // 0.5 g (1 + tanh z) = g * sigmoid(2z),  z = sqrt(2/pi) (g + 0.044715 g^3)
+            Mul(tmp, g, g, n);
+            Mul(tmp, tmp, g, n);
+            Muls(tmp, tmp, 0.044715f, n);
+            Add(tmp, tmp, g, n);
+            Muls(tmp, tmp, -1.5957691216057308f, n);
+            Exp(tmp, tmp, n);
+            Adds(tmp, tmp, 1.0f, n);
+            Div(h, g, tmp, n);
+            break;
+        case ACT_FATRELU:  // g if g > t else 0
+            CompareScalar(mask, g, actParam, CMPMODE::GT, n);
+            Select(h, mask, g, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
+            break;
+        case ACT_RELU2:
+            Relu(h, g, n);
+            Mul(h, h, h, n);
+            break;
+        default:  // relu, drelu
+            Relu(h, g, n);
+            break;
+    }
+    PipeBarrier<PIPE_V>();
+    if (tau > 0.0f) {  // CATS-style: keep lanes with |act(g)| >= tau
+        Abs(tmp, h, n);
+        CompareScalar(mask, tmp, tau, CMPMODE::GE, n);
+    }
+    if (act == ACT_DRELU) Relu(u, u, n);
+    Mul(h, h, u, n);
+    if (tau > 0.0f) Select(h, mask, h, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
+    PipeBarrier<PIPE_V>();
+}
 
 template <typename T>
 class SparseFfnKernel {
@@ -334,54 +391,7 @@ private:
     // ---- h = act(g) * u over the nTile lanes (pad lanes are g = u = 0 -> h = 0)
     __aicore__ inline void Activate(const LocalTensor<float>& g, const LocalTensor<float>& u, const LocalTensor<float>& h)
     {
-        const uint32_t n = p_.nTile;
-        LocalTensor<float> tmp = tmpBuf_.Get<float>();
-        LocalTensor<uint8_t> mask = maskBuf_.Get<uint8_t>();
-        switch (p_.act) {
-            case ACT_SILU:  // g * sigmoid(g)
-                Muls(tmp, g, -1.0f, n);
-                Exp(tmp, tmp, n);
-                Adds(tmp, tmp, 1.0f, n);
-                Div(h, g, tmp, n);
-                break;
-            case ACT_GELU:  // 0.5 g (1 + erf(g / sqrt 2))
-                Muls(tmp, g, 0.70710678118654752f, n);
-                Erf(tmp, tmp, n);
-                Adds(tmp, tmp, 1.0f, n);
-                Mul(tmp, tmp, g, n);
-                Muls(h, tmp, 0.5f, n);
-                break;
-            case ACT_GELU_TANH:  // 0.5 g (1 + tanh z) = g * sigmoid(2z),  z = sqrt(2/pi) (g + 0.044715 g^3)
-                Mul(tmp, g, g, n);
-                Mul(tmp, tmp, g, n);
-                Muls(tmp, tmp, 0.044715f, n);
-                Add(tmp, tmp, g, n);
-                Muls(tmp, tmp, -1.5957691216057308f, n);
-                Exp(tmp, tmp, n);
-                Adds(tmp, tmp, 1.0f, n);
-                Div(h, g, tmp, n);
-                break;
-            case ACT_FATRELU:  // g if g > t else 0
-                CompareScalar(mask, g, p_.actParam, CMPMODE::GT, n);
-                Select(h, mask, g, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
-                break;
-            case ACT_RELU2:
-                Relu(h, g, n);
-                Mul(h, h, h, n);
-                break;
-            default:  // relu, drelu
-                Relu(h, g, n);
-                break;
-        }
-        PipeBarrier<PIPE_V>();
-        if (p_.tau > 0.0f) {  // CATS-style: keep lanes with |act(g)| >= tau
-            Abs(tmp, h, n);
-            CompareScalar(mask, tmp, p_.tau, CMPMODE::GE, n);
-        }
-        if (p_.act == ACT_DRELU) Relu(u, u, n);
-        Mul(h, h, u, n);
-        if (p_.tau > 0.0f) Select(h, mask, h, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
-        PipeBarrier<PIPE_V>();
+        ActivateLanes(g, u, h, tmpBuf_.Get<float>(), maskBuf_.Get<uint8_t>(), p_.nTile, p_.act, p_.actParam, p_.tau);
     }
 
     __aicore__ inline void StoreTokenResult(uint32_t t)
@@ -566,6 +576,300 @@ private:
     TBuf<QuePosition::VECCALC> cntBuf_, listBuf_;
     GlobalTensor<int32_t> wsCnt_, wsIdx_, idxGm_, countGm_;
 };
+
+// ---- ffn_predict_q4: 4-bit gate x up predictor (sparsedge.ops.ffn.ffn_predict_q4 / q4_estimates).
+// Core b owns neurons [b*nPerCore, (b+1)*nPerCore) like PREDICT mode and writes its ascending active list and count
+// to the same GM workspace records, so sparsedge_ffn_concat (launched with dPad = 0) assembles idx / count.
+// Per token: x -> fp32, per group of G: amax (ReduceMax), inv = 127 / amax and xs = amax / 127 (scalar, IEEE
+// division), xq = rint(x * inv) (Muls, Cast f32->s32 CAST_RINT, Cast s32->f32), rearranged into nibble order
+// [x_lo | x_hi] (byte j of a group holds input j in its low nibble and j + G/2 in its high nibble).
+// Per neuron and half (gate, up): And / ShiftRight / And on the uint16 view split the d/2 bytes into the low and the
+// high nibbles, Cast u8->half, Adds -8, Cast half->fp32, Mul by xq, lo + hi, WholeReduceSum per group (G/2 lanes a
+// repeat) -> the integer group dots, exact in fp32 (|dot| <= 8 * 127 * G < 2^24); then est = sum_g dot_g * c_g with
+// c_g = fp32(scale_g * xs_g) exactly as the reference, but the products and the sum in fp32 (ReduceSum) where the
+// reference uses fp64: the NPU has no fp64. score = |act(g^) * u^| (ActivateLanes), active iff score - thresh > 0.
+// Decisions can therefore differ from the reference only where |score - thresh| is within a few fp32 ulps of the
+// estimates' magnitude (the emulation test checks exactly that).
+struct Q4Params {
+    uint32_t T, d, G, I, act;
+    float actParam;
+    uint32_t hPad, ngPad, nPerCore, nTile, qRows;
+};
+
+__aicore__ inline uint32_t CompactLanes(const LocalTensor<float>& score, const LocalTensor<uint8_t>& mask,
+                                        const LocalTensor<int32_t>& ramp, const LocalTensor<int32_t>& active,
+                                        int32_t s0, uint32_t n)
+{
+    CompareScalar(mask, score, 0.0f, CMPMODE::GT, n);
+    CreateVecIndex(ramp, s0, n);
+    PipeBarrier<PIPE_V>();
+    uint64_t cnt = 0;
+    GatherMask(active, ramp, mask.ReinterpretCast<uint32_t>(), true, n, GatherMaskParams(1, 1, 8, 8), cnt);
+    SetFlag<HardEvent::V_S>(0);
+    WaitFlag<HardEvent::V_S>(0);
+    return (uint32_t)cnt;
+}
+
+template <typename T>
+class FfnPredictQ4Kernel {
+public:
+    __aicore__ inline FfnPredictQ4Kernel() {}
+
+    __aicore__ inline void Init(GM_ADDR x, GM_ADDR q, GM_ADDR scale, GM_ADDR thresh, GM_ADDR ws, const Q4Params& p)
+    {
+        p_ = p;
+        blk_ = GetBlockIdx();
+        nBlk_ = GetBlockNum();
+        ng_ = p.d / p.G;
+        S_ = p.G / 2;
+        dPad_ = Align(p.d, 16);
+        xGm_.SetGlobalBuffer((__gm__ T*)x, (uint64_t)p.T * p.d);
+        qGm_.SetGlobalBuffer((__gm__ uint8_t*)q, (uint64_t)p.I * p.d);
+        sGm_.SetGlobalBuffer((__gm__ float*)scale, (uint64_t)p.I * 2 * ng_);
+        thrGm_.SetGlobalBuffer((__gm__ float*)thresh, p.I);
+        uint64_t cWs = (uint64_t)p.T * nBlk_ * WS_ROW_INTS;
+        wsCnt_.SetGlobalBuffer((__gm__ int32_t*)ws, cWs);
+        wsIdx_.SetGlobalBuffer((__gm__ int32_t*)(ws + cWs * sizeof(int32_t)), (uint64_t)p.T * nBlk_ * p.nPerCore);
+
+        // UB plan: must match sd_ffn_q4_ub() in sparsedge_tiling.h
+        const uint32_t h2 = 2 * p.hPad, redN = p.G > p.ngPad ? p.G : p.ngPad;
+        pipe_.InitBuffer(xQue_, 1, dPad_ * sizeof(T));
+        pipe_.InitBuffer(xFBuf_, dPad_ * sizeof(float));
+        pipe_.InitBuffer(xqBuf_, h2 * sizeof(float));
+        pipe_.InitBuffer(nibBuf_, h2);
+        pipe_.InitBuffer(nibHBuf_, h2 * sizeof(half));
+        pipe_.InitBuffer(nibFBuf_, h2 * sizeof(float));
+        pipe_.InitBuffer(m16Buf_, p.hPad);
+        pipe_.InitBuffer(xsBuf_, 2 * p.ngPad * sizeof(float));
+        pipe_.InitBuffer(cBuf_, 2 * p.ngPad * sizeof(float));
+        pipe_.InitBuffer(dotBuf_, 2 * p.ngPad * sizeof(float));
+        pipe_.InitBuffer(redTmpBuf_, (redN + 63) / 64 * sizeof(float));
+        pipe_.InitBuffer(redDstBuf_, 32);
+        pipe_.InitBuffer(cntQue_, 1, WS_ROW_INTS * sizeof(int32_t));
+        pipe_.InitBuffer(scoreBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(thrBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(rampBuf_, p.nTile * sizeof(int32_t));
+        pipe_.InitBuffer(activeBuf_, p.nTile * sizeof(int32_t));
+        pipe_.InitBuffer(gBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(uBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(hBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(tmpBuf_, p.nTile * sizeof(float));
+        pipe_.InitBuffer(maskBuf_, p.nTile / 8);
+        pipe_.InitBuffer(qQue_, BUFFER_NUM, p.qRows * h2);
+        pipe_.InitBuffer(sQue_, BUFFER_NUM, p.qRows * 2 * p.ngPad * sizeof(float));
+
+        Duplicate(m16Buf_.Get<uint16_t>(), (uint16_t)0x0F0F, (int32_t)(p.hPad / 2));
+        Duplicate(dotBuf_.Get<float>(), 0.0f, (int32_t)(2 * p.ngPad));
+        PipeBarrier<PIPE_V>();
+    }
+
+    __aicore__ inline void Process()
+    {
+        const uint32_t n0 = blk_ * p_.nPerCore;
+        const uint32_t n1 = Min(p_.I, n0 + p_.nPerCore);
+        for (uint32_t t = 0; t < p_.T; ++t) {
+            QuantizeX(t);
+            uint32_t nAct = 0;
+            for (uint32_t s0 = n0; s0 < n1; s0 += p_.nTile) {
+                uint32_t len = Min(p_.nTile, n1 - s0);
+                uint32_t k = PredictTile(s0, len);
+                if (k > 0) {
+                    LocalTensor<int32_t> active = activeBuf_.Get<int32_t>();
+                    uint64_t off = ((uint64_t)t * nBlk_ + blk_) * p_.nPerCore + nAct;
+                    DataCopyPad(wsIdx_[off], active, DataCopyExtParams(1, k * sizeof(int32_t), 0, 0, 0));
+                    SetFlag<HardEvent::MTE3_V>(0);
+                    WaitFlag<HardEvent::MTE3_V>(0);
+                }
+                nAct += k;
+            }
+            LocalTensor<int32_t> c = cntQue_.AllocTensor<int32_t>();
+            for (uint32_t i = 0; i < WS_ROW_INTS; ++i) c.SetValue(i, 0);
+            c.SetValue(0, (int32_t)nAct);
+            cntQue_.EnQue(c);
+            c = cntQue_.DeQue<int32_t>();
+            DataCopy(wsCnt_[((uint64_t)t * nBlk_ + blk_) * WS_ROW_INTS], c, WS_ROW_INTS);
+            cntQue_.FreeTensor(c);
+            SetFlag<HardEvent::MTE3_V>(0);
+            WaitFlag<HardEvent::MTE3_V>(0);
+        }
+    }
+
+private:
+    // x row -> per-group int8 values (held exactly in fp32) in nibble order, and xs per group (gate and up copies)
+    __aicore__ inline void QuantizeX(uint32_t t)
+    {
+        LocalTensor<T> xIn = xQue_.AllocTensor<T>();
+        DataCopyPad(xIn, xGm_[(uint64_t)t * p_.d], DataCopyExtParams(1, p_.d * sizeof(T), 0, 0, 0),
+                    DataCopyPadExtParams<T>(false, 0, 0, T(0.0f)));
+        xQue_.EnQue(xIn);
+        xIn = xQue_.DeQue<T>();
+        LocalTensor<float> xF = xFBuf_.Get<float>();
+        LocalTensor<float> absX = nibFBuf_.Get<float>();  // scratch: |x|, then the int32 cast
+        LocalTensor<float> xs = xsBuf_.Get<float>();
+        LocalTensor<float> red = redDstBuf_.Get<float>();
+        LocalTensor<float> tmp = redTmpBuf_.Get<float>();
+        Cast(xF, xIn, RoundMode::CAST_NONE, p_.d);
+        xQue_.FreeTensor(xIn);
+        PipeBarrier<PIPE_V>();
+        Abs(absX, xF, p_.d);
+        Duplicate(xs, 0.0f, (int32_t)(2 * p_.ngPad));
+        PipeBarrier<PIPE_V>();
+        for (uint32_t g = 0; g < ng_; ++g) {
+            ReduceMax(red, absX[g * p_.G], tmp, (int32_t)p_.G);
+            SetFlag<HardEvent::V_S>(0);
+            WaitFlag<HardEvent::V_S>(0);
+            float amax = red.GetValue(0);
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            float s = amax / 127.0f;
+            xs.SetValue(g, s);
+            xs.SetValue(p_.ngPad + g, s);
+            SetFlag<HardEvent::S_V>(0);
+            WaitFlag<HardEvent::S_V>(0);
+            Muls(xF[g * p_.G], xF[g * p_.G], inv, p_.G);
+        }
+        PipeBarrier<PIPE_V>();
+        LocalTensor<int32_t> xi = nibFBuf_.Get<int32_t>();
+        Cast(xi, xF, RoundMode::CAST_RINT, p_.d);  // round half to even, as torch.round
+        PipeBarrier<PIPE_V>();
+        Cast(xF, xi, RoundMode::CAST_NONE, p_.d);
+        LocalTensor<float> xq = xqBuf_.Get<float>();
+        Duplicate(xq, 0.0f, (int32_t)(2 * p_.hPad));  // pad lanes multiply the pad nibbles by 0
+        PipeBarrier<PIPE_V>();
+        for (uint32_t g = 0; g < ng_; ++g) {
+            DataCopy(xq[g * S_], xF[g * p_.G], S_);                 // inputs j      (low nibbles)
+            DataCopy(xq[p_.hPad + g * S_], xF[g * p_.G + S_], S_);  // inputs j + G/2 (high nibbles)
+        }
+        PipeBarrier<PIPE_V>();
+    }
+
+    __aicore__ inline void CopyInRows(uint32_t row0, uint32_t rows)
+    {
+        LocalTensor<uint8_t> qb = qQue_.AllocTensor<uint8_t>();
+        // 2*rows half-rows of d/2 bytes (gate, up, gate, ...), each landing 32-B aligned (stride hPad)
+        DataCopyPad(qb, qGm_[(uint64_t)row0 * p_.d], DataCopyExtParams((uint16_t)(2 * rows), p_.d / 2, 0, 0, 0),
+                    DataCopyPadExtParams<uint8_t>(false, 0, 0, 0));
+        qQue_.EnQue(qb);
+        LocalTensor<float> sb = sQue_.AllocTensor<float>();
+        DataCopyPad(sb, sGm_[(uint64_t)row0 * 2 * ng_], DataCopyExtParams((uint16_t)(2 * rows), ng_ * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        sQue_.EnQue(sb);
+    }
+
+    __aicore__ inline uint32_t PredictTile(uint32_t s0, uint32_t len)
+    {
+        LocalTensor<float> g = gBuf_.Get<float>();
+        LocalTensor<float> u = uBuf_.Get<float>();
+        Duplicate(g, 0.0f, (int32_t)p_.nTile);  // pad lanes: g = u = 0 -> score 0
+        Duplicate(u, 0.0f, (int32_t)p_.nTile);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        uint32_t nBlocks = (len + p_.qRows - 1) / p_.qRows;
+        CopyInRows(s0, Min(p_.qRows, len));
+        for (uint32_t bi = 0; bi < nBlocks; ++bi) {
+            uint32_t b0 = bi * p_.qRows;
+            uint32_t rows = Min(p_.qRows, len - b0);
+            if (bi + 1 < nBlocks) CopyInRows(s0 + b0 + p_.qRows, Min(p_.qRows, len - b0 - p_.qRows));
+            LocalTensor<uint8_t> qb = qQue_.DeQue<uint8_t>();
+            LocalTensor<float> sb = sQue_.DeQue<float>();
+            for (uint32_t i = 0; i < rows; ++i) {
+                float gv, uv;
+                RowEstimates(qb, sb, i, gv, uv);
+                g.SetValue(b0 + i, gv);
+                u.SetValue(b0 + i, uv);
+            }
+            qQue_.FreeTensor(qb);
+            sQue_.FreeTensor(sb);
+        }
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+        LocalTensor<float> h = hBuf_.Get<float>();
+        LocalTensor<float> score = scoreBuf_.Get<float>();
+        LocalTensor<float> thr = thrBuf_.Get<float>();
+        ActivateLanes(g, u, h, tmpBuf_.Get<float>(), maskBuf_.Get<uint8_t>(), p_.nTile, p_.act, p_.actParam, 0.0f);
+        Abs(score, h, p_.nTile);
+        Duplicate(thr, 0.0f, (int32_t)p_.nTile);
+        SetFlag<HardEvent::V_MTE2>(0);
+        WaitFlag<HardEvent::V_MTE2>(0);
+        uint8_t rpad = (uint8_t)(Align(len, 8) - len);
+        DataCopyPad(thr, thrGm_[s0], DataCopyExtParams(1, len * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(rpad > 0, 0, rpad, 0.0f));
+        SetFlag<HardEvent::MTE2_V>(0);
+        WaitFlag<HardEvent::MTE2_V>(0);
+        Sub(score, score, thr, p_.nTile);  // > 0 exactly where |h| > thresh
+        PipeBarrier<PIPE_V>();
+        return CompactLanes(score, maskBuf_.Get<uint8_t>(), rampBuf_.Get<int32_t>(), activeBuf_.Get<int32_t>(),
+                            (int32_t)s0, p_.nTile);
+    }
+
+    // g^ and u^ of row i of the current block
+    __aicore__ inline void RowEstimates(const LocalTensor<uint8_t>& qb, const LocalTensor<float>& sb, uint32_t i,
+                                        float& gv, float& uv)
+    {
+        const uint32_t hp = p_.hPad, w = p_.hPad / 2;
+        LocalTensor<uint16_t> m16 = m16Buf_.Get<uint16_t>();
+        LocalTensor<uint16_t> nib16 = nibBuf_.Get<uint16_t>();
+        LocalTensor<uint8_t> nib8 = nibBuf_.Get<uint8_t>();
+        LocalTensor<half> nibH = nibHBuf_.Get<half>();
+        LocalTensor<float> nibF = nibFBuf_.Get<float>();
+        LocalTensor<float> xq = xqBuf_.Get<float>();
+        LocalTensor<float> dot = dotBuf_.Get<float>();
+        for (uint32_t c = 0; c < 2; ++c) {
+            LocalTensor<uint16_t> row16 = qb[(2 * i + c) * hp].template ReinterpretCast<uint16_t>();
+            And(nib16, row16, m16, w);               // low nibbles  -> bytes [0, hp)
+            ShiftRight(nib16[w], row16, (uint16_t)4, w);
+            PipeBarrier<PIPE_V>();
+            And(nib16[w], nib16[w], m16, w);         // high nibbles -> bytes [hp, 2 hp)
+            PipeBarrier<PIPE_V>();
+            Cast(nibH, nib8, RoundMode::CAST_NONE, 2 * hp);
+            PipeBarrier<PIPE_V>();
+            Adds(nibH, nibH, half(-8.0f), 2 * hp);  // stored nibble - 8, exact in half
+            PipeBarrier<PIPE_V>();
+            Cast(nibF, nibH, RoundMode::CAST_NONE, 2 * hp);
+            PipeBarrier<PIPE_V>();
+            Mul(nibF, nibF, xq, 2 * hp);             // integer products, exact
+            PipeBarrier<PIPE_V>();
+            Add(nibF, nibF, nibF[hp], hp);           // lo + hi of each byte, exact
+            PipeBarrier<PIPE_V>();
+            for (uint32_t g0 = 0; g0 < ng_; g0 += 248) {  // <= 255 repeats; dst offset stays 32-B aligned
+                uint32_t reps = Min(248, ng_ - g0);
+                WholeReduceSum(dot[c * p_.ngPad + g0], nibF[g0 * S_], (int32_t)S_, (int32_t)reps, 1, 1, (int32_t)(S_ / 8));
+            }
+            PipeBarrier<PIPE_V>();
+        }
+        LocalTensor<float> cc = cBuf_.Get<float>();
+        Mul(cc, sb[2 * i * p_.ngPad], xsBuf_.Get<float>(), 2 * p_.ngPad);  // c_g = fp32(scale_g * xs_g)
+        PipeBarrier<PIPE_V>();
+        Mul(dot, dot, cc, 2 * p_.ngPad);
+        PipeBarrier<PIPE_V>();
+        LocalTensor<float> red = redDstBuf_.Get<float>();
+        LocalTensor<float> tmp = redTmpBuf_.Get<float>();
+        ReduceSum(red, dot, tmp, (int32_t)ng_);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        gv = red.GetValue(0);
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+        ReduceSum(red, dot[p_.ngPad], tmp, (int32_t)ng_);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        uv = red.GetValue(0);
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+    }
+
+    Q4Params p_;
+    uint32_t blk_ = 0, nBlk_ = 1, ng_ = 1, S_ = 1, dPad_ = 16;
+    TPipe pipe_;
+    TQue<QuePosition::VECIN, 1> xQue_;
+    TQue<QuePosition::VECIN, BUFFER_NUM> qQue_, sQue_;
+    TQue<QuePosition::VECOUT, 1> cntQue_;
+    TBuf<QuePosition::VECCALC> xFBuf_, xqBuf_, nibBuf_, nibHBuf_, nibFBuf_, m16Buf_, xsBuf_, cBuf_, dotBuf_, redTmpBuf_,
+        redDstBuf_, scoreBuf_, thrBuf_, rampBuf_, activeBuf_, gBuf_, uBuf_, hBuf_, tmpBuf_, maskBuf_;
+    GlobalTensor<T> xGm_;
+    GlobalTensor<uint8_t> qGm_;
+    GlobalTensor<float> sGm_, thrGm_;
+    GlobalTensor<int32_t> wsCnt_, wsIdx_;
+};
 }  // namespace sparsedge
 
 // ------------------------------------------------------------------------------------ entry points
@@ -590,10 +894,24 @@ private:
         op.Process();                                                                                                \
     }
 
+#define SPARSEDGE_FFN_Q4_KERNEL(SUFFIX, TYPE)                                                                        \
+    extern "C" __global__ __aicore__ void sparsedge_ffn_q4_##SUFFIX(                                                 \
+        GM_ADDR x, GM_ADDR q, GM_ADDR scale, GM_ADDR thresh, GM_ADDR workspace, uint32_t T, uint32_t d, uint32_t G, \
+        uint32_t I, uint32_t act, float actParam, uint32_t hPad, uint32_t ngPad, uint32_t nPerCore, uint32_t nTile,  \
+        uint32_t qRows)                                                                                              \
+    {                                                                                                                \
+        sparsedge::Q4Params p{T, d, G, I, act, actParam, hPad, ngPad, nPerCore, nTile, qRows};                       \
+        sparsedge::FfnPredictQ4Kernel<TYPE> op;                                                                      \
+        op.Init(x, q, scale, thresh, workspace, p);                                                                  \
+        op.Process();                                                                                                \
+    }
+
 SPARSEDGE_FFN_KERNELS(f16, half)
+SPARSEDGE_FFN_Q4_KERNEL(f16, half)
 // bf16: 910B (dav-c220) only; 310B (dav-m300, __CCE_AICORE__ == 300) lacks bf16 Gather/GatherMask/Cast paths.
 #if !defined(__CCE_AICORE__) || (__CCE_AICORE__ == 220)
 SPARSEDGE_FFN_KERNELS(bf16, bfloat16_t)
+SPARSEDGE_FFN_Q4_KERNEL(bf16, bfloat16_t)
 #endif
 
 extern "C" __global__ __aicore__ void sparsedge_ffn_concat(GM_ADDR workspace, GM_ADDR idx, GM_ADDR count, uint32_t T,
