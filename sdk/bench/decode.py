@@ -98,6 +98,12 @@ def run(args) -> dict:
               "sparsedge": {k: v for k, v in ours.items() if k not in ("token_ids", "prompt_ids")}}
     logger.info(f"sparsedge: {ours['decode_tokens_per_s']:.1f} tok/s, "
                 f"{ours['weight_gb_per_s']:.2f} GB/s of weights")
+    if args.predictors or args.delta:  # the same engine without them, in the same run: the ratio that matters
+        import argparse
+        dense = _ours(argparse.Namespace(**{**vars(args), "predictors": None, "delta": None}))
+        result["sparsedge_dense"] = {k: v for k, v in dense.items() if k not in ("token_ids", "prompt_ids")}
+        result["speedup_vs_dense"] = ours["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+        logger.info(f"sparsedge dense: {dense['decode_tokens_per_s']:.1f} tok/s -> {result['speedup_vs_dense']:.2f}x")
     if not args.no_transformers:
         hf = _transformers(args, ours["prompt_ids"])
         result["transformers"] = {"decode_tokens_per_s": hf["decode_tokens_per_s"]}
