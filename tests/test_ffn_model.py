@@ -37,12 +37,17 @@ def test_all_keeping_predictors_reproduce_dense_greedy(tmp_path, act, per_token)
     assert st["predicted_active"] == st["neurons"]
 
 
-def test_calibrated_predictors_end_to_end(tmp_path):
-    cfg = tiny_config("relu", n_layers=2, intermediate_size=256)
+def tiny_calibration(activation: str, n_layers: int):
+    """(config, model, windows, xa, xb): a random tiny model and its FFN inputs over 16 random windows."""
+    cfg = tiny_config(activation, n_layers=n_layers, intermediate_size=256)
     model = random_transformer(cfg, seed=4)
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, cfg.vocab_size, (64,), generator=gen).tolist() for _ in range(16)]
-    xa, xb = collect_inputs(model, windows, progress=False)
+    return (cfg, model, windows, *collect_inputs(model, windows, progress=False))
+
+
+def test_calibrated_predictors_end_to_end(tmp_path):
+    cfg, model, windows, xa, xb = tiny_calibration("relu", 2)
     assert xa[0].shape == (512, cfg.dim) and xb[1].shape == (512, cfg.dim)
     variants = [Variant(s=0.8, rank=16), Variant(s=0.5, rank=16, penalty="h"), Variant(whiten=False, bias_mode="zero", rank=16)]
     results = calibrate_model(model, xa, xb, variants, progress=False)

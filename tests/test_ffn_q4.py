@@ -11,7 +11,7 @@ from sparsedge.backends import get_backend
 from sparsedge.ffn import attach_predictors, set_per_token
 from sparsedge.ffn import calibrate as cal
 from sparsedge.ffn import q4
-from sparsedge.ffn.calibrate import Variant, calibrate_model, collect_inputs
+from sparsedge.ffn.calibrate import Variant, calibrate_model
 from sparsedge.ffn.module import Q4SparseFFN
 from sparsedge.ffn.synthetic import all_keeping_q4_predictors, random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
@@ -31,7 +31,7 @@ def _packed(I, d, group, seed=0):
 
 
 def test_packing_layout_and_round_trip():
-    d, G = 8, 4
+    G = 4
     w = torch.tensor([[7.0, -7.0, 1.0, 0.0, 3.5, -3.5, 0.5, -0.5]])
     packed, scale = q4.quantize_rows(w, G)
     assert scale.tolist() == [[1.0, 0.5]]
@@ -128,11 +128,9 @@ def test_all_keeping_q4_predictors_reproduce_dense_greedy(tmp_path, per_token):
 
 
 def test_calibrated_q4_predictors_end_to_end(tmp_path):
-    cfg = tiny_config("silu", n_layers=3, intermediate_size=256)
-    model = random_transformer(cfg, seed=4)
-    gen = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, cfg.vocab_size, (64,), generator=gen).tolist() for _ in range(16)]
-    xa, xb = collect_inputs(model, windows, progress=False)
+    from .test_ffn_model import tiny_calibration
+
+    cfg, model, windows, xa, xb = tiny_calibration("silu", 3)
     [(tensors, meta), (_, meta_svd)] = calibrate_model(
         model, xa, xb, [Variant(s=0.8, predictor="q4", group=32), Variant(s=0.8, rank=16)], progress=False)
     assert meta["predictor"] == "q4" and meta["group"] == 32 and meta["tau"] == [0.0] * cfg.n_layers
