@@ -67,7 +67,9 @@ __device__ __forceinline__ void load_smem(const float* p, float (&out)[N]) {
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Warp-wide sum (every lane gets it): float for scores, int for exact q4 group sums, double for q4 estimates.
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;

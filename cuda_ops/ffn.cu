@@ -241,17 +241,6 @@ constexpr int kQ4RowsPerWarp = 32 / kGemvWarps;  // a block owns 32 neurons (one
 constexpr int kQ4Steps = 4;                       // 512-byte warp steps of one row record in flight
 constexpr uint32_t kLoNibbles = 0x0F0F0F0Fu;
 
-__device__ __forceinline__ int warp_sum_int(int v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-__device__ __forceinline__ double warp_sum_double(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
 // Byte position of input k (0 <= k < G) of a group in the staged int8 x. perm: the 4 nibble bytes
 // j..j+3 of a row pair with x[j..j+3] (low nibbles) and x[j+G/2..j+G/2+3] (high), stored as 8 bytes.
 __device__ __forceinline__ int64_t q4_x_pos(int64_t k, int64_t half, bool perm) {
@@ -284,7 +273,7 @@ __global__ void q4_quantize_kernel(const TX* __restrict__ x, int8_t* __restrict_
       sum += v;
       qt[g * G + q4_x_pos(k, half, perm)] = static_cast<int8_t>(v);
     }
-    sum = warp_sum_int(sum);
+    sum = warp_sum(sum);
     if (lane == 0) {
       xs[t * ng + g] = __fdiv_rn(amax, 127.f);
       xsum8[t * ng + g] = 8 * sum;
@@ -376,8 +365,8 @@ __device__ __forceinline__ void q4_row_vec(const uint8_t* rec, const float* srec
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     if (t < tn) {
-      ag[t] = warp_sum_double(ag[t]);
-      au[t] = warp_sum_double(au[t]);
+      ag[t] = warp_sum(ag[t]);
+      au[t] = warp_sum(au[t]);
     }
   }
 }
@@ -423,8 +412,8 @@ __device__ __forceinline__ void q4_row_generic(const uint8_t* rec, const float* 
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     if (t < tn) {
-      ag[t] = warp_sum_double(ag[t]);
-      au[t] = warp_sum_double(au[t]);
+      ag[t] = warp_sum(ag[t]);
+      au[t] = warp_sum(au[t]);
     }
   }
 }

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import predictor as P
 from . import q4
-from ..ops.ffn import q4_estimates, q4_scores
+from ..ops.ffn import activate, q4_estimates
 
 SECTION = "ffn"
 
@@ -121,7 +121,6 @@ def _hidden(dense, x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, to
     wg = dense.w_gate.float().cpu()
     wu = dense.w_up.float().cpu()
     gs, hs = [], []
-    from ..ops.ffn import activate
     for i in range(0, x.shape[0], chunk):
         xc = x[i:i + chunk]
         g = xc @ wg.T
@@ -150,9 +149,9 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
         dense = getattr(model.layers[i].ffn, "dense", model.layers[i].ffn)
         act, ap = dense.activation, float(dense.act_param)
         x_a, x_b = xa[i], xb[i]
-        g_a, h_a = _hidden(dense, x_a)
+        g_a, _ = _hidden(dense, x_a)
         g_b, h_b = _hidden(dense, x_b)
-        xtx = (x_a.double().T @ x_a.double())
+        xtx = None  # X_A^T X_A (float64, d x d): only SVD variants need it
         w_gate = dense.w_gate.detach().float().cpu()
         w_down_t = dense.w_down_t.detach().float().cpu()
         prepared: dict = {}
@@ -166,6 +165,8 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
             rank = v.rank or P.default_rank(I)
             key = (v.whiten, rank, v.tau_target)
             if key not in prepared:
+                if xtx is None and v.whiten:
+                    xtx = x_a.double().T @ x_a.double()
                 p1, p2 = P.whitened_svd(w_gate, xtx, rank, whiten=v.whiten)
                 tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
                 hb = _apply_tau(h_b, g_b, tau, act, ap)
@@ -228,9 +229,10 @@ def _calibrate_q4_layer(i, dense, g_a, x_b, g_b, h_b, w_down_t, v: Variant, prep
     if key not in prepared:
         qw, sc = q4.pack_gate_up(dense.w_gate, dense.w_up, v.group)
         tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
-        g_hat, _ = q4_estimates(x_b[:512], qw, sc)
-        err = float((g_hat - g_b[:512]).norm() / g_b[:512].norm().clamp_min(1e-30))
-        scores = torch.cat([q4_scores(x_b[j:j + 1024], qw, sc, act, ap) for j in range(0, x_b.shape[0], 1024)])
+        g_hat, u_hat = (torch.cat(t) for t in zip(*(q4_estimates(x_b[j:j + 1024], qw, sc)
+                                                   for j in range(0, x_b.shape[0], 1024))))
+        err = float((g_hat[:512] - g_b[:512]).norm() / g_b[:512].norm().clamp_min(1e-30))
+        scores = activate(g_hat, u_hat, act, ap, 0.0).abs()  # = q4_scores, from the estimates already made
         prepared[key] = (qw, sc, tau, scores, err)
     qw, sc, tau, scores, err = prepared[key]
     truth = P.true_active(_apply_tau(h_b, g_b, tau, act, ap))  # what "truly active" means for the target
