@@ -114,12 +114,13 @@ def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list
 
     ops = torch.ops.sparsedge
     rank = args.rank or default_rank(I)
-    p1, p2, bias = forced_predictor(d, I, rank, density, dtype, device)
+    if packs is None:
+        p1, p2, bias = forced_predictor(d, I, rank, density, dtype, device)
+    else:
+        threshs = [q4_thresholds(f, density, args.activation) for f in layers]
     elt = torch.finfo(dtype).bits // 8
     counts = []
     state = {"i": 0}
-    if packs is not None:
-        threshs = [q4_thresholds(f, density, args.activation) for f in layers]
 
     def sparse_call():
         i = state["i"]
@@ -145,8 +146,9 @@ def bench_case(d: int, I: int, dtype, density: float, device, args, layers: list
     down = sum(int(dc.sum()) for _, dc in counts) / len(counts)
     s_dense = _samples(dense_call, device, iters)
     t_sparse, t_dense = s_sparse[len(s_sparse) // 2], s_dense[len(s_dense) // 2]
-    pred_bytes = (p1.numel() + p2.numel()) * elt + bias.numel() * 4
-    if packs is not None:
+    if packs is None:
+        pred_bytes = (p1.numel() + p2.numel()) * elt + bias.numel() * 4
+    else:
         pred_bytes, rank = q4.nbytes(I, d, args.q4_group), 0
     sparse_bytes = pred_bytes + 2 * active * d * elt + down * d * elt
     dense_bytes = 3 * I * d * elt
