@@ -1,18 +1,22 @@
 """Offline FFN calibration: collect activations, build predictors, calibrate thresholds, write the artifact.
 
     python tools/calibrate.py --model smollm2-135m --out art/ --text wiki.test.raw --text-start 0.5 \
-        [--rank R] [--s 0.8] [--penalty full|act|h] [--tau-target 0.5] [--export powerinfer DIR]
+        [--rank R] [--s 0.8] [--penalty full|act|h|fisher] [--tau-target 0.5] [--export powerinfer DIR]
     python tools/calibrate.py ... --predictor q4 [--q4-group 64]     (SiLU/GELU models: sdk/ffn/q4.py)
 
 1. Collection: the dense model runs the calibration text at batch 1 in windows of --seq-len tokens;
    a hidden_hook stores every layer's FFN input x. Windows alternate between the SVD half (A) and the
    threshold half (B). Only x is kept (fp32, at most --max-layer-tokens rows per layer and half); the
    gate pre-activation and h are recomputed from x layer by layer, so memory stays at
-   n_layers * tokens * d floats.
+   n_layers * tokens * d floats. The fisher penalty also needs dL/dy per layer: collect_loss_grads runs
+   the same weights in transformers with a backward pass and keeps x and the gradient (twice the memory).
 2. Per layer: X_A^T X_A in float64 -> whitened SVD -> P1, P2; tau for silu/gelu on A; scores, h and the
    penalty weights on B -> greedy thresholds -> bias; recall and sparsity measured on B.
-   With --predictor q4: W_gate and W_up packed to 4 bits, scores |act(g^) u^| on B -> the same greedy
-   thresholds (no runtime tau, penalty on the untouched h).
+   With --predictor q4: W_gate and W_up packed to 4 bits, scores |act(g^) u^| on A and B -> the same greedy
+   thresholds (no runtime tau, penalty on the untouched h; fisher and global allocation by default).
+3. Global allocation (--allocation global): first every layer's heap runs along a grid of targets, giving
+   its penalty-vs-sparsity curve; the model-wide target is then split over the layers where it costs the
+   least (predictor.allocate_layer_targets) and step 2 runs with those per-layer targets.
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ class Variant:
     runtime_tau: bool = True  # apply tau in the kernel (else tau only defines the calibration target)
     predictor: str = "svd"  # or "q4": the 4-bit gate x up predictor (sdk/ffn/q4.py); never a runtime tau
     group: int = q4.DEFAULT_GROUP  # q4: inputs per quantization scale
+    allocation: str = "layer"  # or "global": spread the model-wide target over layers (needs penalty fisher)
+    hull: bool = True  # heap steps along each neuron's convex penalty hull (False: one quantile at a time)
+    neuron_cap: float = 0.95  # no neuron is cut on more than this fraction of the calibration tokens
     name: str = ""
 
 
@@ -86,8 +93,7 @@ def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None
     """Per layer: FFN inputs x of the A half (even windows) and the B half (odd windows), fp32 on CPU."""
     from ..kv_cache import KVCache
 
-    L = model.config.n_layers
-    store = [[[], []] for _ in range(L)]
+    store = [[[], []] for _ in range(model.config.n_layers)]
     half = [0]
     hook = lambda i, h: store[i][half[0]].append(h.detach().float().cpu().clone())  # noqa: E731
     max_len = max(len(w) for w in windows)
@@ -98,16 +104,67 @@ def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None
             half[0] = n % 2 if len(windows) > 1 else 0
             cache.truncate(0)
             model(torch.tensor(w, dtype=torch.long, device=model.device), 0, cache, hidden_hook=hook)
+    return _halves(store, len(windows), model.config.dim, max_layer_tokens)
+
+
+def collect_loss_grads(hf_model, windows: list[list[int]], max_layer_tokens: int | None = None,
+                       progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list]]:
+    """(xa, xb, (grads_a, grads_b)): collect_inputs' halves plus, per half, the gradient of the windows' summed
+    next-token loss with respect to each layer's FFN output (what the fisher penalty weighs skips by).
+
+    Our decoder runs fused inference kernels without autograd, so this pass runs the same weights in
+    transformers (sdk/hf_reference.py; the FFN inputs agree with ours to ~1e-6) and backpropagates."""
+    layers = hf_model.model.layers
+    L, d = len(layers), hf_model.config.hidden_size
+    store = [[[], []] for _ in range(L)]
+    xs: list = [None] * L
+    gs: list = [None] * L
+
+    def hook(i):
+        def fwd(module, args, out):
+            xs[i] = args[0].detach()[0].float()
+            out.register_hook(lambda g: gs.__setitem__(i, g.detach()[0].float()))
+        return fwd
+
+    handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    # only activation gradients are needed: frozen weights skip the weight-gradient GEMMs (a third of the work)
+    trainable = [p for p in hf_model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    embed = hf_model.get_input_embeddings()
+    try:
+        for n, w in enumerate(tqdm(windows, desc="collecting FFN inputs and loss gradients", unit="window",
+                                   disable=not progress)):
+            ids = torch.tensor([w], dtype=torch.long)
+            logits = hf_model(inputs_embeds=embed(ids).detach().requires_grad_(True)).logits[0]
+            loss = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum")
+            loss.backward()
+            half = n % 2 if len(windows) > 1 else 0
+            for i in range(L):
+                store[i][half].append(torch.cat([xs[i], gs[i]], 1))  # x and its grad subsample together
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    xga, xgb = _halves(store, len(windows), 2 * d, max_layer_tokens)
+    return ([x[:, :d].contiguous() for x in xga], [x[:, :d].contiguous() for x in xgb],
+            ([x[:, d:].contiguous() for x in xga], [x[:, d:].contiguous() for x in xgb]))
+
+
+def _halves(store, n_windows: int, width: int, max_layer_tokens: int | None):
+    """store[i][half] = list of [T, width] chunks -> (A half, B half) per layer, each subsampled to at most
+    max_layer_tokens rows (a fixed seed, so reruns agree); one window is split by alternate tokens."""
     gen = torch.Generator().manual_seed(0)
     xa, xb = [], []
-    for i in range(L):
+    for i in range(len(store)):
         parts = []
         for h in (0, 1):
-            x = torch.cat(store[i][h]) if store[i][h] else torch.empty(0, model.config.dim)
+            x = torch.cat(store[i][h]) if store[i][h] else torch.empty(0, width)
             if max_layer_tokens and x.shape[0] > max_layer_tokens:
                 x = x[torch.randperm(x.shape[0], generator=gen)[:max_layer_tokens].sort().values]
             parts.append(x)
-        if len(windows) == 1:  # one window: split its tokens
+        if n_windows == 1:  # one window: split its tokens
             x = parts[0]
             parts = [x[0::2], x[1::2]]
         xa.append(parts[0])
@@ -138,61 +195,152 @@ def _apply_tau(h: torch.Tensor, g: torch.Tensor, tau: float, activation: str, ac
 
 
 # ---- calibration ---------------------------------------------------------------------------------
+ALLOCATION_GRID = [k / 100 for k in range(96)]  # per-layer targets tried by the global allocation
+
+
+class _Layer:
+    """One layer's calibration inputs and what variants share (g, h, SVD factors, q4 packs), made once.
+
+    The SVD predictor is fitted on the A half, so its thresholds are calibrated on B. The q4 predictor fits
+    nothing (it is a rounding of the weights), so its thresholds use every token, A and B: the fisher
+    penalty's per-token gradients are noisy, and twice the tokens calibrate markedly better thresholds."""
+
+    def __init__(self, model, i: int, x_a: torch.Tensor, x_b: torch.Tensor, grads: tuple | None):
+        self.i, self.x_a, self.x_b = i, x_a, x_b
+        self.grad_a, self.grad_b = grads if grads is not None else (None, None)
+        self.dense = getattr(model.layers[i].ffn, "dense", model.layers[i].ffn)
+        self.act, self.ap = self.dense.activation, float(self.dense.act_param)
+        self.g_a, self.h_a = _hidden(self.dense, x_a)
+        self.g_b, self.h_b = _hidden(self.dense, x_b)
+        self.w_gate = self.dense.w_gate.detach().float().cpu()
+        self.w_down_t = self.dense.w_down_t.detach().float().cpu()
+        self.xtx = None  # X_A^T X_A (float64, d x d): only whitened SVD variants need it
+        self.cache: dict = {}
+
+    def threshold_tokens(self, predictor: str) -> tuple:
+        """(x, g, h, loss grad or None) of the tokens the thresholds are calibrated on."""
+        if predictor == "svd":
+            return self.x_b, self.g_b, self.h_b, self.grad_b
+        if "all" not in self.cache:
+            grad = None if self.grad_b is None else torch.cat([self.grad_a, self.grad_b])
+            self.cache["all"] = (torch.cat([self.x_a, self.x_b]), torch.cat([self.g_a, self.g_b]),
+                                 torch.cat([self.h_a, self.h_b]), grad)
+        return self.cache["all"]
+
+    def problem(self, v: Variant) -> dict:
+        """What the threshold heap needs for variant v: scores, penalty weights c, the layer-mode target,
+        plus the predictor tensors and the facts recorded in the manifest."""
+        act, ap, i = self.act, self.ap, self.i
+        x, g, h, grad = self.threshold_tokens(v.predictor)
+        if v.predictor == "q4":
+            key = ("q4", v.group, v.tau_target)
+            if key not in self.cache:
+                qw, sc = q4.pack_gate_up(self.dense.w_gate, self.dense.w_up, v.group)
+                tau = P.calibrate_tau(self.g_a, act, ap, v.tau_target)
+                g_hat, u_hat = (torch.cat(t) for t in zip(*(q4_estimates(x[j:j + 1024], qw, sc)
+                                                           for j in range(0, x.shape[0], 1024))))
+                err = float((g_hat[:512] - g[:512]).norm() / g[:512].norm().clamp_min(1e-30))
+                scores = activate(g_hat, u_hat, act, ap, 0.0).abs()  # = q4_scores, from the estimates made
+                self.cache[key] = (qw, sc, tau, scores, err)
+            qw, sc, tau, scores, err = self.cache[key]
+            # tau defines "truly active" for the target only: it never zeroes h at runtime, and the penalty
+            # is on the untouched h (the point of this predictor is to skip what truly contributes little)
+            hb, runtime_tau = h, 0.0
+            truth = P.true_active(_apply_tau(h, g, tau, act, ap))
+            tensors = {"q": qw, "scale": sc}
+            meta = {"group": v.group, "tau": tau, "q4_rel_error": err}
+        elif v.predictor == "svd":
+            rank = v.rank or P.default_rank(self.w_gate.shape[0])
+            key = (v.whiten, rank, v.tau_target)
+            if key not in self.cache:
+                if self.xtx is None and v.whiten:
+                    self.xtx = self.x_a.double().T @ self.x_a.double()
+                p1, p2 = P.whitened_svd(self.w_gate, self.xtx, rank, whiten=v.whiten)
+                tau = P.calibrate_tau(self.g_a, act, ap, v.tau_target)
+                hb = _apply_tau(h, g, tau, act, ap)
+                scores = P.scores_of(x, p1, p2)
+                err = P.activation_error(self.w_gate, p1, p2, x[:512])
+                self.cache[key] = (p1, p2, tau, hb, scores, err)
+            p1, p2, tau, hb, scores, err = self.cache[key]
+            runtime_tau = tau
+            truth = P.true_active(hb)
+            tensors = {"p1": p1.contiguous(), "p2": p2.contiguous()}
+            meta = {"rank": int(p1.shape[0]), "tau": tau, "svd_rel_error": err}
+        else:
+            raise ValueError(f"unknown predictor {v.predictor!r} (svd or q4)")
+        if v.penalty == "fisher" and grad is None:
+            raise ValueError("the fisher penalty needs loss gradients: collect the calibration data with "
+                             "collect_loss_grads (tools/calibrate.py does so for --penalty fisher)")
+        true_sp = 1.0 - truth.float().mean().item()
+        return {"scores": scores, "truth": truth, "tensors": tensors, "meta": {**meta, "tokens": x.shape[0]},
+                "c": P.importance(hb, g, self.w_down_t, v.penalty, act, ap, runtime_tau, grad),
+                "c_full": P.importance(hb, g, self.w_down_t, "full", act, ap, runtime_tau),
+                "target": max(0.0, (v.s - (0.1 if i < 2 else 0.0)) * true_sp)}
+
+
 def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], variants: list[Variant],
                     n_points: int = 256, free_cap: float = 0.95, guard: float = 0.01,
-                    progress: bool = True) -> list[tuple[dict, dict]]:
-    """Run every variant over every layer; returns [(tensors, per-layer meta lists)] per variant."""
+                    progress: bool = True, grads: tuple[list, list] | None = None) -> list[tuple[dict, dict]]:
+    """Run every variant over every layer; returns [(tensors, per-layer meta lists)] per variant.
+
+    grads = (A half, B half) per layer: the loss gradient of each layer's FFN output on the xa / xb tokens
+    (collect_loss_grads), needed by the fisher penalty. Variants with allocation="global" first run each
+    layer's heap along a grid of targets (penalty_path), then split the model-wide target (the mean of the
+    per-layer s x true sparsity targets) over the layers where it costs least (allocate_layer_targets), then
+    calibrate as usual."""
     cfg = model.config
-    L, I = cfg.n_layers, cfg.intermediate_size
+    L = cfg.n_layers
+    for v in variants:
+        if v.allocation not in ("layer", "global"):
+            raise ValueError(f"unknown allocation {v.allocation!r} (layer or global)")
+        if v.allocation == "global" and v.bias_mode != "calibrated":
+            raise ValueError("global allocation needs calibrated thresholds (bias_mode='calibrated')")
+
+    def layer(i):
+        return _Layer(model, i, xa[i], xb[i], (grads[0][i], grads[1][i]) if grads is not None else None)
+
+    targets: dict[int, list[float]] = {}
+    glob = [vi for vi, v in enumerate(variants) if v.allocation == "global"]
+    if glob:
+        paths: dict[int, list] = {vi: [] for vi in glob}
+        base: dict[int, list] = {vi: [] for vi in glob}
+        for i in tqdm(range(L), desc="FFN cost curves per layer", unit="layer", disable=not progress):
+            lay = layer(i)
+            shared: dict = {}  # variants that differ only in s (a --ppl-budget grid) share one curve
+            for vi in glob:
+                prob = lay.problem(variants[vi])
+                key = repr(replace(variants[vi], s=0.0, name=""))
+                if key not in shared:
+                    shared[key] = P.penalty_path(prob["scores"], prob["c"], ALLOCATION_GRID, n_points, free_cap,
+                                                 guard, variants[vi].hull, variants[vi].neuron_cap)
+                paths[vi].append(shared[key])
+                base[vi].append(prob["target"])
+        for vi in glob:
+            targets[vi] = P.allocate_layer_targets(paths[vi], ALLOCATION_GRID, sum(base[vi]) / L)
+            logger.info(f"{variants[vi].name or 'variant'}: per-layer targets {[round(t, 2) for t in targets[vi]]}")
     results = [({}, {"layers": []}) for _ in variants]
     for i in tqdm(range(L), desc="calibrating FFN layers", unit="layer", disable=not progress):
-        dense = getattr(model.layers[i].ffn, "dense", model.layers[i].ffn)
-        act, ap = dense.activation, float(dense.act_param)
-        x_a, x_b = xa[i], xb[i]
-        g_a, _ = _hidden(dense, x_a)
-        g_b, h_b = _hidden(dense, x_b)
-        xtx = None  # X_A^T X_A (float64, d x d): only SVD variants need it
-        w_gate = dense.w_gate.detach().float().cpu()
-        w_down_t = dense.w_down_t.detach().float().cpu()
-        prepared: dict = {}
+        lay = layer(i)
         for vi, v in enumerate(variants):
-            if v.predictor == "q4":
-                _calibrate_q4_layer(i, dense, g_a, x_b, g_b, h_b, w_down_t, v, prepared, results[vi],
-                                    n_points, free_cap, guard)
-                continue
-            if v.predictor != "svd":
-                raise ValueError(f"unknown predictor {v.predictor!r} (svd or q4)")
-            rank = v.rank or P.default_rank(I)
-            key = (v.whiten, rank, v.tau_target)
-            if key not in prepared:
-                if xtx is None and v.whiten:
-                    xtx = x_a.double().T @ x_a.double()
-                p1, p2 = P.whitened_svd(w_gate, xtx, rank, whiten=v.whiten)
-                tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
-                hb = _apply_tau(h_b, g_b, tau, act, ap)
-                scores = P.scores_of(x_b, p1, p2)
-                err = P.activation_error(w_gate, p1, p2, x_b[:512])
-                prepared[key] = (p1, p2, tau, hb, scores, err)
-            p1, p2, tau, hb, scores, err = prepared[key]
-            truth = P.true_active(hb)
-            true_sp = 1.0 - truth.float().mean().item()
-            target = max(0.0, (v.s - (0.1 if i < 2 else 0.0)) * true_sp)
-            c = P.importance(hb, g_b, w_down_t, v.penalty, act, ap, tau)
+            prob = lay.problem(v)
+            target = targets[vi][i] if vi in targets else prob["target"]
             if v.bias_mode == "zero":
-                bias = torch.zeros(I)
-                info = {"calib_sparsity": None}
+                bias, info = torch.zeros(prob["scores"].shape[1]), {"calib_sparsity": None}
             elif v.bias_mode == "calibrated":
-                bias, info = P.calibrate_thresholds(scores, c, target, n_points, free_cap, guard)
+                bias, info = P.calibrate_thresholds(prob["scores"], prob["c"], target, n_points, free_cap, guard,
+                                                    v.hull, v.neuron_cap)
             else:
                 raise ValueError(f"unknown bias mode {v.bias_mode!r} (calibrated or zero)")
-            pred = (scores + bias[None, :]) > 0
-            rs = P.recall_stats(pred, truth, P.importance(hb, g_b, w_down_t, "full", act, ap, tau))
+            pred = (prob["scores"] + bias[None, :]) > 0
+            rs = P.recall_stats(pred, prob["truth"], prob["c_full"])
             tensors, meta = results[vi]
-            tensors[f"layers.{i}.p1"] = p1.contiguous()
-            tensors[f"layers.{i}.p2"] = p2.contiguous()
-            tensors[f"layers.{i}.bias"] = bias.contiguous()
-            meta["layers"].append({"layer": i, "rank": int(p1.shape[0]), "tau": tau, "target_sparsity": target,
-                                   "svd_rel_error": err, **rs, **{k: info[k] for k in info if k != "steps"}})
+            tensors.update({f"layers.{i}.{k}": t for k, t in prob["tensors"].items()})
+            if v.predictor == "q4":
+                tensors[f"layers.{i}.thresh"] = (-bias).contiguous()
+            else:
+                tensors[f"layers.{i}.bias"] = bias.contiguous()
+            meta["layers"].append({"layer": i, **prob["meta"], "target_sparsity": target, **rs,
+                                   **{k: info[k] for k in info if k != "steps"}})
     out = []
     for v, (tensors, meta) in zip(variants, results):
         layers = meta["layers"]
@@ -206,7 +354,8 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
             "calibration_tau": [m["tau"] for m in layers],
             "settings": {**asdict(v), "n_points": n_points, "free_cap": free_cap, "guard": guard,
                          "tokens_svd": int(sum(x.shape[0] for x in xa) / max(L, 1)),
-                         "tokens_threshold": int(sum(x.shape[0] for x in xb) / max(L, 1))},
+                         "tokens_threshold": layers[0]["tokens"] if layers else 0},
+            "target_sparsity": [m["target_sparsity"] for m in layers],
             "recall": [m["recall"] for m in layers],
             "predicted_sparsity": [m["predicted_sparsity"] for m in layers],
             "true_sparsity": [m["true_sparsity"] for m in layers],
@@ -215,37 +364,6 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
         })
         out.append((tensors, meta))
     return out
-
-
-def _calibrate_q4_layer(i, dense, g_a, x_b, g_b, h_b, w_down_t, v: Variant, prepared: dict, result,
-                        n_points: int, free_cap: float, guard: float) -> None:
-    """One layer of a q4 variant: pack gate/up, score the threshold half, greedy per-neuron thresholds.
-
-    The target is s x true sparsity as for the SVD predictor (on SiLU/GELU the true sparsity is the tau
-    fraction, --tau-target), but tau never zeroes h at runtime and the penalty is the untouched |h| *
-    ||W_down[:, i]||: the point of this predictor is to skip only neurons that truly contribute little."""
-    act, ap = dense.activation, float(dense.act_param)
-    key = ("q4", v.group, v.tau_target)
-    if key not in prepared:
-        qw, sc = q4.pack_gate_up(dense.w_gate, dense.w_up, v.group)
-        tau = P.calibrate_tau(g_a, act, ap, v.tau_target)
-        g_hat, u_hat = (torch.cat(t) for t in zip(*(q4_estimates(x_b[j:j + 1024], qw, sc)
-                                                   for j in range(0, x_b.shape[0], 1024))))
-        err = float((g_hat[:512] - g_b[:512]).norm() / g_b[:512].norm().clamp_min(1e-30))
-        scores = activate(g_hat, u_hat, act, ap, 0.0).abs()  # = q4_scores, from the estimates already made
-        prepared[key] = (qw, sc, tau, scores, err)
-    qw, sc, tau, scores, err = prepared[key]
-    truth = P.true_active(_apply_tau(h_b, g_b, tau, act, ap))  # what "truly active" means for the target
-    target = max(0.0, (v.s - (0.1 if i < 2 else 0.0)) * (1.0 - truth.float().mean().item()))
-    c = P.importance(h_b, g_b, w_down_t, v.penalty, act, ap, 0.0)
-    bias, info = P.calibrate_thresholds(scores, c, target, n_points, free_cap, guard)
-    thresh = -bias
-    rs = P.recall_stats(scores > thresh[None, :], truth, P.importance(h_b, g_b, w_down_t, "full", act, ap, 0.0))
-    tensors, meta = result
-    tensors[f"layers.{i}.q"], tensors[f"layers.{i}.scale"] = qw, sc
-    tensors[f"layers.{i}.thresh"] = thresh.contiguous()
-    meta["layers"].append({"layer": i, "group": v.group, "tau": tau, "target_sparsity": target, "q4_rel_error": err,
-                           **rs, **{k: info[k] for k in info if k != "steps"}})
 
 
 def export_powerinfer(tensors: dict, n_layers: int, out_dir) -> Path:
@@ -282,8 +400,14 @@ def add_arguments(p) -> None:
     g.add_argument("--rank", type=int, default=None, help="predictor rank r (default max(32, 2%% of I))")
     g.add_argument("--s", type=float, default=0.8,
                    help="sparsity scale: per-layer target = s x true sparsity (s - 0.1 on layers 0, 1)")
-    g.add_argument("--penalty", choices=P.PENALTIES, default="full",
-                   help="threshold penalty: full = |h|*||W_down[:,i]|| (default), act = |act(gate)|, h = |h|")
+    g.add_argument("--penalty", choices=P.PENALTIES, default=None,
+                   help="threshold penalty: full = |h|*||W_down[:,i]|| (default for svd), fisher = |h * dL/dh| "
+                        "with the loss gradient from a transformers backward pass over the calibration text "
+                        "(default for q4), act = |act(gate)|, h = |h|")
+    g.add_argument("--allocation", choices=("layer", "global"), default=None,
+                   help="layer: every layer targets s x its true sparsity (s - 0.1 on layers 0, 1); global: the "
+                        "same model-wide sparsity, spread over the layers where the penalty says it costs least "
+                        "(needs a penalty comparable across layers: default global with fisher, else layer)")
     g.add_argument("--tau-target", type=float, default=0.5,
                    help="silu/gelu: fraction of |act(gate)| zeroed by the per-layer tau (default 0.5)")
     g.add_argument("--no-runtime-tau", action="store_true",
@@ -296,6 +420,9 @@ def add_arguments(p) -> None:
     g.add_argument("--max-layer-tokens", type=int, default=None,
                    help="subsample at most this many tokens per layer and half (memory bound)")
     g.add_argument("--quantile-points", type=int, default=256)
+    g.add_argument("--neuron-cap", type=float, default=0.95,
+                   help="no neuron is predicted off on more than this fraction of the calibration tokens (default "
+                        "0.95; 1 lets up to 1%% of a layer's neurons go entirely off)")
     g.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
                    help="also export the predictors, e.g. --export powerinfer DIR")
     g.add_argument("--ppl-budget", type=float, default=None, metavar="PCT",
@@ -312,9 +439,12 @@ def variant_from_args(args) -> Variant:
     if args.predictor == "q4" and (args.rank is not None or args.no_whiten or args.bias_mode != "calibrated"):
         raise ValueError("--rank, --no-whiten and --bias-mode configure the SVD predictor; drop them with "
                          "--predictor q4")
-    return Variant(s=args.s, penalty=args.penalty, whiten=not args.no_whiten, bias_mode=args.bias_mode,
+    penalty = args.penalty or ("fisher" if args.predictor == "q4" else "full")
+    allocation = args.allocation or ("global" if penalty == "fisher" else "layer")
+    return Variant(s=args.s, penalty=penalty, whiten=not args.no_whiten, bias_mode=args.bias_mode,
                    rank=args.rank, tau_target=args.tau_target, runtime_tau=not args.no_runtime_tau,
-                   predictor=args.predictor, group=args.q4_group)
+                   predictor=args.predictor, group=args.q4_group, allocation=allocation,
+                   neuron_cap=args.neuron_cap)
 
 
 def cfg_activation_is_smooth(model) -> bool:
@@ -327,8 +457,9 @@ def load_for_calibration(args):
     return Session.load(args.model, dtype=getattr(args, "dtype", None), backend="cpu", progress=True)
 
 
-def prepare_data(session, args):
-    """(fitting windows, held-out windows, xa, xb); windows are held out only with --ppl-budget."""
+def prepare_data(session, args, grads: bool = False):
+    """(fitting windows, held-out windows, xa, xb, (grads_a, grads_b) or None); windows are held out only with
+    --ppl-budget; grads (collect_loss_grads) when the penalty needs them."""
     text = read_text(args.text, getattr(args, "text_start", 0.0))
     windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len)
     held: list = []
@@ -338,8 +469,11 @@ def prepare_data(session, args):
             raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
                              f"tokens, {n_hold} to hold out and at least 2 to fit; raise --tokens")
         windows, held = windows[:-n_hold], windows[-n_hold:]
-    xa, xb = collect_inputs(session.model, windows, getattr(args, "max_layer_tokens", None))
-    return windows, held, xa, xb
+    cap = getattr(args, "max_layer_tokens", None)
+    if not grads:
+        return (windows, held, *collect_inputs(session.model, windows, cap), None)
+    from ..hf_reference import load_transformers_model
+    return (windows, held, *collect_loss_grads(load_transformers_model(args.model), windows, cap))
 
 
 class BudgetError(ValueError):
@@ -347,7 +481,8 @@ class BudgetError(ValueError):
 
 
 def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget_pct: float,
-                     held: list[list[int]], n_points: int = 256) -> tuple[dict, dict, list[dict]]:
+                     held: list[list[int]], n_points: int = 256,
+                     grads: tuple[list, list] | None = None) -> tuple[dict, dict, list[dict]]:
     """Calibrate one variant per s (one SVD per layer serves all), measure each on the held-out windows through
     the per-token sparse path, return (tensors, meta, table) of the sparsest within budget."""
     from ..evaluate import perplexity
@@ -355,7 +490,7 @@ def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget
 
     model = session.model
     variants = [replace(base, s=s, name=f"s={s}") for s in s_grid]
-    results = calibrate_model(model, xa, xb, variants, n_points=n_points)
+    results = calibrate_model(model, xa, xb, variants, n_points=n_points, grads=grads)
     dense = perplexity(session, held, progress=False)["ppl"]
     table = []
     for v, (tensors, meta) in tqdm(list(zip(variants, results)), desc="held-out perplexity per s", unit="s"):
@@ -390,22 +525,22 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     session = load_for_calibration(args)
     model = session.model
-    windows, held, xa, xb = prepare_data(session, args)
+    v = variant_from_args(args)
+    windows, held, xa, xb, grads = prepare_data(session, args, grads=v.penalty == "fisher")
     n_tok = sum(len(w) for w in windows)
     logger.info(f"calibration text {args.text}: {n_tok} tokens in {len(windows)} windows "
                 f"({xa[0].shape[0]} SVD / {xb[0].shape[0]} threshold tokens per layer)"
                 + (f", {sum(len(w) for w in held)} held out for the perplexity budget" if held else ""))
-    v = variant_from_args(args)
     budget_table = None
     if args.ppl_budget is not None:
         grid = [float(x) for x in args.s_grid.split(",") if x.strip()]
         if not grid or any(not 0 < x <= 1.5 for x in grid):
             raise ValueError(f"--s-grid must list s values in (0, 1.5], got {args.s_grid!r}")
         tensors, meta, budget_table = choose_by_budget(session, xa, xb, v, grid, args.ppl_budget, held,
-                                                       n_points=args.quantile_points)
+                                                       n_points=args.quantile_points, grads=grads)
         v = replace(v, s=meta["settings"]["s"])
     else:
-        [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points)
+        [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points, grads=grads)
     meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
                              "seq_len": args.seq_len, "dtype": str(args.dtype), "chat_template": False})
     if budget_table is not None:
@@ -415,7 +550,7 @@ def run(args) -> dict:
     out = save_section(args.out, model, SECTION, tensors, meta)
     summary = {"out": str(out), "seconds": time.perf_counter() - t0, **meta["mean"], "predictor": v.predictor,
                **({"group": v.group} if v.predictor == "q4" else {"rank": meta["rank"][0]}), "s": v.s,
-               "penalty": v.penalty}
+               "penalty": v.penalty, "allocation": v.allocation}
     if budget_table is not None:
         summary["budget_table"] = budget_table
     if args.export:

@@ -7,7 +7,8 @@ with per-neuron cuts costs +9.4% perplexity at 40% of neurons skipped, where the
 +1.5% (docs/results/ffn.md). This predictor estimates both projections instead, from W_gate and W_up
 rounded to 4 bits per weight (symmetric, one fp32 scale per group of `group` inputs), and predicts neuron i
 active when |act(g^_i) * u^_i| > thresh_i. The thresholds come from the same greedy per-neuron heap as the
-SVD predictor's biases (predictor.calibrate_thresholds, full penalty by default).
+SVD predictor's biases (predictor.calibrate_thresholds), by default with the fisher penalty (each skip
+weighed by the loss change it causes) and the model-wide sparsity allocated across layers.
 
 What it reads per token: I x d bytes for both projections plus the scales (at group 64, 1/7 of the bf16
 gate+up weights, 1/14 of fp32), against r x (d + I) predictor weights for the SVD predictor. The layout and

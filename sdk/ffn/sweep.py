@@ -6,7 +6,7 @@ evaluated for perplexity through the sparse per-token path; writes JSON and (opt
     python -m sparsedge.ffn.sweep ... --preset s --plot docs/results/ffn_ppl_vs_sparsity.png
 
 Variants are presets or given as --variant "name:s=0.8,penalty=full,whiten=1,bias_mode=calibrated,rank=64,
-tau_target=0.5,runtime_tau=1" or "name:predictor=q4,s=0.8,group=64" (repeatable). Calibration text: --text from --calib-start (a fraction of
+tau_target=0.5,runtime_tau=1" or "name:predictor=q4,s=0.8,group=64,penalty=fisher,allocation=global" (repeatable). Calibration text: --text from --calib-start (a fraction of
 its length); evaluation text: --eval-text (default --text) from --eval-start (default 0), so the default
 calibrates on the second half of the file and evaluates on its first tokens.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from .calibrate import Variant, calibrate_model, collect_inputs, read_text, token_windows
+from .calibrate import Variant, calibrate_model, collect_inputs, collect_loss_grads, read_text, token_windows
 
 PRESETS = {
     "ablation": [
@@ -41,9 +41,9 @@ def parse_variant(spec: str, base: dict) -> Variant:
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
         k = k.strip()
-        if k in ("whiten", "runtime_tau"):
+        if k in ("whiten", "runtime_tau", "hull"):
             fields[k] = v.strip() not in ("0", "false", "False", "no")
-        elif k in ("penalty", "bias_mode", "predictor"):
+        elif k in ("penalty", "bias_mode", "predictor", "allocation"):
             fields[k] = v.strip()
         elif k in ("rank", "group"):
             fields[k] = int(v)
@@ -99,9 +99,14 @@ def main(argv=None) -> int:
     calib_windows = token_windows(session.tokenizer, read_text(args.text, args.calib_start), args.tokens, args.seq_len)
     eval_windows = token_windows(session.tokenizer, read_text(args.eval_text or args.text, args.eval_start),
                                  args.eval_tokens, args.seq_len)
-    xa, xb = collect_inputs(model, calib_windows)
-    results = calibrate_model(model, xa, xb, variants)
-    del xa, xb
+    grads = None
+    if any(v.penalty == "fisher" for v in variants):
+        from ..hf_reference import load_transformers_model
+        xa, xb, grads = collect_loss_grads(load_transformers_model(args.model), calib_windows)
+    else:
+        xa, xb = collect_inputs(model, calib_windows)
+    results = calibrate_model(model, xa, xb, variants, grads=grads)
+    del xa, xb, grads
     rows = []
     dense = None
     if not args.no_dense:
