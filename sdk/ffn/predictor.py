@@ -134,15 +134,16 @@ def calibrate_thresholds(scores: torch.Tensor, c: torch.Tensor, target: float, n
     more than `guard` of the neurons off entirely. bias_i = -(cut between the last cut token and the next).
 
     hull=True (default): a step goes to the next vertex of the neuron's lower convex hull of penalty(k), and
-    the heap orders steps by penalty per quantile. hull=False steps one quantile at a time, as METHODS.md
-    words it; that greedy is myopic: one costly token in front of many cheap ones blocks a neuron for good.
-    With noisy per-token penalties (fisher) it matters: on SmolLM2 at the same per-layer targets, +2.37% ->
-    +1.53% perplexity. On the hull the greedy is the exact Lagrangian optimum at every point it stops.
+    the heap orders steps by penalty per quantile; on the hull the greedy is the exact Lagrangian optimum at
+    every point it stops. hull=False steps one quantile at a time, as METHODS.md words it; that greedy is
+    myopic: one costly token in front of many cheap ones blocks a neuron for good, which noisy per-token
+    penalties (fisher) make common. SmolLM2, q4 + fisher (docs/results/ffn.md): +2.35 / +3.02% at 44 / 47%
+    sparsity with hull steps, +2.87 / +3.65% without.
 
     neuron_cap: no neuron advances past this fraction of the calibration tokens (its free start excepted).
-    A neuron skipped on 99% of them was judged on the 1% where it fired, and it is those firings that
-    matter on new text: on SmolLM2 (fisher, 41.6% sparsity) a 0.95 cap costs +1.53%, none (1.0) +1.88%.
-    With neuron_cap = 1 the guard above bounds how many neurons go entirely off.
+    A neuron cut on 99% of them was judged on the 1% where it fired, and those firings are what matter on
+    new text: SmolLM2's massive-activation neurons (peak contribution 1000-19000x their layer's median) were
+    cut on 99% of tokens without the cap. With neuron_cap = 1 the guard bounds how many go entirely off.
     """
     heap = _GreedyHeap(scores, c, n_points, free_cap, guard, hull, neuron_cap)
     heap.advance_to(target)
