@@ -152,6 +152,16 @@ def collect_loss_grads(hf_model, windows: list[list[int]], max_layer_tokens: int
             ([x[:, d:].contiguous() for x in xga], [x[:, d:].contiguous() for x in xgb]))
 
 
+def collect(model, model_spec, windows: list[list[int]], max_layer_tokens: int | None = None, grads: bool = False,
+            progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list] | None]:
+    """(xa, xb, (grads_a, grads_b) or None): collect_loss_grads through transformers (model_spec: what
+    load_transformers_model accepts) when the penalty needs loss gradients, else collect_inputs on `model`."""
+    if not grads:
+        return (*collect_inputs(model, windows, max_layer_tokens, progress), None)
+    from ..hf_reference import load_transformers_model
+    return collect_loss_grads(load_transformers_model(model_spec), windows, max_layer_tokens, progress)
+
+
 def _halves(store, n_windows: int, width: int, max_layer_tokens: int | None):
     """store[i][half] = list of [T, width] chunks -> (A half, B half) per layer, each subsampled to at most
     max_layer_tokens rows (a fixed seed, so reruns agree); one window is split by alternate tokens."""
@@ -469,11 +479,8 @@ def prepare_data(session, args, grads: bool = False):
             raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
                              f"tokens, {n_hold} to hold out and at least 2 to fit; raise --tokens")
         windows, held = windows[:-n_hold], windows[-n_hold:]
-    cap = getattr(args, "max_layer_tokens", None)
-    if not grads:
-        return (windows, held, *collect_inputs(session.model, windows, cap), None)
-    from ..hf_reference import load_transformers_model
-    return (windows, held, *collect_loss_grads(load_transformers_model(args.model), windows, cap))
+    return (windows, held, *collect(session.model, args.model, windows, getattr(args, "max_layer_tokens", None),
+                                     grads))
 
 
 class BudgetError(ValueError):

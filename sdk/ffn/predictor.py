@@ -199,11 +199,15 @@ class _GreedyHeap:
         self.heap = [(self._slope(i), i) for i in range(I) if len(self.stops[i]) > 1]
         heapq.heapify(self.heap)
         self.steps, self.stopped_by_guard = 0, False
-        self.penalty = 0.0  # summed c^2 of the skipped pairs; grows by each step's increment
 
     @property
     def sparsity(self) -> float:
         return self.total_k / (self.N * self.I)
+
+    @property
+    def penalty(self) -> float:
+        """Summed c^2 of the skipped (token, neuron) pairs."""
+        return float(sum(self.qp[i][j] for i, j in enumerate(self.pos)))
 
     def _slope(self, i: int) -> float:
         """Penalty per quantile step of neuron i's next move."""
@@ -211,7 +215,7 @@ class _GreedyHeap:
         return (self.qp[i][k] - self.qp[i][j]) / (k - j)
 
     def advance_to(self, target: float) -> None:
-        goal, qp, ks, pos, heap = target * self.N * self.I, self.qp, self.ks, self.pos, self.heap
+        goal, ks, pos, heap = target * self.N * self.I, self.ks, self.pos, self.heap
         while self.total_k < goal and heap and not self.stopped_by_guard:
             _, i = heap[0]
             j, k = pos[i], self.stops[i][self.at[i] + 1]
@@ -224,7 +228,6 @@ class _GreedyHeap:
             pos[i] = k
             self.at[i] += 1
             self.total_k += ks[k] - ks[j]
-            self.penalty += qp[i][k] - qp[i][j]
             self.steps += 1
             if self.at[i] + 1 < len(self.stops[i]):
                 heapq.heappush(heap, (self._slope(i), i))
@@ -244,7 +247,7 @@ class _GreedyHeap:
         NI = self.N * self.I
         return {"steps": self.steps, "free_sparsity": float(sum(self.ks[j] for j in self.start)) / NI,
                 "calib_sparsity": self.sparsity, "all_off": self.n_off, "stopped_by_guard": self.stopped_by_guard,
-                "penalty": float(sum(self.qp[i][self.pos[i]] for i in range(self.I)))}
+                "penalty": self.penalty}
 
 
 def allocate_layer_targets(paths: list[list[tuple[float, float]]], grid: list[float], total: float) -> list[float]:

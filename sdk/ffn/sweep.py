@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from .calibrate import Variant, calibrate_model, collect_inputs, collect_loss_grads, read_text, token_windows
+from .calibrate import Variant, calibrate_model, collect, read_text, token_windows
 
 PRESETS = {
     "ablation": [
@@ -99,12 +99,7 @@ def main(argv=None) -> int:
     calib_windows = token_windows(session.tokenizer, read_text(args.text, args.calib_start), args.tokens, args.seq_len)
     eval_windows = token_windows(session.tokenizer, read_text(args.eval_text or args.text, args.eval_start),
                                  args.eval_tokens, args.seq_len)
-    grads = None
-    if any(v.penalty == "fisher" for v in variants):
-        from ..hf_reference import load_transformers_model
-        xa, xb, grads = collect_loss_grads(load_transformers_model(args.model), calib_windows)
-    else:
-        xa, xb = collect_inputs(model, calib_windows)
+    xa, xb, grads = collect(model, args.model, calib_windows, grads=any(v.penalty == "fisher" for v in variants))
     results = calibrate_model(model, xa, xb, variants, grads=grads)
     del xa, xb, grads
     rows = []
