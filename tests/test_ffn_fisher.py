@@ -24,12 +24,16 @@ class _Nudged(torch.nn.Module):
         return y
 
 
-def _our_loss(model, ids):
+def _our_logits(model, ids):
     model.ensure_rope(len(ids))
     cache = KVCache.dense(model.config, len(ids), model.dtype, model.device)
     with torch.inference_mode():
-        logits = model(torch.tensor(ids), 0, cache, all_logits=True)
-    return float(torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]), reduction="sum"))
+        return model(torch.tensor(ids), 0, cache, all_logits=True).double()
+
+
+def _our_loss(model, ids):
+    logits = _our_logits(model, ids)
+    return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
 
 
 def test_loss_grads_predict_our_decoders_loss_change(stories_path):
@@ -45,14 +49,15 @@ def test_loss_grads_predict_our_decoders_loss_change(stories_path):
     xa, xb, (ga, gb) = cal.collect_loss_grads(load_transformers_model(stories_path), windows, progress=False)
     ours_a, ours_b = cal.collect_inputs(s.model, windows, progress=False)
     L = s.config.n_layers
-    assert len(ga) == len(gb) == L and ga[0].shape == xa[0].shape == (len(windows[0]) + len(windows[2]), s.config.dim)
+    assert len(ga) == len(gb) == L and xa[0].shape == (len(windows[0]) + len(windows[2]), s.config.dim)
+    assert ga[0].shape == (xa[0].shape[0], 1, s.config.dim)
     for i in range(L):
         torch.testing.assert_close(xa[i], ours_a[i], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(xb[i], ours_b[i], atol=1e-4, rtol=1e-4)
     ids = windows[1]  # the B half's only window
     gen = torch.Generator().manual_seed(0)
     for layer, pos in ((1, 20), (L - 1, 70)):
-        g = gb[layer][pos]
+        g = gb[layer][pos, 0]
         delta = 0.05 * torch.randn(s.config.dim, generator=gen)
         ffn = s.model.layers[layer].ffn
         try:
@@ -65,6 +70,40 @@ def test_loss_grads_predict_our_decoders_loss_change(stories_path):
         predicted = float(g.double() @ delta.double())
         assert abs(predicted) > 1e-3
         assert (up - down) / 2 == pytest.approx(predicted, rel=0.05, abs=2e-4)
+
+
+def test_model_label_grads_estimate_the_true_fisher(stories_path):
+    """labels="model": the mean over label samples of (grad . delta)^2 estimates delta^T J^T F J delta, the
+    true Fisher (F = diag p - p p^T per position, J delta = our decoder's logit change when layer l's FFN
+    output at one token is nudged by delta), i.e. the KL a skipped pair adds. 128 samples: ~12% noise."""
+    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.hf_reference import load_transformers_model
+    from sparsedge.session import Session
+
+    s = Session.load(stories_path, dtype="float32", backend="cpu", progress=False)
+    windows = cal.token_windows(s.tokenizer, cal.read_text(data_path(TINYSTORIES_SAMPLE)), 2 * 96, 96)[:2]
+    K = 128
+    _, _, (_, gb) = cal.collect_loss_grads(load_transformers_model(stories_path), windows, progress=False,
+                                           labels="model", samples=K)
+    ids, layer, pos = windows[1], 2, 30
+    assert gb[layer].shape == (len(ids), K, s.config.dim)
+    delta = 0.01 * torch.randn(s.config.dim, generator=torch.Generator().manual_seed(3))
+    ffn = s.model.layers[layer].ffn
+    z = _our_logits(s.model, ids)
+    try:
+        s.model.layers[layer].ffn = _Nudged(ffn, pos, delta)
+        up = _our_logits(s.model, ids)
+        s.model.layers[layer].ffn = _Nudged(ffn, pos, -delta)
+        down = _our_logits(s.model, ids)
+    finally:
+        s.model.layers[layer].ffn = ffn
+    dz, p = (up - down) / 2, torch.softmax(z, -1)
+    fisher = float(((p * dz * dz).sum(-1) - (p * dz).sum(-1) ** 2).sum())
+    per_sample = gb[layer][pos].double() @ delta.double()  # [K]: the summed loss's derivative along delta
+    assert float(per_sample.square().mean()) == pytest.approx(fisher, rel=0.3)
+    assert abs(float(per_sample.mean())) < 4 * fisher ** 0.5 / K ** 0.5  # sampled labels: zero mean
+    with pytest.raises(ValueError, match="fisher labels"):
+        cal.collect_loss_grads(None, windows, labels="text")
 
 
 def test_global_allocation_same_total_at_lower_penalty():
@@ -98,6 +137,8 @@ def test_fisher_without_grads_and_bad_allocation_are_refused():
         calibrate_model(model, xa, xb, [Variant(predictor="q4", group=32, penalty="fisher")], progress=False)
     with pytest.raises(ValueError, match="unknown allocation"):
         calibrate_model(model, xa, xb, [Variant(allocation="everywhere")], progress=False)
+    with pytest.raises(ValueError, match="unknown q4 rounding"):
+        calibrate_model(model, xa, xb, [Variant(predictor="q4", group=32, rounding="stochastic")], progress=False)
 
 
 def test_cli_defaults_pair_the_predictor_with_its_penalty_and_allocation():
@@ -111,3 +152,11 @@ def test_cli_defaults_pair_the_predictor_with_its_penalty_and_allocation():
     assert (v.penalty, v.allocation) == ("full", "layer")
     v = cal.variant_from_args(p.parse_args(["--penalty", "fisher", "--allocation", "layer"]))
     assert (v.penalty, v.allocation) == ("fisher", "layer")
+    assert cal.variant_from_args(p.parse_args(["--predictor", "q4"])).rounding == "gptq"
+    assert cal.variant_from_args(p.parse_args(["--predictor", "q4", "--q4-rounding", "nearest"])).rounding == "nearest"
+    args = p.parse_args(["--predictor", "q4", "--fisher-labels", "model", "--fisher-samples", "4"])
+    cal.variant_from_args(args)
+    assert (args.fisher_labels, args.fisher_samples) == ("model", 4)
+    for bad in (["--fisher-samples", "2"], ["--fisher-labels", "model", "--fisher-samples", "0"]):
+        with pytest.raises(ValueError, match="--fisher-samples"):
+            cal.variant_from_args(p.parse_args(["--predictor", "q4", *bad]))

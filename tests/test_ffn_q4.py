@@ -43,6 +43,41 @@ def test_packing_layout_and_round_trip():
     assert bool((err <= s[:, 0].repeat_interleave(32, 1) / 2 + 1e-7).all())  # round to nearest
 
 
+def _correlated_inputs(n, basis, gen):
+    """Inputs like a transformer's: a few strong directions (and per-channel scales) plus noise."""
+    return torch.randn(n, basis.shape[0], generator=gen) @ basis + 0.05 * torch.randn(n, basis.shape[1], generator=gen)
+
+
+def test_gptq_rounding_cuts_the_output_error_on_unseen_inputs():
+    """Output-aware rounding: fitted on X^T X of one sample, the estimates x . w^ on a second sample are
+    markedly closer to x . w than with round-to-nearest; same format (levels in [-8, 7], one scale a group)."""
+    gen = torch.Generator().manual_seed(0)
+    I, d, G = 128, 128, 32
+    w = torch.randn(I, d, generator=gen) / d ** 0.5
+    basis = torch.randn(8, d, generator=gen) * torch.linspace(0.2, 3.0, d)
+    fit, held = _correlated_inputs(2048, basis, gen), _correlated_inputs(2048, basis, gen)
+    nearest = q4.dequantize_rows(*q4.quantize_rows(w, G))
+    packed, scale = q4.quantize_rows(w, G, fit.double().T @ fit.double())
+    gptq = q4.dequantize_rows(packed, scale)
+    err = {k: float((held @ (v - w).T).norm()) for k, v in (("nearest", nearest), ("gptq", gptq))}
+    assert err["gptq"] < 0.6 * err["nearest"], err
+    levels, sc = q4.gptq_round(w, fit.double().T @ fit.double(), G)
+    assert levels.min() >= -8 and levels.max() <= 7 and torch.equal(levels, levels.round())
+    torch.testing.assert_close(gptq, (levels * sc.repeat_interleave(G, 1)).float())
+
+
+@pytest.mark.parametrize("xtx", ["identity", "zeros"])
+def test_gptq_rounding_is_nearest_when_inputs_are_uncorrelated(xtx):
+    """With H = c I no input can absorb another's error, so the output-aware rounding is round-to-nearest
+    exactly; an all-zero X^T X (no data) is damped into that case instead of failing."""
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    h = torch.eye(64, dtype=torch.float64) * 3.0 if xtx == "identity" else torch.zeros(64, 64, dtype=torch.float64)
+    for a, b in zip(q4.quantize_rows(w, 16, h), q4.quantize_rows(w, 16)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="X\\^T X is"):
+        q4.gptq_round(w, torch.eye(32, dtype=torch.float64), 16)
+
+
 def test_estimates_track_the_exact_projections():
     wg, wu, q, scale = _packed(256, 128, 64)
     x = torch.randn(16, 128)

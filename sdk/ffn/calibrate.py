@@ -48,6 +48,7 @@ class Variant:
     runtime_tau: bool = True  # apply tau in the kernel (else tau only defines the calibration target)
     predictor: str = "svd"  # or "q4": the 4-bit gate x up predictor (sdk/ffn/q4.py); never a runtime tau
     group: int = q4.DEFAULT_GROUP  # q4: inputs per quantization scale
+    rounding: str = "gptq"  # q4: "gptq" (output-aware, X^T X of the A half) or "nearest"
     allocation: str = "layer"  # or "global": spread the model-wide target over layers (needs penalty fisher)
     hull: bool = True  # heap steps along each neuron's convex penalty hull (False: one quantile at a time)
     neuron_cap: float = 0.95  # no neuron is cut on more than this fraction of the calibration tokens
@@ -108,22 +109,36 @@ def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None
 
 
 def collect_loss_grads(hf_model, windows: list[list[int]], max_layer_tokens: int | None = None,
-                       progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list]]:
-    """(xa, xb, (grads_a, grads_b)): collect_inputs' halves plus, per half, the gradient of the windows' summed
-    next-token loss with respect to each layer's FFN output (what the fisher penalty weighs skips by).
+                       progress: bool = True, labels: str = "data", samples: int = 1,
+                       seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list]]:
+    """(xa, xb, (grads_a, grads_b)): collect_inputs' halves plus, per half, gradients of the next-token loss
+    with respect to each layer's FFN output (what the fisher penalty weighs skips by): [N, samples, d].
+
+    labels="data": the text's own next tokens (the empirical Fisher; one sample, the last position of a window
+    has none). labels="model": `samples` label sets drawn from the model's own next-token distribution at every
+    position. The mean of (grad . delta)^2 over them estimates delta^T F delta with F the true Fisher, the
+    Hessian of the KL to the dense model's prediction, which is what a skipped pair adds to the loss on
+    average; more samples give a less noisy estimate. Each sample is one more backward pass over the shared
+    forward graph.
 
     Our decoder runs fused inference kernels without autograd, so this pass runs the same weights in
     transformers (sdk/hf_reference.py; the FFN inputs agree with ours to ~1e-6) and backpropagates."""
+    if labels not in ("data", "model"):
+        raise ValueError(f"unknown fisher labels {labels!r} (data: the text's next tokens; model: sampled from "
+                         f"the model's own prediction)")
+    if samples < 1 or (labels == "data" and samples != 1):
+        raise ValueError(f"fisher samples must be >= 1, and 1 with labels='data' (got {samples})")
     layers = hf_model.model.layers
     L, d = len(layers), hf_model.config.hidden_size
     store = [[[], []] for _ in range(L)]
     xs: list = [None] * L
-    gs: list = [None] * L
+    gs: list = [[] for _ in range(L)]
+    gen = torch.Generator().manual_seed(seed)
 
     def hook(i):
         def fwd(module, args, out):
             xs[i] = args[0].detach()[0].float()
-            out.register_hook(lambda g: gs.__setitem__(i, g.detach()[0].float()))
+            out.register_hook(lambda g: gs[i].append(g.detach()[0].float()))
         return fwd
 
     handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -136,30 +151,40 @@ def collect_loss_grads(hf_model, windows: list[list[int]], max_layer_tokens: int
         for n, w in enumerate(tqdm(windows, desc="collecting FFN inputs and loss gradients", unit="window",
                                    disable=not progress)):
             ids = torch.tensor([w], dtype=torch.long)
-            logits = hf_model(inputs_embeds=embed(ids).detach().requires_grad_(True)).logits[0]
-            loss = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum")
-            loss.backward()
+            logits = hf_model(inputs_embeds=embed(ids).detach().requires_grad_(True)).logits[0].float()
+            for k in range(samples):
+                if labels == "data":
+                    loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+                else:
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+                    loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                loss.backward(retain_graph=k + 1 < samples)
             half = n % 2 if len(windows) > 1 else 0
             for i in range(L):
-                store[i][half].append(torch.cat([xs[i], gs[i]], 1))  # x and its grad subsample together
+                # x and its gradients subsample together; hooks fire from the last layer down, once per sample
+                store[i][half].append(torch.cat([xs[i], *gs[i]], 1))
+                gs[i] = []
     finally:
         for h in handles:
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
-    xga, xgb = _halves(store, len(windows), 2 * d, max_layer_tokens)
+    xga, xgb = _halves(store, len(windows), (1 + samples) * d, max_layer_tokens)
     return ([x[:, :d].contiguous() for x in xga], [x[:, :d].contiguous() for x in xgb],
-            ([x[:, d:].contiguous() for x in xga], [x[:, d:].contiguous() for x in xgb]))
+            ([x[:, d:].reshape(-1, samples, d).contiguous() for x in xga],
+             [x[:, d:].reshape(-1, samples, d).contiguous() for x in xgb]))
 
 
 def collect(model, model_spec, windows: list[list[int]], max_layer_tokens: int | None = None, grads: bool = False,
-            progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list] | None]:
+            progress: bool = True, fisher_labels: str = "data",
+            fisher_samples: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list] | None]:
     """(xa, xb, (grads_a, grads_b) or None): collect_loss_grads through transformers (model_spec: what
     load_transformers_model accepts) when the penalty needs loss gradients, else collect_inputs on `model`."""
     if not grads:
         return (*collect_inputs(model, windows, max_layer_tokens, progress), None)
     from ..hf_reference import load_transformers_model
-    return collect_loss_grads(load_transformers_model(model_spec), windows, max_layer_tokens, progress)
+    return collect_loss_grads(load_transformers_model(model_spec), windows, max_layer_tokens, progress,
+                              fisher_labels, fisher_samples)
 
 
 def _halves(store, n_windows: int, width: int, max_layer_tokens: int | None):
@@ -224,8 +249,14 @@ class _Layer:
         self.g_b, self.h_b = _hidden(self.dense, x_b)
         self.w_gate = self.dense.w_gate.detach().float().cpu()
         self.w_down_t = self.dense.w_down_t.detach().float().cpu()
-        self.xtx = None  # X_A^T X_A (float64, d x d): only whitened SVD variants need it
+        self.xtx = None  # X_A^T X_A (float64, d x d), made on first use (x_a_gram)
         self.cache: dict = {}
+
+    def x_a_gram(self) -> torch.Tensor:
+        """X_A^T X_A in float64 (d x d): what the whitened SVD and the q4 gptq rounding fit on."""
+        if self.xtx is None:
+            self.xtx = self.x_a.double().T @ self.x_a.double()
+        return self.xtx
 
     def threshold_tokens(self, predictor: str) -> tuple:
         """(x, g, h, loss grad or None) of the tokens the thresholds are calibrated on."""
@@ -243,9 +274,12 @@ class _Layer:
         act, ap, i = self.act, self.ap, self.i
         x, g, h, grad = self.threshold_tokens(v.predictor)
         if v.predictor == "q4":
-            key = ("q4", v.group, v.tau_target)
+            key = ("q4", v.group, v.tau_target, v.rounding)
             if key not in self.cache:
-                qw, sc = q4.pack_gate_up(self.dense.w_gate, self.dense.w_up, v.group)
+                if v.rounding not in ("gptq", "nearest"):
+                    raise ValueError(f"unknown q4 rounding {v.rounding!r} (gptq or nearest)")
+                qw, sc = q4.pack_gate_up(self.dense.w_gate, self.dense.w_up, v.group,
+                                         self.x_a_gram() if v.rounding == "gptq" else None)
                 tau = P.calibrate_tau(self.g_a, act, ap, v.tau_target)
                 g_hat, u_hat = (torch.cat(t) for t in zip(*(q4_estimates(x[j:j + 1024], qw, sc)
                                                            for j in range(0, x.shape[0], 1024))))
@@ -263,9 +297,7 @@ class _Layer:
             rank = v.rank or P.default_rank(self.w_gate.shape[0])
             key = (v.whiten, rank, v.tau_target)
             if key not in self.cache:
-                if self.xtx is None and v.whiten:
-                    self.xtx = self.x_a.double().T @ self.x_a.double()
-                p1, p2 = P.whitened_svd(self.w_gate, self.xtx, rank, whiten=v.whiten)
+                p1, p2 = P.whitened_svd(self.w_gate, self.x_a_gram() if v.whiten else None, rank, whiten=v.whiten)
                 tau = P.calibrate_tau(self.g_a, act, ap, v.tau_target)
                 hb = _apply_tau(h, g, tau, act, ap)
                 scores = P.scores_of(x, p1, p2)
@@ -407,6 +439,9 @@ def add_arguments(p) -> None:
                         "does not tell which neurons matter)")
     g.add_argument("--q4-group", type=int, default=q4.DEFAULT_GROUP,
                    help="q4: inputs per quantization scale (even, divides the width; default 64)")
+    g.add_argument("--q4-rounding", choices=("gptq", "nearest"), default="gptq",
+                   help="q4: round the 4-bit weights so that the estimates x.w^ on the calibration text are "
+                        "accurate (gptq, default) or each weight to its nearest level (nearest)")
     g.add_argument("--rank", type=int, default=None, help="predictor rank r (default max(32, 2%% of I))")
     g.add_argument("--s", type=float, default=0.8,
                    help="sparsity scale: per-layer target = s x true sparsity (s - 0.1 on layers 0, 1)")
@@ -414,6 +449,12 @@ def add_arguments(p) -> None:
                    help="threshold penalty: full = |h|*||W_down[:,i]|| (default for svd), fisher = |h * dL/dh| "
                         "with the loss gradient from a transformers backward pass over the calibration text "
                         "(default for q4), act = |act(gate)|, h = |h|")
+    g.add_argument("--fisher-labels", choices=("data", "model"), default="data",
+                   help="fisher penalty: gradients of the loss on the text's own next tokens (data, the empirical "
+                        "Fisher) or on labels sampled from the model's prediction (model: the true Fisher, the "
+                        "KL a skip adds; see --fisher-samples)")
+    g.add_argument("--fisher-samples", type=int, default=1,
+                   help="--fisher-labels model: label samples per token, one backward pass each (default 1)")
     g.add_argument("--allocation", choices=("layer", "global"), default=None,
                    help="layer: every layer targets s x its true sparsity (s - 0.1 on layers 0, 1); global: the "
                         "same model-wide sparsity, spread over the layers where the penalty says it costs least "
@@ -450,10 +491,14 @@ def variant_from_args(args) -> Variant:
         raise ValueError("--rank, --no-whiten and --bias-mode configure the SVD predictor; drop them with "
                          "--predictor q4")
     penalty = args.penalty or ("fisher" if args.predictor == "q4" else "full")
+    samples, labels = getattr(args, "fisher_samples", 1), getattr(args, "fisher_labels", "data")
+    if samples < 1 or (labels == "data" and samples != 1):
+        raise ValueError(f"--fisher-samples {samples}: give at least 1, and more than 1 only with --fisher-labels "
+                         f"model (the text has one next token per position)")
     allocation = args.allocation or ("global" if penalty == "fisher" else "layer")
     return Variant(s=args.s, penalty=penalty, whiten=not args.no_whiten, bias_mode=args.bias_mode,
                    rank=args.rank, tau_target=args.tau_target, runtime_tau=not args.no_runtime_tau,
-                   predictor=args.predictor, group=args.q4_group, allocation=allocation,
+                   predictor=args.predictor, group=args.q4_group, rounding=args.q4_rounding, allocation=allocation,
                    neuron_cap=args.neuron_cap)
 
 
@@ -480,7 +525,8 @@ def prepare_data(session, args, grads: bool = False):
                              f"tokens, {n_hold} to hold out and at least 2 to fit; raise --tokens")
         windows, held = windows[:-n_hold], windows[-n_hold:]
     return (windows, held, *collect(session.model, args.model, windows, getattr(args, "max_layer_tokens", None),
-                                     grads))
+                                     grads, fisher_labels=getattr(args, "fisher_labels", "data"),
+                                     fisher_samples=getattr(args, "fisher_samples", 1)))
 
 
 class BudgetError(ValueError):
@@ -550,6 +596,8 @@ def run(args) -> dict:
         [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points, grads=grads)
     meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
                              "seq_len": args.seq_len, "dtype": str(args.dtype), "chat_template": False})
+    if v.penalty == "fisher":
+        meta["settings"].update({"fisher_labels": args.fisher_labels, "fisher_samples": args.fisher_samples})
     if budget_table is not None:
         meta["settings"].update({"ppl_budget_pct": args.ppl_budget, "budget_table": budget_table,
                                  "held_out_tokens": sum(len(w) for w in held)})

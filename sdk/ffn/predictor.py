@@ -96,9 +96,10 @@ def importance(h: torch.Tensor, g: torch.Tensor, w_down_t: torch.Tensor, penalty
     """c[n, i] >= 0: full = |h| * ||W_down[:, i]||, act = |act(gate)|, h = |h|, fisher = |h * dL/dh|; zero
     where the true activation is zero (after tau), so "free" sparsity costs nothing.
 
-    fisher needs `grad` [N, d], the gradient of the calibration text's loss with respect to this layer's
-    FFN output (collect_loss_grads): dL/dh_i = grad . W_down[:, i], so c is the first-order loss change of
-    skipping the pair, and summed c^2 is the Fisher (diagonal, empirical) estimate of the loss it adds.
+    fisher needs `grad` [N, d] or [N, samples, d], gradients of the next-token loss with respect to this
+    layer's FFN output (collect_loss_grads): dL/dh_i = grad . W_down[:, i], so c is the first-order loss
+    change of skipping the pair (the root mean square over label samples), and summed c^2 is the Fisher
+    (diagonal) estimate of the loss it adds.
     Unlike `full` it weighs the neurons of different layers, and the tokens of one neuron, by what the
     output actually needs from them."""
     if penalty == "full":
@@ -109,10 +110,16 @@ def importance(h: torch.Tensor, g: torch.Tensor, w_down_t: torch.Tensor, penalty
         c = act_values(g, activation, act_param).abs()
         c = torch.where(h == 0, torch.zeros_like(c), c)
     elif penalty == "fisher":
-        if grad is None or grad.shape != (h.shape[0], w_down_t.shape[1]):
+        if grad is not None and grad.dim() == 2:
+            grad = grad[:, None, :]
+        if grad is None or grad.dim() != 3 or grad.shape[0] != h.shape[0] or grad.shape[2] != w_down_t.shape[1]:
             raise ValueError(f"the fisher penalty needs the loss gradient of the FFN output, [{h.shape[0]}, "
-                             f"{w_down_t.shape[1]}], got {None if grad is None else tuple(grad.shape)}")
-        c = (h.float() * (grad.float() @ w_down_t.float().T)).abs()
+                             f"{w_down_t.shape[1]}] or [{h.shape[0]}, samples, {w_down_t.shape[1]}], got "
+                             f"{None if grad is None else tuple(grad.shape)}")
+        # several label samples: c^2 is the mean of the per-sample squares (a less noisy Fisher estimate)
+        wt = w_down_t.float().T
+        c = sum((h.float() * (grad[:, k].float() @ wt)).square() for k in range(grad.shape[1]))
+        c = (c / grad.shape[1]).sqrt()
     else:
         raise ValueError(f"unknown penalty {penalty!r} (choose from {', '.join(PENALTIES)})")
     return c

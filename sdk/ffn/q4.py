@@ -6,7 +6,9 @@ gate (the whitened-SVD one, or even the exact gate) cannot tell them apart; on S
 with per-neuron cuts costs +9.4% perplexity at 40% of neurons skipped, where the true contribution costs
 +1.5% (docs/results/ffn.md). This predictor estimates both projections instead, from W_gate and W_up
 rounded to 4 bits per weight (symmetric, one fp32 scale per group of `group` inputs), and predicts neuron i
-active when |act(g^_i) * u^_i| > thresh_i. The thresholds come from the same greedy per-neuron heap as the
+active when |act(g^_i) * u^_i| > thresh_i. Calibration rounds the weights output-aware (gptq_round, against
+X^T X of the layer's calibration inputs) rather than to the nearest level: a third less estimation error on
+unseen text, at no run-time cost. The thresholds come from the same greedy per-neuron heap as the
 SVD predictor's biases (predictor.calibrate_thresholds), by default with the fisher penalty (each skip
 weighed by the loss change it causes) and the model-wide sparsity allocated across layers.
 
@@ -27,17 +29,69 @@ def check_group(d: int, group: int) -> None:
                          f"(64 or 32 divide every common width; pass --q4-group)")
 
 
-def quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [I, d] -> (nibbles uint8 [I, d/2] in the op's layout, scale fp32 [I, d/group])."""
+def quantize_rows(w: torch.Tensor, group: int, xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [I, d] -> (nibbles uint8 [I, d/2] in the op's layout, scale fp32 [I, d/group]).
+
+    Without xtx every weight is rounded to the nearest level. With xtx = X^T X of the layer's calibration
+    inputs (float64 [d, d]) the rounding is output-aware (gptq_round): the estimates x . w^ the predictor
+    makes are what must be accurate, not the weights, and on SmolLM2 this cuts the error of g^ and u^ on
+    held-out tokens by a third at no cost at run time (same format, same kernels)."""
     I, d = w.shape
     check_group(d, group)
-    wg = w.detach().float().cpu().reshape(I, d // group, group)
-    scale = wg.abs().amax(-1) / 7.0
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = (torch.round(wg * inv[..., None]).clamp(-8, 7) + 8).to(torch.uint8)
+    if xtx is None:
+        q, scale = _round_nearest(w.detach().float().cpu().reshape(I, d // group, group))
+        q = q.reshape(I, d)
+    else:
+        q, scale = gptq_round(w, xtx, group)
+    q = (q.reshape(I, d // group, group) + 8).to(torch.uint8)
     half = group // 2
     packed = q[..., :half] | (q[..., half:] << 4)  # byte j: input j (low), input j + group/2 (high)
-    return packed.reshape(I, d // 2).contiguous(), scale.contiguous()
+    return packed.reshape(I, d // 2).contiguous(), scale.float().contiguous()
+
+
+def _round_nearest(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """wg [..., group] -> (levels in [-8, 7] of the same shape, scale [...]): symmetric, scale = amax / 7."""
+    scale = wg.abs().amax(-1) / 7.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return torch.round(wg * inv[..., None]).clamp(-8, 7), scale
+
+
+def gptq_round(w: torch.Tensor, xtx: torch.Tensor, group: int, damp: float = 0.01
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round w [I, d] to 4-bit levels [I, d] (in [-8, 7]) and per-group scales [I, d/group], minimising the
+    output error sum over calibration x of (x . (w - w^))^2 = (w - w^) H (w - w^)^T, H = X^T X, instead of the
+    weight error (the GPTQ/OBQ recipe, written from the paper): inputs are rounded one at a time, and each
+    rounding error is pushed onto the inputs not yet rounded, along H^-1, so that they absorb it. A group's
+    scale is fixed (amax / 7) when its first input is reached, from the weights as updated so far.
+
+    `damp` x mean(diag H) is added to the diagonal (doubled until the Cholesky factorisation succeeds),
+    which keeps the update bounded where inputs are nearly collinear or never seen."""
+    I, d = w.shape
+    check_group(d, group)
+    if tuple(xtx.shape) != (d, d):
+        raise ValueError(f"gptq_round: X^T X is {tuple(xtx.shape)}, expected ({d}, {d})")
+    H = xtx.double().cpu()
+    eye = torch.eye(d, dtype=torch.float64)
+    mean_diag = float(H.diagonal().mean()) or 1.0
+    for attempt in range(12):
+        chol, info = torch.linalg.cholesky_ex(H + damp * (2 ** attempt) * mean_diag * eye)
+        if int(info) == 0:
+            break
+    else:
+        raise ValueError("gptq_round: X^T X stays singular after damping; is the calibration input all zeros?")
+    # upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it
+    U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    w = w.detach().double().cpu().clone()
+    q = torch.empty(I, d, dtype=torch.float64)
+    scale = torch.empty(I, d // group, dtype=torch.float64)
+    for j in range(d):
+        if j % group == 0:
+            scale[:, j // group] = _round_nearest(w[:, j:j + group])[1]
+        s = scale[:, j // group]
+        q[:, j] = torch.round(w[:, j] * torch.where(s > 0, 1.0 / s, torch.zeros_like(s))).clamp(-8, 7)
+        err = (w[:, j] - q[:, j] * s) / U[j, j]
+        w[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+    return q, scale
 
 
 def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -48,11 +102,12 @@ def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q * scale[..., None]).reshape(I, -1)
 
 
-def pack_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor, group: int = DEFAULT_GROUP
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [I, 2, d/2] uint8, scale [I, 2, d/group] fp32): the tensors ffn_predict_q4 reads."""
-    qg, sg = quantize_rows(w_gate, group)
-    qu, su = quantize_rows(w_up, group)
+def pack_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor, group: int = DEFAULT_GROUP,
+                 xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [I, 2, d/2] uint8, scale [I, 2, d/group] fp32): the tensors ffn_predict_q4 reads; xtx (X^T X of the
+    layer's FFN inputs) selects output-aware rounding (quantize_rows)."""
+    qg, sg = quantize_rows(w_gate, group, xtx)
+    qu, su = quantize_rows(w_up, group, xtx)
     return torch.stack([qg, qu], 1).contiguous(), torch.stack([sg, su], 1).contiguous()
 
 

@@ -43,7 +43,7 @@ def parse_variant(spec: str, base: dict) -> Variant:
         k = k.strip()
         if k in ("whiten", "runtime_tau", "hull"):
             fields[k] = v.strip() not in ("0", "false", "False", "no")
-        elif k in ("penalty", "bias_mode", "predictor", "allocation"):
+        elif k in ("penalty", "bias_mode", "predictor", "allocation", "rounding"):
             fields[k] = v.strip()
         elif k in ("rank", "group"):
             fields[k] = int(v)
@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", action="append", default=[], choices=sorted(PRESETS))
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--base", default="", help="defaults for every variant, e.g. 'rank=64,tau_target=0.5'")
+    p.add_argument("--fisher-labels", choices=("data", "model"), default="data",
+                   help="fisher penalty gradients: the text's next tokens, or labels sampled from the model")
+    p.add_argument("--fisher-samples", type=int, default=1, help="label samples per token with --fisher-labels model")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("--decode-check", action="store_true", help="also evaluate the first variant via --decode")
     p.add_argument("--json-out", default=None)
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
     calib_windows = token_windows(session.tokenizer, read_text(args.text, args.calib_start), args.tokens, args.seq_len)
     eval_windows = token_windows(session.tokenizer, read_text(args.eval_text or args.text, args.eval_start),
                                  args.eval_tokens, args.seq_len)
-    xa, xb, grads = collect(model, args.model, calib_windows, grads=any(v.penalty == "fisher" for v in variants))
+    xa, xb, grads = collect(model, args.model, calib_windows, grads=any(v.penalty == "fisher" for v in variants),
+                            fisher_labels=args.fisher_labels, fisher_samples=args.fisher_samples)
     results = calibrate_model(model, xa, xb, variants, grads=grads)
     del xa, xb, grads
     rows = []
