@@ -240,8 +240,10 @@ class _Layer:
     nothing (it is a rounding of the weights), so its thresholds use every token, A and B: the fisher
     penalty's per-token gradients are noisy, and twice the tokens calibrate markedly better thresholds."""
 
-    def __init__(self, model, i: int, x_a: torch.Tensor, x_b: torch.Tensor, grads: tuple | None):
+    def __init__(self, model, i: int, x_a: torch.Tensor, x_b: torch.Tensor, grads: tuple | None,
+                 packs: dict | None = None):
         self.i, self.x_a, self.x_b = i, x_a, x_b
+        self.packs = {} if packs is None else packs  # q4 weight packs, which the caller may keep
         self.grad_a, self.grad_b = grads if grads is not None else (None, None)
         self.dense = getattr(model.layers[i].ffn, "dense", model.layers[i].ffn)
         self.act, self.ap = self.dense.activation, float(self.dense.act_param)
@@ -278,8 +280,10 @@ class _Layer:
             if key not in self.cache:
                 if v.rounding not in ("gptq", "nearest"):
                     raise ValueError(f"unknown q4 rounding {v.rounding!r} (gptq or nearest)")
-                qw, sc = q4.pack_gate_up(self.dense.w_gate, self.dense.w_up, v.group,
-                                         self.x_a_gram() if v.rounding == "gptq" else None)
+                if key not in self.packs:  # kept across calibrate_model's two passes: rounding takes seconds
+                    self.packs[key] = q4.pack_gate_up(self.dense.w_gate, self.dense.w_up, v.group,
+                                                      self.x_a_gram() if v.rounding == "gptq" else None)
+                qw, sc = self.packs[key]
                 tau = P.calibrate_tau(self.g_a, act, ap, v.tau_target)
                 g_hat, u_hat = (torch.cat(t) for t in zip(*(q4_estimates(x[j:j + 1024], qw, sc)
                                                            for j in range(0, x.shape[0], 1024))))
@@ -338,8 +342,10 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
         if v.allocation == "global" and v.bias_mode != "calibrated":
             raise ValueError("global allocation needs calibrated thresholds (bias_mode='calibrated')")
 
+    packs: list[dict] = [{} for _ in range(L)]
+
     def layer(i):
-        return _Layer(model, i, xa[i], xb[i], (grads[0][i], grads[1][i]) if grads is not None else None)
+        return _Layer(model, i, xa[i], xb[i], (grads[0][i], grads[1][i]) if grads is not None else None, packs[i])
 
     targets: dict[int, list[float]] = {}
     glob = [vi for vi, v in enumerate(variants) if v.allocation == "global"]
