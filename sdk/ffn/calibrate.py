@@ -287,7 +287,8 @@ class _Layer:
                 tau = P.calibrate_tau(self.g_a, act, ap, v.tau_target)
                 g_hat, u_hat = (torch.cat(t) for t in zip(*(q4_estimates(x[j:j + 1024], qw, sc)
                                                            for j in range(0, x.shape[0], 1024))))
-                err = float((g_hat[:512] - g[:512]).norm() / g[:512].norm().clamp_min(1e-30))
+                # on B tokens (the last rows): gptq rounding fits X_A^T X_A, so A would flatter it
+                err = float((g_hat[-512:] - g[-512:]).norm() / g[-512:].norm().clamp_min(1e-30))
                 scores = activate(g_hat, u_hat, act, ap, 0.0).abs()  # = q4_scores, from the estimates made
                 self.cache[key] = (qw, sc, tau, scores, err)
             qw, sc, tau, scores, err = self.cache[key]
