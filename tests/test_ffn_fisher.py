@@ -24,6 +24,19 @@ class _Nudged(torch.nn.Module):
         return y
 
 
+def _nudged_both_ways(model, layer, pos, delta, measure):
+    """(measure() with layer's FFN output at pos nudged by +delta, the same with -delta)."""
+    ffn = model.layers[layer].ffn
+    out = []
+    try:
+        for sign in (1, -1):
+            model.layers[layer].ffn = _Nudged(ffn, pos, sign * delta)
+            out.append(measure())
+    finally:
+        model.layers[layer].ffn = ffn
+    return tuple(out)
+
+
 def _our_logits(model, ids):
     model.ensure_rope(len(ids))
     cache = KVCache.dense(model.config, len(ids), model.dtype, model.device)
@@ -59,14 +72,7 @@ def test_loss_grads_predict_our_decoders_loss_change(stories_path):
     for layer, pos in ((1, 20), (L - 1, 70)):
         g = gb[layer][pos, 0]
         delta = 0.05 * torch.randn(s.config.dim, generator=gen)
-        ffn = s.model.layers[layer].ffn
-        try:
-            s.model.layers[layer].ffn = _Nudged(ffn, pos, delta)
-            up = _our_loss(s.model, ids)
-            s.model.layers[layer].ffn = _Nudged(ffn, pos, -delta)
-            down = _our_loss(s.model, ids)
-        finally:
-            s.model.layers[layer].ffn = ffn
+        up, down = _nudged_both_ways(s.model, layer, pos, delta, lambda: _our_loss(s.model, ids))
         predicted = float(g.double() @ delta.double())
         assert abs(predicted) > 1e-3
         assert (up - down) / 2 == pytest.approx(predicted, rel=0.05, abs=2e-4)
@@ -88,15 +94,8 @@ def test_model_label_grads_estimate_the_true_fisher(stories_path):
     ids, layer, pos = windows[1], 2, 30
     assert gb[layer].shape == (len(ids), K, s.config.dim)
     delta = 0.01 * torch.randn(s.config.dim, generator=torch.Generator().manual_seed(3))
-    ffn = s.model.layers[layer].ffn
     z = _our_logits(s.model, ids)
-    try:
-        s.model.layers[layer].ffn = _Nudged(ffn, pos, delta)
-        up = _our_logits(s.model, ids)
-        s.model.layers[layer].ffn = _Nudged(ffn, pos, -delta)
-        down = _our_logits(s.model, ids)
-    finally:
-        s.model.layers[layer].ffn = ffn
+    up, down = _nudged_both_ways(s.model, layer, pos, delta, lambda: _our_logits(s.model, ids))
     dz, p = (up - down) / 2, torch.softmax(z, -1)
     fisher = float(((p * dz * dz).sum(-1) - (p * dz).sum(-1) ** 2).sum())
     per_sample = gb[layer][pos].double() @ delta.double()  # [K]: the summed loss's derivative along delta
