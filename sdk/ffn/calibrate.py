@@ -12,8 +12,10 @@
    the same weights in transformers with a backward pass and keeps x and the gradient (twice the memory).
 2. Per layer: X_A^T X_A in float64 -> whitened SVD -> P1, P2; tau for silu/gelu on A; scores, h and the
    penalty weights on B -> greedy thresholds -> bias; recall and sparsity measured on B.
-   With --predictor q4: W_gate and W_up packed to 4 bits, scores |act(g^) u^| on A and B -> the same greedy
-   thresholds (no runtime tau, penalty on the untouched h; fisher and global allocation by default).
+   With --predictor q4: W_gate and W_up rounded to 4 bits (GPTQ against X_A^T X_A unless --q4-rounding
+   nearest), scores |act(g^) u^| on A and B -> the same greedy thresholds (no runtime tau, penalty on
+   the untouched h; fisher and global allocation by default; --fisher-labels model --fisher-samples K
+   takes the gradients from K label sets sampled from the model instead of the text's next tokens).
 3. Global allocation (--allocation global): first every layer's heap runs along a grid of targets, giving
    its penalty-vs-sparsity curve; the model-wide target is then split over the layers where it costs the
    least (predictor.allocate_layer_targets) and step 2 runs with those per-layer targets.
