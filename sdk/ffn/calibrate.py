@@ -110,6 +110,16 @@ def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None
     return _halves(store, len(windows), model.config.dim, max_layer_tokens)
 
 
+def check_fisher_sampling(labels: str, samples: int) -> None:
+    """Refuse a label source / sample count collect_loss_grads cannot honour (before any model is loaded)."""
+    if labels not in ("data", "model"):
+        raise ValueError(f"unknown fisher labels {labels!r} (data: the text's next tokens; model: sampled from "
+                         f"the model's own prediction)")
+    if samples < 1 or (labels == "data" and samples != 1):
+        raise ValueError(f"--fisher-samples {samples}: give at least 1, and more than 1 only with --fisher-labels "
+                         f"model (the text has one next token per position)")
+
+
 def collect_loss_grads(hf_model, windows: list[list[int]], max_layer_tokens: int | None = None,
                        progress: bool = True, labels: str = "data", samples: int = 1,
                        seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[list, list]]:
@@ -125,11 +135,7 @@ def collect_loss_grads(hf_model, windows: list[list[int]], max_layer_tokens: int
 
     Our decoder runs fused inference kernels without autograd, so this pass runs the same weights in
     transformers (sdk/hf_reference.py; the FFN inputs agree with ours to ~1e-6) and backpropagates."""
-    if labels not in ("data", "model"):
-        raise ValueError(f"unknown fisher labels {labels!r} (data: the text's next tokens; model: sampled from "
-                         f"the model's own prediction)")
-    if samples < 1 or (labels == "data" and samples != 1):
-        raise ValueError(f"fisher samples must be >= 1, and 1 with labels='data' (got {samples})")
+    check_fisher_sampling(labels, samples)
     layers = hf_model.model.layers
     L, d = len(layers), hf_model.config.hidden_size
     store = [[[], []] for _ in range(L)]
@@ -280,8 +286,6 @@ class _Layer:
         if v.predictor == "q4":
             key = ("q4", v.group, v.tau_target, v.rounding)
             if key not in self.cache:
-                if v.rounding not in ("gptq", "nearest"):
-                    raise ValueError(f"unknown q4 rounding {v.rounding!r} (gptq or nearest)")
                 if key not in self.packs:  # kept across calibrate_model's two passes: rounding takes seconds
                     self.packs[key] = q4.pack_gate_up(self.dense.w_gate, self.dense.w_up, v.group,
                                                       self.x_a_gram() if v.rounding == "gptq" else None)
@@ -342,6 +346,8 @@ def calibrate_model(model, xa: list[torch.Tensor], xb: list[torch.Tensor], varia
     for v in variants:
         if v.allocation not in ("layer", "global"):
             raise ValueError(f"unknown allocation {v.allocation!r} (layer or global)")
+        if v.predictor == "q4" and v.rounding not in ("gptq", "nearest"):
+            raise ValueError(f"unknown q4 rounding {v.rounding!r} (gptq or nearest)")
         if v.allocation == "global" and v.bias_mode != "calibrated":
             raise ValueError("global allocation needs calibrated thresholds (bias_mode='calibrated')")
 
@@ -500,10 +506,7 @@ def variant_from_args(args) -> Variant:
         raise ValueError("--rank, --no-whiten and --bias-mode configure the SVD predictor; drop them with "
                          "--predictor q4")
     penalty = args.penalty or ("fisher" if args.predictor == "q4" else "full")
-    samples, labels = getattr(args, "fisher_samples", 1), getattr(args, "fisher_labels", "data")
-    if samples < 1 or (labels == "data" and samples != 1):
-        raise ValueError(f"--fisher-samples {samples}: give at least 1, and more than 1 only with --fisher-labels "
-                         f"model (the text has one next token per position)")
+    check_fisher_sampling(getattr(args, "fisher_labels", "data"), getattr(args, "fisher_samples", 1))
     allocation = args.allocation or ("global" if penalty == "fisher" else "layer")
     return Variant(s=args.s, penalty=penalty, whiten=not args.no_whiten, bias_mode=args.bias_mode,
                    rank=args.rank, tau_target=args.tau_target, runtime_tau=not args.no_runtime_tau,

@@ -106,9 +106,10 @@ def pack_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor, group: int = DEFAULT_
                  xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [I, 2, d/2] uint8, scale [I, 2, d/group] fp32): the tensors ffn_predict_q4 reads; xtx (X^T X of the
     layer's FFN inputs) selects output-aware rounding (quantize_rows)."""
-    qg, sg = quantize_rows(w_gate, group, xtx)
-    qu, su = quantize_rows(w_up, group, xtx)
-    return torch.stack([qg, qu], 1).contiguous(), torch.stack([sg, su], 1).contiguous()
+    I = w_gate.shape[0]
+    # one call for both: rows round independently, and gptq then factors X^T X and walks the inputs once
+    q, scale = quantize_rows(torch.cat([w_gate.detach(), w_up.detach()]), group, xtx)
+    return torch.stack([q[:I], q[I:]], 1).contiguous(), torch.stack([scale[:I], scale[I:]], 1).contiguous()
 
 
 def validate(q: torch.Tensor, scale: torch.Tensor, thresh: torch.Tensor, I: int, d: int) -> None:
