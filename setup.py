@@ -1,6 +1,6 @@
 """Builds the fused kernels at install time.
 
-- sparsedge.backends._cpu_kernels: backends/csrc/*.cpp (C++ with OpenMP via ATen's parallel_for
+- sparsedge.backends._cpu_kernels: backends/cpu/*.cpp (C++ with OpenMP via ATen's parallel_for
   and SIMD), always built; it only registers CPU implementations of the `sparsedge` ops.
 - sparsedge.backends._cuda_kernels: cuda_ops/*.cu + cuda_ops/binding.cpp, built only when nvcc and a
   CUDA build of torch are both present (never required on CPU machines).
@@ -13,17 +13,6 @@ import shutil
 
 from setuptools import setup
 
-def packages():
-    """sdk/ is the package `sparsedge`, backends/ is `sparsedge.backends` (see pyproject's package-dir)."""
-    found = []
-    for root, name in (("sdk", "sparsedge"), ("backends", "sparsedge.backends")):
-        for dirpath, _, files in os.walk(root):
-            if "__init__.py" in files:
-                rel = os.path.relpath(dirpath, root)
-                found.append(name if rel == "." else name + "." + rel.replace(os.sep, "."))
-    return found
-
-
 def extensions():
     try:
         import torch
@@ -33,7 +22,8 @@ def extensions():
     arch = os.environ.get("SPARSEDGE_CPU_ARCH", "-march=native").split()
     exts = [cpp_extension.CppExtension(
         "sparsedge.backends._cpu_kernels",
-        sorted(glob.glob("backends/csrc/*.cpp")),
+        sorted(glob.glob("backends/cpu/*.cpp")),
+        include_dirs=[os.path.abspath("backends/include")],
         extra_compile_args=["-O3", "-fopenmp", *arch],
         extra_link_args=["-fopenmp"],
     )]
@@ -42,10 +32,11 @@ def extensions():
         exts.append(cpp_extension.CUDAExtension(
             "sparsedge.backends._cuda_kernels",
             cuda_sources + sorted(glob.glob("cuda_ops/*.cpp")),
+            include_dirs=[os.path.abspath("backends/include")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         ))
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()
-setup(packages=packages(), ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

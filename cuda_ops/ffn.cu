@@ -14,7 +14,7 @@
 //   3. compact_kernel    one 1024-thread block per token: each thread popcounts a contiguous run of mask
 //                        words, a block exclusive scan gives its output offset, then it writes the set bit
 //                        positions in ascending order -> idx[t, :count[t]], count[t].
-// ffn_predict_q4 (3 launches, no host sync; layout and arithmetic in sdk/ops/ffn.py)
+// ffn_predict_q4 (3 launches, no host sync; layout and arithmetic in sdk/sparsedge/ops/ffn.py)
 //   1. q4_quantize_kernel  one block per token, a warp per group of G inputs: amax, xs = amax / 127,
 //                        xq = rint(x * inv), inv = 127 / amax correctly rounded as the reference computes it
 //                        (IEEE ops even under --use_fast_math), xsum8 = 8 sum xq;
@@ -264,7 +264,7 @@ __global__ void q4_quantize_kernel(const TX* __restrict__ x, int8_t* __restrict_
     for (int64_t k = lane; k < G; k += 32) amax = fmaxf(amax, fabsf(to_f<TX>(xg[k])));
     amax = warp_max(amax);
     // The reference's exact fp32 ops (IEEE, not the --use_fast_math approximations): one correctly rounded
-    // division, as q4_estimates in sdk/ops/ffn.py and the CPU kernel compute it. An ulp off here flips
+    // division, as q4_estimates in sdk/sparsedge/ops/ffn.py and the CPU kernel compute it. An ulp off here flips
     // round-half-even ties of fp16/bf16 x.
     const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
     int sum = 0;

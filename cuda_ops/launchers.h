@@ -3,7 +3,7 @@
 // Plain C++ (no torch headers): every launcher takes raw device pointers, sizes, dtype tags and a
 // cudaStream_t, enqueues its kernel(s) and returns cudaGetLastError(). binding.cpp does the torch glue
 // (argument checks, dtype mapping, workspace allocation from torch's caching allocator, current stream).
-// All layouts are row-major and contiguous, exactly as documented in sdk/ops/{norm,ffn,delta}.py.
+// All layouts are row-major and contiguous, exactly as documented in sdk/sparsedge/ops/{norm,ffn,delta}.py.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>
@@ -12,7 +12,7 @@ namespace sparsedge::cuda {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Activation codes of sparse_ffn_rows (same order as sdk/ops/ffn.py FFN_ACTIVATIONS).
+// Activation codes of sparse_ffn_rows (same order as sdk/sparsedge/ops/ffn.py FFN_ACTIVATIONS).
 enum class Act : int { SiLU = 0, GELU = 1, GELU_Tanh = 2, ReLU = 3, FATReLU = 4, DReLU = 5, ReLU2 = 6 };
 
 // ---- norm.cu -------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ constexpr int64_t kMaxStagedFloats = 12288;  // 48 KiB
 cudaError_t ffn_predict(const void* x, const void* p1, const void* p2, const void* bias, int32_t* idx,
                         int32_t* count, int64_t T, int64_t d, int64_t r, int64_t I, DType xt, DType pt,
                         void* workspace, cudaStream_t stream);
-// 4-bit gate x up predictor (sdk/ops/ffn.py, ffn_predict_q4): x [T, d] (xt), q [I, 2, d/2] uint8 (contiguous),
+// 4-bit gate x up predictor (sdk/sparsedge/ops/ffn.py, ffn_predict_q4): x [T, d] (xt), q [I, 2, d/2] uint8 (contiguous),
 // scale [I, 2, d/G] fp32, thresh [I] fp32, G even and dividing d; neuron i is active for token t when
 // |act(g^, u^)| > thresh[i] (act_param as in sparse_ffn_rows, no tau). Same idx/count contract as ffn_predict.
 // One token's int8 x and group scales are staged in shared memory: d + 8 * d / G <= kMaxQ4StagedBytes.

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from sparsedge import data as sdata
+from sparsedge.testing import data as sdata
+
+# the checkout's neighbour ../shared/data, whatever directory pytest runs from
+os.environ.setdefault(sdata.ENV, str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

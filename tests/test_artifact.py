@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsedge.artifact import FORMAT_VERSION, ArtifactError, load_section, read_manifest, save_section
-from sparsedge.ffn.synthetic import random_transformer, tiny_config
+from sparsedge.testing.synthetic import random_transformer, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from sparsedge import ops
-from sparsedge.ops.ffn import FFN_ACTIVATIONS
+from sparsedge.activations import ACTIVATIONS as FFN_ACTIVATIONS
 
 DEV = os.environ.get("SPARSEDGE_PARITY_DEVICE", "cuda")
 

@@ -9,9 +9,9 @@ import sparsedge.backends.cpu  # noqa: F401
 from sparsedge import Session
 from sparsedge.delta import DeltaConfig
 from sparsedge.delta import balance
-from sparsedge.delta import calibrate as dcal
+from sparsedge.calibrate import delta as dcal
 from sparsedge.delta.cache import DeltaLayerCache
-from sparsedge.ffn.synthetic import random_transformer, tiny_config
+from sparsedge.testing.synthetic import random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
 
 from .conftest import greedy_decode

@@ -8,7 +8,7 @@ import torch
 import sparsedge.backends.cpu  # noqa: F401
 from sparsedge.delta import DeltaConfig
 from sparsedge.delta.cache import DeltaLayerCache
-from sparsedge.ffn.synthetic import random_transformer, tiny_config
+from sparsedge.testing.synthetic import random_transformer, tiny_config
 from sparsedge.kv_cache import DenseLayerCache, KVCache
 
 from .conftest import greedy_decode, need_data, smollm2_gguf
@@ -266,7 +266,7 @@ def test_ffn_predictors_and_delta_combine(tmp_path):
     """The FFN predictors (layer.ffn) and delta buffers (layer cache) touch different modules."""
     ffn = pytest.importorskip("sparsedge.ffn.module")
     from sparsedge.artifact import save_section
-    from sparsedge.ffn.synthetic import all_keeping_predictors
+    from sparsedge.testing.synthetic import all_keeping_predictors
     cfg = tiny_config(activation="relu")
     model = random_transformer(cfg)
     model.ensure_rope(cfg.max_seq_len)

@@ -9,8 +9,8 @@ import torch
 
 import sparsedge.backends.cpu  # noqa: F401
 from sparsedge.delta import DeltaConfig
-from sparsedge.delta import calibrate as dcal
-from sparsedge.ffn.synthetic import random_transformer, tiny_config
+from sparsedge.calibrate import delta as dcal
+from sparsedge.testing.synthetic import random_transformer, tiny_config
 
 from .conftest import need_data
 

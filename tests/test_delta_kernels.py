@@ -1,4 +1,4 @@
-"""Fused CPU delta kernels vs the composite reference (sdk/ops/delta.py).
+"""Fused CPU delta kernels vs the composite reference (sdk/sparsedge/ops/delta.py).
 
 Tolerances: delta_encode must be bit-identical (same fp32 arithmetic in the same order per channel);
 delta_attention agrees to 1e-4 absolute in fp32 (the reference builds k_hat by a cumsum and then q.k_hat,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparsedge.ffn import predictor as P
+from sparsedge.calibrate import predictor as P
 
 
 def _anisotropic_x(n, d, gen):
@@ -88,7 +88,7 @@ def test_penalties_and_tau():
     gen = torch.Generator().manual_seed(4)
     g = torch.randn(1000, 50, generator=gen)
     u = torch.randn(1000, 50, generator=gen)
-    from sparsedge.ops.ffn import activate
+    from sparsedge.activations import activate
     tau = P.calibrate_tau(g, "silu", 0.0, 0.5)
     a = torch.nn.functional.silu(g).abs()
     assert abs((a < tau).float().mean().item() - 0.5) < 0.01

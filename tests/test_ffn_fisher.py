@@ -4,8 +4,8 @@ import argparse
 import pytest
 import torch
 
-from sparsedge.ffn import calibrate as cal
-from sparsedge.ffn.calibrate import Variant, calibrate_model
+from sparsedge.calibrate import ffn as cal
+from sparsedge.calibrate.ffn import Variant, calibrate_model
 from sparsedge.kv_cache import KVCache
 
 from .test_ffn_model import tiny_calibration
@@ -52,8 +52,8 @@ def _our_loss(model, ids):
 def test_loss_grads_predict_our_decoders_loss_change(stories_path):
     """The gradients come from transformers; they must describe OUR decoder: same FFN inputs, and nudging
     layer l's FFN output at one token by delta changes our summed loss by grad . delta (central difference)."""
-    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
-    from sparsedge.hf_reference import load_transformers_model
+    from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.testing.hf_reference import load_transformers_model
     from sparsedge.session import Session
 
     s = Session.load(stories_path, dtype="float32", backend="cpu", progress=False)
@@ -82,8 +82,8 @@ def test_model_label_grads_estimate_the_true_fisher(stories_path):
     """labels="model": the mean over label samples of (grad . delta)^2 estimates delta^T J^T F J delta, the
     true Fisher (F = diag p - p p^T per position, J delta = our decoder's logit change when layer l's FFN
     output at one token is nudged by delta), i.e. the KL a skipped pair adds. 128 samples: ~12% noise."""
-    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
-    from sparsedge.hf_reference import load_transformers_model
+    from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.testing.hf_reference import load_transformers_model
     from sparsedge.session import Session
 
     s = Session.load(stories_path, dtype="float32", backend="cpu", progress=False)

@@ -1,4 +1,4 @@
-"""Fused CPU sparse-FFN kernels vs the composite reference (sdk/ops/ffn.py)."""
+"""Fused CPU sparse-FFN kernels vs the composite reference (sdk/sparsedge/ops/ffn.py)."""
 import pytest
 import torch
 

@@ -6,8 +6,8 @@ from sparsedge import ops
 from sparsedge.artifact import ArtifactError, read_manifest, save_section
 from sparsedge.backends import get_backend
 from sparsedge.ffn import SparseFFN, attach_predictors, set_per_token
-from sparsedge.ffn.calibrate import Variant, calibrate_model, collect_inputs, export_powerinfer
-from sparsedge.ffn.synthetic import all_keeping_predictors, random_transformer, tiny_config
+from sparsedge.calibrate.ffn import Variant, calibrate_model, collect_inputs, export_powerinfer
+from sparsedge.testing.synthetic import all_keeping_predictors, random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
 
 from .conftest import greedy_decode
@@ -107,10 +107,10 @@ def test_attach_refuses_artifact_without_ffn_section(tmp_path):
 
 
 def calibrate_parser():
-    """tools/calibrate.py's FFN arguments (what sparsedge.ffn.calibrate.run reads)."""
+    """tools/calibrate.py's FFN arguments (what sparsedge.calibrate.ffn.run reads)."""
     import argparse
 
-    from sparsedge.ffn import calibrate as cal
+    from sparsedge.calibrate import ffn as cal
     p = argparse.ArgumentParser()
     cal.add_arguments(p)
     for a in ("--model", "--out", "--text", "--dtype"):
@@ -126,8 +126,8 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     import argparse
 
     from sparsedge import evaluate
-    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
-    from sparsedge.ffn import calibrate as cal
+    from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.calibrate import ffn as cal
 
     text = data_path(TINYSTORIES_SAMPLE)
     p = calibrate_parser()
@@ -158,8 +158,8 @@ def test_ppl_budget_picks_the_sparsest_s_within_budget(tmp_path, stories_path):
     """--ppl-budget: every s of the grid is measured on held-out calibration text; the artifact holds the
     sparsest one within budget; an impossible budget fails with a clear error and writes nothing."""
     from sparsedge.artifact import read_manifest
-    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
-    from sparsedge.ffn import calibrate as cal
+    from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.calibrate import ffn as cal
 
     text = data_path(TINYSTORIES_SAMPLE)
     p = calibrate_parser()

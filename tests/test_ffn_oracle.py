@@ -1,4 +1,4 @@
-"""FFN sparsity bounds (sparsedge.ffn.oracle): cut allocation, masks, and the end-to-end run."""
+"""FFN sparsity bounds (sparsedge.calibrate.oracle): cut allocation, masks, and the end-to-end run."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sparsedge.backends.cpu  # noqa: F401
-from sparsedge.ffn import oracle
-from sparsedge.ffn.synthetic import random_transformer, tiny_config
+from sparsedge.calibrate import oracle
+from sparsedge.testing.synthetic import random_transformer, tiny_config
 
 from .conftest import need_data
 

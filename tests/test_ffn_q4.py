@@ -9,11 +9,11 @@ from sparsedge import ops
 from sparsedge.artifact import ArtifactError, save_section
 from sparsedge.backends import get_backend
 from sparsedge.ffn import attach_predictors, set_per_token
-from sparsedge.ffn import calibrate as cal
+from sparsedge.calibrate import ffn as cal
 from sparsedge.ffn import q4
-from sparsedge.ffn.calibrate import Variant, calibrate_model
+from sparsedge.calibrate.ffn import Variant, calibrate_model
 from sparsedge.ffn.module import Q4SparseFFN
-from sparsedge.ffn.synthetic import all_keeping_q4_predictors, random_transformer, tiny_config
+from sparsedge.testing.synthetic import all_keeping_q4_predictors, random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
 from sparsedge.ops.ffn import q4_estimates, q4_scores
 
@@ -237,7 +237,7 @@ def test_stories260k_q4_beats_the_gate_predictor(tmp_path, stories_path):
     """Real SiLU checkpoint, through the CLIs' code: at the same s (same per-layer targets) the 4-bit gate x up
     predictor loses less perplexity than the SVD gate predictor, and decode runs the same sparse path."""
     from sparsedge import evaluate
-    from sparsedge.data import TINYSTORIES_SAMPLE, data_path
+    from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
 
     from .test_ffn_model import calibrate_parser
 

@@ -12,7 +12,7 @@ try:
     from .conftest import need_data, smollm2_gguf
 except ImportError:  # tests/ run as a plain folder
     from conftest import need_data, smollm2_gguf
-from sparsedge import data as sdata
+from sparsedge.testing import data as sdata
 from sparsedge.config import UnsupportedArchitectureError
 from sparsedge.loading import (ModelFormatError, expected_shapes, hf_config_to_model_config, llama2c_to_hf,
                                open_model)

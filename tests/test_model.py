@@ -8,7 +8,7 @@ import torch
 from sparsedge.backends import get_backend
 from sparsedge.config import ModelConfig
 from sparsedge.kv_cache import KVCache
-from sparsedge.weights import build_transformer
+from sparsedge.loading.build import build_transformer
 
 transformers = pytest.importorskip("transformers")
 

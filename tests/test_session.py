@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsedge import Session
-from sparsedge.hf_reference import load_transformers_model
+from sparsedge.testing.hf_reference import load_transformers_model
 
 from .conftest import need_data, smollm2_gguf
 

@@ -9,7 +9,7 @@ try:
     from .conftest import need_data, smollm2_gguf
 except ImportError:  # tests/ run as a plain folder
     from conftest import need_data, smollm2_gguf
-from sparsedge import data as sdata
+from sparsedge.testing import data as sdata
 from sparsedge.tokenizer import HFTokenizer, Llama2cTokenizer, find_llama2c_tokenizer, load_tokenizer
 
 TEXTS = [

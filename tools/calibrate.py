@@ -19,8 +19,8 @@ from loguru import logger
 
 
 def main(argv=None) -> int:
-    from sparsedge.delta import calibrate as delta_cal
-    from sparsedge.ffn import calibrate as ffn_cal
+    from sparsedge.calibrate import delta as delta_cal
+    from sparsedge.calibrate import ffn as ffn_cal
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, .gguf, llama2.c .bin or smollm2-135m")

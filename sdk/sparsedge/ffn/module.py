@@ -1,0 +1,222 @@
+"""SparseFFN: the predictor-gated FFN that replaces a layer's DenseFFN (METHODS.md section 1).
+
+Decode (T = 1) runs `sparsedge::sparse_ffn`: predictor GEMVs, compaction, gate/up for the predicted
+rows, activation (+ tau zeros), down accumulation over the surviving rows, all in one fused call.
+Q4SparseFFN (the 4-bit gate x up predictor of sdk/sparsedge/ffn/q4.py, for SiLU/GELU models) runs
+`ffn_predict_q4` and then `sparse_ffn_rows` on its index list.
+Prefill (T > 1) runs per token through the same op when `per_token` is set (evaluation does this so
+perplexity measures exactly what decode executes), otherwise the dense matmuls: the union of per-token
+active sets covers nearly every neuron after a few tokens, and batched GEMMs beat T sparse GEMVs (see
+docs/results/ffn.md for the measurement that chose this default).
+
+Counters are kept as tensors and only summed when `stats()` is read, so the decode path does no
+`.item()` per layer per token.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsedge.ffn import q4
+
+ops = torch.ops.sparsedge
+
+
+class SparseFFN(nn.Module):
+    """Whitened-SVD predictor (p1, p2, bias) + the fused sparse_ffn op."""
+
+    kind = "svd"
+
+    def __init__(self, dense: nn.Module, p1: torch.Tensor, p2: torch.Tensor, bias: torch.Tensor,
+                 tau: float = 0.0, per_token: bool = False, layer_index: int = -1):
+        super().__init__()
+        self._setup(dense, tau, per_token, layer_index)
+        I, d = self.I, self.d
+        if p1.dim() != 2 or p1.shape[1] != d or p2.shape != (I, p1.shape[0]) or bias.shape != (I,):
+            raise ValueError(f"layer {layer_index}: predictor shapes p1 {tuple(p1.shape)}, p2 {tuple(p2.shape)}, "
+                             f"bias {tuple(bias.shape)} do not fit an FFN with d={d}, I={I}")
+        self.p1, self.p2, self.bias = p1, p2, bias
+
+    def _setup(self, dense: nn.Module, tau: float, per_token: bool, layer_index: int) -> None:
+        self.dense = dense
+        self.I, self.d = dense.w_down_t.shape
+        self.tau = float(tau)
+        self.per_token = per_token
+        self.layer_index = layer_index
+        self.activation, self.act_param = dense.activation, float(dense.act_param)
+        self.reset_stats()
+
+    @property
+    def rank(self) -> int:
+        return self.p1.shape[0]
+
+    def predictor_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.p1, self.p2, self.bias
+
+    def predictor_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.predictor_tensors())
+
+    def weight_bytes(self) -> int:  # the dense weights (what a dense step reads)
+        return self.dense.weight_bytes()
+
+    def sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, count, down_count) through the predictor-gated path, one active set per token."""
+        d = self.dense
+        return ops.sparse_ffn(x, self.p1, self.p2, self.bias, d.w_gate, d.w_up, d.w_down_t,
+                              self.activation, self.act_param, self.tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        if T == 1 or self.per_token:
+            y, count, down_count = self.sparse(x)
+            self._tokens += T
+            self._pending.append((count, down_count))
+            if len(self._pending) >= 512:
+                self._fold()
+            return y
+        self._dense_tokens += T
+        self._dense_calls += 1
+        return self.dense(x)
+
+    # --- statistics ---------------------------------------------------------------------------
+    def _fold(self) -> None:
+        if self._pending:
+            c = torch.cat([p[0] for p in self._pending]).sum(dtype=torch.int64)
+            dc = torch.cat([p[1] for p in self._pending]).sum(dtype=torch.int64)
+            self._sums = self._sums + torch.stack([c, dc]).cpu()
+            self._pending = []
+
+    def reset_stats(self) -> None:
+        self._tokens = 0
+        self._dense_tokens = 0
+        self._dense_calls = 0
+        self._pending: list = []
+        self._sums = torch.zeros(2, dtype=torch.int64)
+
+    def stats(self) -> dict:
+        self._fold()
+        active, down = (int(v) for v in self._sums.tolist())
+        elt = self.dense.w_down_t.element_size()
+        tokens = self._tokens + self._dense_tokens
+        dense_rows = self._dense_tokens * self.I
+        return {
+            "tokens": tokens,
+            "neurons": tokens * self.I,
+            "predicted_active": active + dense_rows,
+            "gate_up_rows": active + dense_rows,
+            "down_active": down + dense_rows,
+            "weight_bytes": (self._tokens * self.predictor_bytes() + 2 * active * self.d * elt + down * self.d * elt
+                             + self._dense_calls * self.dense.weight_bytes()),
+        }
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_index}, d={self.d}, I={self.I}, rank={self.rank}, act={self.activation}, "
+                f"tau={self.tau:.4g}, per_token={self.per_token}")
+
+
+class Q4SparseFFN(SparseFFN):
+    """4-bit gate x up predictor (sdk/sparsedge/ffn/q4.py): ffn_predict_q4, then sparse_ffn_rows on its index list."""
+
+    kind = "q4"
+
+    def __init__(self, dense: nn.Module, q: torch.Tensor, scale: torch.Tensor, thresh: torch.Tensor,
+                 per_token: bool = False, layer_index: int = -1):
+        nn.Module.__init__(self)
+        self._setup(dense, 0.0, per_token, layer_index)
+        try:
+            q4.validate(q, scale, thresh, self.I, self.d)
+        except ValueError as exc:
+            raise ValueError(f"layer {layer_index}: {exc}") from None
+        self.q, self.scale, self.thresh = q, scale, thresh
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def group(self) -> int:
+        return self.d // self.scale.shape[2]
+
+    def predictor_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.q, self.scale, self.thresh
+
+    def sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.dense
+        idx, count = ops.ffn_predict_q4(x, self.q, self.scale, self.thresh, self.activation, self.act_param)
+        y, down_count = ops.sparse_ffn_rows(x, idx, count, d.w_gate, d.w_up, d.w_down_t, self.activation,
+                                            self.act_param, 0.0)
+        return y, count, down_count
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_index}, d={self.d}, I={self.I}, q4 group={self.group}, act={self.activation}, "
+                f"per_token={self.per_token}")
+
+
+def set_per_token(model, on: bool = True) -> None:
+    """Run every SparseFFN of `model` per token in prefill too (what evaluation uses)."""
+    for layer in model.layers:
+        if isinstance(layer.ffn, SparseFFN):
+            layer.ffn.per_token = on
+
+
+def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> dict:
+    """Replace each `layer.ffn` of `model` with a SparseFFN built from the artifact at `path`.
+
+    Returns the FFN section's meta. Raises sparsedge.artifact.ArtifactError for a missing, corrupt or
+    mismatched artifact, or one without an FFN section."""
+    from sparsedge.artifact import ArtifactError, load_section
+    from sparsedge.backends import get_backend
+
+    be = get_backend(backend) if backend is not None else None
+    loaded = load_section(path, model, "ffn")
+    if loaded is None:
+        raise ArtifactError(f"artifact {path} has no 'ffn' section (it holds other calibration only); "
+                            f"calibrate FFN predictors into it with tools/calibrate.py --out {path}")
+    tensors, meta = loaded
+    try:
+        attach_tensors(model, tensors, meta.get("tau"), be, per_token=per_token)
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"artifact {path}: {exc}; re-run tools/calibrate.py for this model") from None
+    if be is not None:
+        if predictor_kind(tensors) == "q4":
+            be.require("ffn_predict_q4", "sparse_ffn_rows")
+        else:
+            be.require("ffn_predict", "sparse_ffn_rows", "sparse_ffn")
+    return meta
+
+
+def predictor_kind(tensors: dict) -> str:
+    """"q4" when the FFN tensors hold 4-bit gate/up predictors, else "svd"."""
+    return "q4" if "layers.0.q" in tensors else "svd"
+
+
+def attach_tensors(model, tensors: dict, taus=None, backend=None, per_token: bool = False) -> None:
+    """Replace each layer's FFN with a SparseFFN (layers.{i}.p1/p2/bias) or a Q4SparseFFN
+    (layers.{i}.q/scale/thresh) from artifact-style tensors."""
+    taus = taus or [0.0] * model.config.n_layers
+    wdtype = model.dtype
+    kind = predictor_kind(tensors)
+    names = ("q", "scale", "thresh") if kind == "q4" else ("p1", "p2", "bias")
+    for i, layer in enumerate(model.layers):
+        keys = [f"layers.{i}.{k}" for k in names]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise KeyError(f"FFN section lacks {missing}")
+        dense = getattr(layer.ffn, "dense", layer.ffn)
+        if backend is not None:
+            place = backend.place
+        else:
+            place = lambda t, dt: t.to(device=dense.w_down_t.device, dtype=dt).contiguous()  # noqa: E731
+        a, b, c = (tensors[k] for k in keys)
+        if kind == "q4":
+            layer.ffn = Q4SparseFFN(dense, place(a, torch.uint8), place(b, torch.float32), place(c, torch.float32),
+                                    per_token=per_token, layer_index=i)
+        else:
+            layer.ffn = SparseFFN(dense, place(a, wdtype), place(b, wdtype), place(c, torch.float32),
+                                  tau=float(taus[i]), per_token=per_token, layer_index=i)
+
+
+def detach_predictors(model) -> None:
+    """Put every layer's DenseFFN back."""
+    for layer in model.layers:
+        layer.ffn = getattr(layer.ffn, "dense", layer.ffn)

@@ -1,0 +1,193 @@
+"""The lean Llama-family decoder (gpt-fast style): embeddings, N x (attention, FFN), norm, lm_head.
+
+Weights live in the layout the kernels want:
+  attention: wqkv [(Hq + 2 Hkv) D, d] (one GEMV for q, k, v), optional bqkv, wo [d, Hq D]
+  FFN:       w_gate_up [2I, d] (rows 0..I-1 gate, I..2I-1 up; each half a contiguous [I, d] row block),
+             w_down_t [I, d] (W_down transposed, so a neuron's down weights are one contiguous row)
+Every residual add is fused with the following RMSNorm (sparsedge::add_rms_norm).
+
+The two places sparsity plugs in:
+  - `Block.ffn` is any module mapping x [T, d] -> [T, d]; DenseFFN here, SparseFFN in sparsedge.ffn.
+  - attention hands q, k, v to its per-layer cache (`LayerCache.attend`), so the dense cache in
+    sparsedge.kv_cache and the delta-buffer cache in sparsedge.delta are interchangeable.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsedge.config import ModelConfig
+from sparsedge.activations import activate
+
+ops = torch.ops.sparsedge
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    D = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    rs = config.rope_scaling
+    kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(rs["factor"])
+    if kind == "llama3":
+        factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old = float(rs["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_tables(config: ModelConfig, max_seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, D/2] in fp32 (computed as transformers does, so parity is exact)."""
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(config))
+    return freqs.cos().to(device), freqs.sin().to(device)
+
+
+class DenseFFN(nn.Module):
+    """h = act(W_gate x) * (W_up x); y = W_down h, with W_down stored transposed."""
+
+    def __init__(self, config: ModelConfig, w_gate_up: torch.Tensor, w_down_t: torch.Tensor):
+        super().__init__()
+        self.I = config.intermediate_size
+        self.activation, self.act_param = config.activation, config.activation_param
+        self.tau = 0.0  # CATS-style threshold for silu/gelu (set by FFN calibration)
+        self.w_gate_up = w_gate_up
+        self.w_down_t = w_down_t
+
+    @property
+    def w_gate(self) -> torch.Tensor:
+        return self.w_gate_up[: self.I]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return self.w_gate_up[self.I:]
+
+    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate pre-activation, down-projection input h), both [T, I]; used by calibration too."""
+        gu = ops.linear(x, self.w_gate_up)
+        g, u = gu[:, : self.I], gu[:, self.I:]
+        if self.activation == "silu" and self.tau == 0.0:
+            return g, F.silu(g) * u
+        if x.dtype == torch.float32:
+            return g, activate(g, u, self.activation, self.act_param, self.tau)
+        return g, activate(g.float(), u.float(), self.activation, self.act_param, self.tau).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_t(self.hidden(x)[1], self.w_down_t)
+
+    def weight_bytes(self) -> int:
+        return (self.w_gate_up.numel() + self.w_down_t.numel()) * self.w_down_t.element_size()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.wqkv, self.bqkv, self.wo = wqkv, bqkv, wo
+
+    def forward(self, x, cos, sin, layer_cache, start: int):
+        T = x.shape[0]
+        qkv = ops.linear(x, self.wqkv, self.bqkv)
+        qk = qkv[:, : self.q_size + self.kv_size].reshape(T, self.n_heads + self.n_kv_heads, self.head_dim)
+        qk = ops.rope(qk, cos, sin)  # one fused call rotates q and k together
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].reshape(T, self.n_kv_heads, self.head_dim)
+        out = layer_cache.attend(q, k, v, start)  # [T, Hq, D]
+        return ops.linear(out.reshape(T, self.q_size), self.wo)
+
+    def weight_bytes(self) -> int:
+        n = self.wqkv.numel() + self.wo.numel() + (self.bqkv.numel() if self.bqkv is not None else 0)
+        return n * self.wo.element_size()
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm, attention: Attention, ffn_norm, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = attn_norm, ffn_norm
+        self.attention, self.ffn = attention, ffn
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, tok_embeddings, layers: list[Block], norm, lm_head):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings, self.norm, self.lm_head = tok_embeddings, norm, lm_head
+        self.layers = nn.ModuleList(layers)
+        self.rope_cos = self.rope_sin = None
+        self.key_scale = None  # power-of-two q/k channel scales folded into wqkv (sparsedge.delta.balance)
+        self._unscaled_fingerprint = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.dtype
+
+    def ensure_rope(self, max_seq_len: int) -> None:
+        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
+            self.rope_cos, self.rope_sin = rope_tables(self.config, max_seq_len, self.device)
+
+    def forward(self, tokens: torch.Tensor, start: int, cache, all_logits: bool = False,
+                hidden_hook=None) -> torch.Tensor:
+        """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V] for the last token).
+
+        `hidden_hook(layer_index, h)`, if given, sees each FFN input (used by calibration)."""
+        T = tokens.shape[0]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        eps = self.config.norm_eps
+        residual = F.embedding(tokens, self.tok_embeddings)
+        h = ops.rms_norm(residual, self.layers[0].attn_norm, eps)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            a = layer.attention(h, cos, sin, cache.layers[i], start)
+            h = ops.add_rms_norm(residual, a, layer.ffn_norm, eps)
+            if hidden_hook is not None:
+                hidden_hook(i, h)
+            f = layer.ffn(h)
+            next_norm = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
+            h = ops.add_rms_norm(residual, f, next_norm, eps)
+        if not all_logits:
+            h = h[-1:]
+        return ops.linear(h, self.lm_head)
+
+    # --- accounting -------------------------------------------------------------------------
+    def dense_weight_bytes_per_token(self) -> int:
+        """Bytes of weights one dense decode step reads (embedding row excluded)."""
+        total = self.lm_head.numel() * self.lm_head.element_size()
+        for layer in self.layers:
+            total += layer.attention.weight_bytes()
+            total += getattr(layer.ffn, "dense", layer.ffn).weight_bytes()
+            total += 2 * layer.attn_norm.numel() * layer.attn_norm.element_size()
+        return total
+
+    def weights_fingerprint(self) -> str:
+        """Identity hash of the weights (config + a strided sample of every tensor), for artifacts. With a
+        key scale folded in (sparsedge.delta.balance) it is the hash of the unscaled weights."""
+        if self.key_scale is not None and self._unscaled_fingerprint is not None:
+            return self._unscaled_fingerprint
+        hsh = hashlib.sha256(self.config.to_json().encode())
+        tensors = [self.tok_embeddings, self.norm]
+        for layer in self.layers:
+            dense = getattr(layer.ffn, "dense", layer.ffn)
+            tensors += [layer.attention.wqkv, layer.attention.wo, dense.w_gate_up, dense.w_down_t]
+        for t in tensors:
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            hsh.update(str(tuple(t.shape)).encode())
+            # rounded to bf16 so the same weights hash alike whatever dtype they were loaded in
+            hsh.update(flat[::step].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return hsh.hexdigest()[:32]

@@ -1,0 +1,115 @@
+"""Delta-attention ops (METHODS.md section 2, DeltaLLM): key delta encoding and hybrid attention.
+
+Per layer and KV head h the cache holds ("delta buffer"):
+  ref      [H, D]      fp32   running reference key k_hat (starts at zero, so token 0's delta is its
+                              thresholded key and every reconstructed key is within theta of the true one)
+  values   [H, cap]    cache dtype   packed delta values of all tokens, token after token
+  chan     [H, cap]    uint8         channel index of each packed value
+  offsets  [H, Tmax+1] int32         token t's deltas are values[h, offsets[h,t]:offsets[h,t+1]]; offsets[h,0] = 0
+  sink_k   [H, S, D]   dense keys of positions < n_sink
+  window_k [H, W, D]   ring of dense keys: position j lives at slot j % W
+  v_cache  [H, Tmax, D] dense values
+Delta of token t: d = k_t - ref; keep channels with |d| > theta[h]; ref[ch] += stored value.
+Reconstruction: k_hat_j = sum_{t <= j} (stored deltas of t)  ->  |k_j - k_hat_j| <= theta per element.
+
+Hybrid attention for a query at position p (keys j <= p):
+  exact q.k_j   when j < n_sink or j > p - window   (the sinks, and the last `window` positions incl. p)
+  q.k_hat_j     otherwise, computed as a prefix sum  q.k_hat_j = q.k_hat_{j-1} + q.d_j  (nnz(d_j) MACs)
+then softmax(scale * scores) @ V as usual. With GQA one delta pattern serves the G = Hq / H query heads
+of its group (query head i uses KV head i // G).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsedge.ops.schema import define
+
+
+def delta_encode_ref(k, ref, theta, values, chan, offsets, start: int):
+    """Encode k [T, H, D] (positions start..start+T-1) into the buffers, in place; returns nnz per head [H] int64.
+
+    Raises when the packed buffer would overflow: the caller grows it first (see sparsedge.delta.cache),
+    so this is a guard against silent corruption, not the capacity policy itself.
+    """
+    T, H, D = k.shape
+    nnz = torch.zeros(H, dtype=torch.int64)
+    cap = values.shape[1]
+    for h in range(H):
+        pos = int(offsets[h, start])
+        th = float(theta[h])
+        for t in range(T):
+            d = k[t, h].float() - ref[h]
+            ch = (d.abs() > th).nonzero().flatten()
+            n = ch.numel()
+            if pos + n > cap:
+                raise RuntimeError(f"delta buffer capacity exceeded: head {h} needs {pos + n} > {cap} entries")
+            stored = d[ch].to(values.dtype)
+            values[h, pos:pos + n] = stored
+            chan[h, pos:pos + n] = ch.to(torch.uint8)
+            ref[h, ch] += stored.float()
+            pos += n
+            offsets[h, start + t + 1] = pos
+            nnz[h] += n
+    return nnz
+
+
+def reconstruct_keys(values, chan, offsets, n: int, D: int) -> torch.Tensor:
+    """k_hat [H, n, D] (fp32) from the packed deltas of positions 0..n-1."""
+    H = values.shape[0]
+    dense = torch.zeros(H, n, D, dtype=torch.float32, device=values.device)
+    for h in range(H):
+        end = int(offsets[h, n])
+        if end == 0:
+            continue
+        counts = (offsets[h, 1:n + 1] - offsets[h, :n]).long()
+        tok = torch.repeat_interleave(torch.arange(n, device=values.device), counts)
+        dense[h, tok, chan[h, :end].long()] = values[h, :end].float()
+    return dense.cumsum(dim=1)
+
+
+def exact_mask(start: int, T: int, n: int, n_sink: int, window: int, device=None) -> torch.Tensor:
+    """[T, n] bool: key j is scored exactly for the query at position start + i."""
+    p = torch.arange(start, start + T, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return (j < n_sink) | (j > p - window)
+
+
+def delta_attention_ref(q, k, v_cache, values, chan, offsets, sink_k, window_k,
+                        start: int, n_sink: int, window: int, scale: float):
+    """q [T, Hq, D] at positions start..start+T-1; k [T, H, D] those positions' dense keys.
+    Deltas of positions 0..start+T-1 are already encoded; sink_k holds positions < n_sink (already
+    written); window_k holds positions start-window..start-1 (state before this chunk). -> [T, Hq, D]."""
+    T, Hq, D = q.shape
+    H = k.shape[1]
+    G = Hq // H
+    n = start + T
+    k_hat = reconstruct_keys(values, chan, offsets, n, D)  # [H, n, D]
+    exact = torch.zeros_like(k_hat)
+    ns = min(n_sink, n)
+    exact[:, :ns] = sink_k[:, :ns].float()
+    if window > 0:
+        for j in range(max(ns, start - window), start):
+            exact[:, j] = window_k[:, j % window].float()
+    lo = max(start, ns)
+    exact[:, lo:n] = k[lo - start:].float().transpose(0, 1)
+    qf = q.float().reshape(T, H, G, D).permute(1, 2, 0, 3)  # [H, G, T, D]
+    s_delta = qf @ k_hat[:, None].transpose(-1, -2)  # [H, G, T, n]
+    s_exact = qf @ exact[:, None].transpose(-1, -2)
+    is_exact = exact_mask(start, T, n, n_sink, window, q.device)
+    scores = torch.where(is_exact, s_exact, s_delta) * scale
+    causal = torch.arange(n, device=q.device)[None, :] > torch.arange(start, n, device=q.device)[:, None]
+    scores = scores.masked_fill(causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v_cache[:, None, :n].float()  # [H, G, T, D]
+    return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
+
+
+define("delta_encode(Tensor k, Tensor(a!) ref, Tensor theta, Tensor(b!) values, Tensor(c!) chan, "
+       "Tensor(d!) offsets, int start) -> Tensor",
+       delta_encode_ref,
+       lambda k, ref, theta, values, chan, offsets, start: k.new_empty(k.shape[1], dtype=torch.int64))
+define("delta_attention(Tensor q, Tensor k, Tensor v_cache, Tensor values, Tensor chan, Tensor offsets, "
+       "Tensor sink_k, Tensor window_k, int start, int n_sink, int window, float scale) -> Tensor",
+       delta_attention_ref,
+       lambda q, k, v_cache, values, chan, offsets, sink_k, window_k, start, n_sink, window, scale:
+       torch.empty_like(q))

@@ -1,0 +1,322 @@
+"""Session: load a model once, then generate (or chat) with a preallocated cache.
+
+    s = Session.load("smollm2-135m")                       # dense
+    s = Session.load(path, predictors="art/", delta=0.8)   # FFN predictors + delta attention
+    r = s.generate("Hello", max_new_tokens=32); r.text, r.token_ids, r.stats
+    for piece in s.generate("Hello", stream=True): ...
+    s.chat([{"role": "user", "content": "Hi"}])            # keeps the KV cache across turns
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from loguru import logger
+
+from sparsedge.backends import get_backend
+from sparsedge.kv_cache import KVCache
+from sparsedge.sampling import Sampler, SamplingParams
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (supported: {', '.join(sorted(_DTYPES))})")
+    return _DTYPES[str(dtype).lower()]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # tokens actually run through prefill (chat reuses the cached prefix)
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    stop_reason: str = ""
+    weight_bytes_per_token: float = 0.0  # weights a decode step reads (FFN part as executed)
+    ffn_predicted_sparsity: float | None = None  # fraction of neurons predicted inactive (decode)
+    ffn_sparsity: float | None = None  # executed: gate/up rows skipped
+    ffn_down_sparsity: float | None = None  # executed: down rows skipped
+    attn_sparsity: float | None = None  # zero delta entries / entries of keys scored by delta
+    k_cache_bytes: int = 0
+    k_cache_dense_bytes: int = 0
+    k_cache_bytes_ratio: float = 1.0
+    backend: str = ""
+    dtype: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+def sum_counters(objs) -> dict:
+    """Sum the numeric `stats()` counters of FFN modules or layer caches (those that have them)."""
+    total: dict = {}
+    for obj in objs:
+        fn = getattr(obj, "stats", None)
+        if callable(fn):
+            for k, v in fn().items():
+                if isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0) + v
+    return total
+
+
+def reset_counters(objs) -> None:
+    for obj in objs:
+        if callable(getattr(obj, "reset_stats", None)):
+            obj.reset_stats()
+
+
+class Session:
+    def __init__(self, model, tokenizer, backend, max_seq_len: int, delta=None, source: str = ""):
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.config = model.config
+        self.max_seq_len = max_seq_len
+        self._cache: KVCache | None = None
+        self._cache_ids: list[int] = []  # tokens whose k/v are in the cache, in order
+        self.delta = delta  # sparsedge.delta.DeltaConfig or None (the setter folds its key scale)
+        self.source = source
+        self.model.ensure_rope(max_seq_len)
+        self.last_result: GenerationResult | None = None
+
+    @property
+    def delta(self):
+        return self._delta
+
+    @delta.setter
+    def delta(self, cfg) -> None:
+        """Switch delta attention (a DeltaConfig, or None for the dense cache): folds the config's key scale
+        into the model's q/k rows (or unfolds it; exact, see sparsedge.delta.balance) and drops the cache."""
+        from sparsedge.delta.balance import set_key_scale
+        set_key_scale(self.model, getattr(cfg, "key_scale", None))
+        self._delta = cfg
+        self._cache, self._cache_ids = None, []
+
+    # --- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | os.PathLike, *, backend="auto", dtype=None, predictors=None, delta=None,
+             tokenizer=None, max_seq_len: int | None = None, progress: bool = True) -> "Session":
+        from sparsedge.loading import open_model
+        from sparsedge.loading.build import build_transformer
+
+        be = get_backend(backend)
+        src = open_model(model, tokenizer=tokenizer)
+        dt = parse_dtype(dtype) or be.default_dtype()
+        tm = build_transformer(src, be, dt, progress=progress)
+        ctx = int(max_seq_len or min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
+        if ctx < 2:
+            raise ValueError(f"max_seq_len must be at least 2, got {ctx}")
+        be.require("rms_norm", "add_rms_norm", "rope")
+        delta_cfg = None
+        if predictors is not None:
+            from sparsedge.ffn import attach_predictors
+            attach_predictors(tm, predictors, be)
+        if delta is not None:
+            from sparsedge.delta import DeltaConfig
+            delta_cfg = DeltaConfig.resolve(delta, tm.config, model=tm)
+            be.require("delta_encode", "delta_attention")
+        logger.info(f"session ready: {src.describe()} on {be.name} ({dt}), context {ctx}")
+        return cls(tm, src.tokenizer, be, ctx, delta=delta_cfg, source=src.describe())
+
+    def _new_cache(self) -> KVCache:
+        if self.delta is not None:
+            return self.delta.make_cache(self.config, self.max_seq_len, self.model.dtype, self.model.device)
+        return KVCache.dense(self.config, self.max_seq_len, self.model.dtype, self.model.device)
+
+    def reset(self) -> None:
+        """Forget the conversation held in the cache."""
+        self._cache_ids = []
+        with torch.inference_mode():  # the cache tensors were made in inference mode
+            if self._cache is not None and not self._cache.truncate(0):
+                self._cache = None
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        return self.last_result.stats if self.last_result else None
+
+    # --- public API -------------------------------------------------------------------------
+    def generate(self, prompt_or_ids: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False):
+        """Generate from a fresh context. Returns a GenerationResult, or with stream=True an iterator of
+        text pieces (the full result is then in `session.last_result` once the iterator is exhausted)."""
+        ids = self._prompt_ids(prompt_or_ids)
+        it = self._run(ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop, reuse=False)
+        return it if stream else self._drain(it)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, stream: bool = False, **sampling):
+        """One chat turn. `messages` is the whole conversation so far (role/content dicts); the cached
+        prefix from earlier turns is reused, so only the new turn's tokens are prefilled."""
+        if not self.tokenizer.has_chat_template():
+            raise ValueError(f"model {self.config.name!r} has no chat template; use generate() with a plain prompt")
+        ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        stop = sampling.pop("stop", None)
+        it = self._run(ids, max_new_tokens, SamplingParams(**sampling), stop, reuse=True)
+        return it if stream else self._drain(it)
+
+    # --- internals --------------------------------------------------------------------------
+    def _prompt_ids(self, prompt_or_ids) -> list[int]:
+        if isinstance(prompt_or_ids, str):
+            ids = self.tokenizer.encode(prompt_or_ids)
+        else:
+            ids = [int(t) for t in prompt_or_ids]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise ValueError("empty prompt: give at least one token (or a non-empty string)")
+        return ids
+
+    @staticmethod
+    def _drain(it) -> GenerationResult:
+        for _ in it:
+            pass
+        return it.result  # type: ignore[attr-defined]
+
+    def _run(self, ids, max_new_tokens, params, stop, reuse):
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt is {len(ids)} tokens but the context holds {self.max_seq_len} "
+                             f"(prompt + at least one new token); shorten the prompt or load the session "
+                             f"with a larger max_seq_len (the model supports {self.config.max_seq_len})")
+        return _Generation(self, ids, max_new_tokens, params, stops, reuse)
+
+    def _prepare_cache(self, ids: list[int], reuse: bool) -> int:
+        """Make the cache hold a prefix of `ids`; return how many tokens of it are already there."""
+        if self._cache is None:
+            self._cache = self._new_cache()
+            self._cache_ids = []
+        keep = 0
+        if reuse:
+            for a, b in zip(self._cache_ids, ids[:-1]):  # at least the last prompt token is re-run
+                if a != b:
+                    break
+                keep += 1
+        if not self._cache.truncate(keep):
+            keep = 0
+            self._cache = self._new_cache()
+        self._cache_ids = self._cache_ids[:keep]
+        return keep
+
+
+class _Generation:
+    """Iterator over text pieces of one generation; `.result` is set when it finishes."""
+
+    def __init__(self, session: Session, ids, max_new_tokens, params, stops, reuse):
+        self.s, self.ids, self.max_new, self.params, self.stops, self.reuse = (
+            session, ids, max_new_tokens, params, stops, reuse)
+        self.result: GenerationResult | None = None
+        self._gen = self._steps()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def _steps(self) -> Iterator[str]:
+        s, model = self.s, self.s.model
+        tok = s.tokenizer
+        eos = set(tok.eos_token_ids or []) | set(s.config.eos_token_ids or [])
+        sampler = Sampler(self.params, device="cpu")
+        ffns = [layer.ffn for layer in model.layers]
+        dev = model.device
+        with torch.inference_mode():
+            keep = s._prepare_cache(self.ids, self.reuse)
+            cache = s._cache
+            prefill_ids = self.ids[keep:]
+            t0 = time.perf_counter()
+            logits = model(torch.tensor(prefill_ids, dtype=torch.long, device=dev), keep, cache)
+            s.backend.synchronize()
+            prefill_s = time.perf_counter() - t0
+            s._cache_ids = list(self.ids)
+            pos = len(self.ids)
+            reset_counters(ffns)
+            reset_counters(cache.layers)
+            new: list[int] = []
+            text, emitted, reason = "", 0, "max_new_tokens"
+            hold = max((len(x) for x in self.stops), default=1) - 1
+            decode_s, steps = 0.0, 0
+            while True:
+                nxt = sampler(logits[-1])
+                new.append(nxt)
+                if nxt in eos:
+                    reason = "eos"
+                    break
+                text = tok.decode(new)
+                cut = min((i for i in (text.find(x) for x in self.stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                    break
+                safe = len(text) - hold
+                while safe > emitted and text[safe - 1] == "\ufffd":  # incomplete UTF-8 sequence
+                    safe -= 1
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if len(new) >= self.max_new:
+                    break
+                if pos >= s.max_seq_len:
+                    reason = "context_full"
+                    logger.warning(f"context of {s.max_seq_len} tokens is full; stopping generation")
+                    break
+                t1 = time.perf_counter()
+                logits = model(torch.tensor([nxt], dtype=torch.long, device=dev), pos, cache)
+                s.backend.synchronize()
+                decode_s += time.perf_counter() - t1
+                steps += 1
+                s._cache_ids.append(nxt)
+                pos += 1
+            if reason == "eos":
+                text = tok.decode(new[:-1])
+            if len(text) > emitted:
+                yield text[emitted:]
+        stats = self._stats(len(prefill_ids), prefill_s, steps, decode_s, len(new), reason, ffns, cache)
+        s.last_result = self.result = GenerationResult(text, new, stats)
+
+    def _stats(self, n_prefill, prefill_s, steps, decode_s, n_new, reason, ffns, cache) -> GenerationStats:
+        s, model = self.s, self.s.model
+        st = GenerationStats(prompt_tokens=len(self.ids), prefill_tokens=n_prefill, new_tokens=n_new,
+                             prefill_s=prefill_s, decode_s=decode_s, stop_reason=reason,
+                             backend=s.backend.name, dtype=str(model.dtype).replace("torch.", ""))
+        st.prefill_tokens_per_s = n_prefill / prefill_s if prefill_s > 0 else 0.0
+        st.decode_tokens_per_s = steps / decode_s if decode_s > 0 else 0.0
+        bytes_per_token = float(model.dense_weight_bytes_per_token())
+        f = sum_counters(ffns)
+        if f.get("neurons"):
+            st.ffn_predicted_sparsity = 1.0 - f["predicted_active"] / f["neurons"]
+            st.ffn_sparsity = 1.0 - f.get("gate_up_rows", f["predicted_active"]) / f["neurons"]
+            st.ffn_down_sparsity = 1.0 - f["down_active"] / f["neurons"]
+            sparse_layers = [x for x in ffns if hasattr(x, "dense")]
+            bytes_per_token -= sum(x.dense.weight_bytes() for x in sparse_layers)
+            bytes_per_token += f["weight_bytes"] / max(f["tokens"] / max(len(sparse_layers), 1), 1)
+        st.weight_bytes_per_token = bytes_per_token
+        a = sum_counters(cache.layers)
+        if a.get("scored_delta_entries"):
+            st.attn_sparsity = a["zero_delta_entries"] / a["scored_delta_entries"]
+        st.k_cache_bytes, st.k_cache_dense_bytes = cache.k_bytes(), cache.dense_k_bytes()
+        st.k_cache_bytes_ratio = st.k_cache_bytes / st.k_cache_dense_bytes if st.k_cache_dense_bytes else 1.0
+        return st
