@@ -1,4 +1,4 @@
-// Delta-attention kernels (METHODS.md section 2, DeltaLLM): key delta encoding and hybrid attention.
+// Delta-attention kernels (docs/methods.md §2, DeltaLLM): key delta encoding and hybrid attention.
 //
 // delta_encode: one block per KV head, one thread per channel (blockDim = D rounded up to a warp).
 //   Tokens are walked in order (the reference k_hat is a running state): for each token every thread

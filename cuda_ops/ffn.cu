@@ -1,4 +1,4 @@
-// Sparse FFN kernels (METHODS.md section 1): SVD predictor + compaction, and the conditional FFN.
+// Sparse FFN kernels (docs/methods.md §1): SVD predictor + compaction, and the conditional FFN.
 //
 // All dot products are warp-per-row: a lane reads 16 consecutive bytes of the row per step (8 fp16/bf16
 // or 4 fp32 weights), so a warp reads 512 contiguous bytes of one row per step, fully coalesced, and

@@ -1,4 +1,4 @@
-// Fused CPU kernels for the delta-attention ops of sdk/sparsedge/ops/delta.py (DeltaLLM, METHODS.md section 2).
+// Fused CPU kernels for the delta-attention ops of sdk/sparsedge/ops/delta.py (DeltaLLM, docs/methods.md §2).
 //
 // delta_encode: per KV head (threads over heads), tokens in order: d = k_t - ref, keep |d| > theta,
 //   append (value in the cache dtype, uint8 channel) to the packed buffer, ref += stored value.

@@ -450,7 +450,7 @@ def export_powerinfer(tensors: dict, n_layers: int, out_dir) -> Path:
 def add_arguments(p) -> None:
     g = p.add_argument_group("FFN predictors")
     g.add_argument("--predictor", choices=("svd", "q4"), default="svd",
-                   help="svd: whitened low-rank gate predictor (METHODS.md; best on ReLU-family models); q4: 4-bit "
+                   help="svd: whitened low-rank gate predictor (docs/methods.md; best on ReLU-family models); q4: 4-bit "
                         "gate x up predictor (sdk/sparsedge/ffn/q4.py; what SiLU/GELU models need, where the gate alone "
                         "does not tell which neurons matter)")
     g.add_argument("--q4-group", type=int, default=q4.DEFAULT_GROUP,

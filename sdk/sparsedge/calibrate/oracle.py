@@ -5,7 +5,7 @@
         --plot ffn_oracle.png
 
 Every method decides, per token and layer, which FFN neurons to skip (gate/up rows not computed, down rows
-not read) at a per-layer target fraction (`--sparsity`, 0.1 less on layers 0 and 1 as METHODS.md's
+not read) at a per-layer target fraction (`--sparsity`, 0.1 less on layers 0 and 1 as docs/methods.md's
 calibration does), fitted on calibration text (the second half of --text by default) and evaluated on the
 first --eval-tokens tokens (disjoint). The FFN is run densely and the skipped neurons' h are zeroed, which
 is exactly what a sparse kernel executing that decision computes.

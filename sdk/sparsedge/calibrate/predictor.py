@@ -1,4 +1,4 @@
-"""Predictor construction and threshold calibration (METHODS.md section 1), on plain tensors.
+"""Predictor construction and threshold calibration (docs/methods.md §1), on plain tensors.
 
 - `whitened_svd`: truncation-aware low-rank factorisation of W_gate in float64, P2 P1 ~ W_gate,
   minimising the error on real activations ||(W - P2 P1) X^T|| rather than ||W - P2 P1||.
@@ -142,7 +142,7 @@ def calibrate_thresholds(scores: torch.Tensor, c: torch.Tensor, target: float, n
 
     hull=True (default): a step goes to the next vertex of the neuron's lower convex hull of penalty(k), and
     the heap orders steps by penalty per quantile; on the hull the greedy is the exact Lagrangian optimum at
-    every point it stops. hull=False steps one quantile at a time, as METHODS.md words it; that greedy is
+    every point it stops. hull=False steps one quantile at a time, as docs/methods.md words it; that greedy is
     myopic: one costly token in front of many cheap ones blocks a neuron for good, which noisy per-token
     penalties (fisher) make common. SmolLM2, q4 + fisher (docs/results/ffn.md): +2.35 / +3.02% at 44 / 47%
     sparsity with hull steps, +2.87 / +3.65% without.

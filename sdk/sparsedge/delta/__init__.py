@@ -1,4 +1,4 @@
-"""Delta attention (DeltaLLM, METHODS.md section 2): configuration and cache factory.
+"""Delta attention (DeltaLLM, docs/methods.md §2): configuration and cache factory.
 
     DeltaConfig.resolve(0.8, model_config)                                   # one global theta
     DeltaConfig.resolve({"theta": [...per layer...], "window": 64, "sinks": 4}, cfg)

@@ -1,4 +1,4 @@
-"""The delta-buffer layer cache (DeltaLLM, METHODS.md section 2): same protocol as sparsedge.kv_cache.
+"""The delta-buffer layer cache (DeltaLLM, docs/methods.md §2): same protocol as sparsedge.kv_cache.
 
 Per layer, for its H KV heads (layout of sparsedge/ops/delta.py):
   ref       [H, D]        fp32         running reference key k_hat (starts at zero)

@@ -1,4 +1,4 @@
-"""FFN contextual sparsity with SVD predictors (METHODS.md section 1).
+"""FFN contextual sparsity with SVD predictors (docs/methods.md §1).
 
     attach_predictors(model, "art/", backend)   # Session.load(..., predictors="art/") calls this
     SparseFFN                                   # the module that replaces each layer's DenseFFN

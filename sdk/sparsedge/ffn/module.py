@@ -1,4 +1,4 @@
-"""SparseFFN: the predictor-gated FFN that replaces a layer's DenseFFN (METHODS.md section 1).
+"""SparseFFN: the predictor-gated FFN that replaces a layer's DenseFFN (docs/methods.md §1).
 
 Decode (T = 1) runs `sparsedge::sparse_ffn`: predictor GEMVs, compaction, gate/up for the predicted
 rows, activation (+ tau zeros), down accumulation over the surviving rows, all in one fused call.

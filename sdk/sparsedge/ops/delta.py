@@ -1,4 +1,4 @@
-"""Delta-attention ops (METHODS.md section 2, DeltaLLM): key delta encoding and hybrid attention.
+"""Delta-attention ops (docs/methods.md §2, DeltaLLM): key delta encoding and hybrid attention.
 
 Per layer and KV head h the cache holds ("delta buffer"):
   ref      [H, D]      fp32   running reference key k_hat (starts at zero, so token 0's delta is its

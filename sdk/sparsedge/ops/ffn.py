@@ -1,4 +1,4 @@
-"""Sparse FFN ops (METHODS.md section 1): predictor + compaction, and the conditional FFN.
+"""Sparse FFN ops (docs/methods.md §1): predictor + compaction, and the conditional FFN.
 
 Layouts (the Session stores weights this way so every gather is a contiguous row read):
   x        [T, d]      FFN input (after the post-attention RMSNorm); T = tokens, each with its own active set
