@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsedge.generate import greedy
 from sparsedge.testing import data as sdata
 
 # the checkout's neighbour ../shared/data, whatever directory pytest runs from
@@ -58,15 +59,6 @@ def _seed():
 
 
 def greedy_decode(model, cache, ids, n):
-    """Greedy tokens from the bare decoder through `cache` (prefill, then one-token steps); returns
-    (new token ids, logits of the last step)."""
-    out = []
-    with torch.inference_mode():
-        logits = model(torch.tensor(ids), 0, cache)
-        pos = len(ids)
-        for _ in range(n):
-            t = int(logits[-1].argmax())
-            out.append(t)
-            logits = model(torch.tensor([t]), pos, cache)
-            pos += 1
-    return out, logits
+    """Greedy tokens from the bare decoder through `cache`: sparsedge.generate.greedy (prefill, then
+    decode_one_token steps); returns (new token ids, logits of the last step)."""
+    return greedy(model, ids, n, cache)

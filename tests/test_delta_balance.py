@@ -3,11 +3,18 @@ balanced thresholds give less attention-output error than one theta per head at 
 from __future__ import annotations
 
 import pytest
+
+from sparsedge.artifact import weights_fingerprint
 import torch
+
+from sparsedge.delta.balance import folded_key_scale
+
+from sparsedge.generate import prefill
 
 import sparsedge.backends.cpu  # noqa: F401
 from sparsedge import Session
 from sparsedge.delta import DeltaConfig
+from sparsedge.calibrate import balance as cbal
 from sparsedge.delta import balance
 from sparsedge.calibrate import delta as dcal
 from sparsedge.delta.cache import DeltaLayerCache
@@ -27,7 +34,7 @@ def logits_of(model, ids):
     cache = KVCache.dense(model.config, len(ids), model.dtype, model.device)
     model.ensure_rope(len(ids))
     with torch.inference_mode():
-        return model(torch.tensor(ids), 0, cache, all_logits=True)
+        return prefill(model, ids, cache, all_logits=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,18 +47,18 @@ def test_fold_is_exact_and_reversible(dtype, qkv_bias):
             layer.attention.bqkv.copy_(torch.randn(layer.attention.bqkv.shape).to(dtype))
     ids = torch.randint(3, cfg.vocab_size, (40,)).tolist()
     w0 = [layer.attention.wqkv.clone() for layer in model.layers]
-    fp0 = model.weights_fingerprint()
+    fp0 = weights_fingerprint(model)
     ref = logits_of(model, ids)
     ks = random_scale(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
-    balance.set_key_scale(model, ks)
+    balance.fold_key_scale(model, ks)
     assert not torch.equal(model.layers[0].attention.wqkv, w0[0])  # the weights did change
     assert torch.equal(logits_of(model, ids), ref)  # ... and the model did not, bit for bit
-    assert model.weights_fingerprint() == fp0
-    balance.set_key_scale(model, random_scale(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seed=1))
+    assert weights_fingerprint(model) == fp0
+    balance.fold_key_scale(model, random_scale(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seed=1))
     assert torch.equal(logits_of(model, ids), ref)
-    balance.set_key_scale(model, None)
+    balance.fold_key_scale(model, None)
     assert all(torch.equal(layer.attention.wqkv, w) for layer, w in zip(model.layers, w0))
-    assert model.key_scale is None and model.weights_fingerprint() == fp0
+    assert folded_key_scale(model) is None and weights_fingerprint(model) == fp0
 
 
 def test_invalid_scales_are_refused():
@@ -87,7 +94,7 @@ def synthetic_captures(T=160, H=1, G=2, D=16, seed=0):
 
 def test_scales_follow_the_query_magnitude():
     per_layer = synthetic_captures()
-    ks = balance.key_scales_from_captures(per_layer, n_heads=2, n_kv_heads=1)
+    ks = cbal.key_scales_from_captures(per_layer, n_heads=2, n_kv_heads=1)
     assert ks.shape == (1, 1, 16)
     balance.check_key_scale(ks, 1, 1, 16)
     e = torch.log2(ks[0, 0, :8])
@@ -100,8 +107,8 @@ def test_balanced_thresholds_cut_error_at_equal_sparsity():
     grid = [0.05 * i for i in range(1, 60)]
     errs = {}
     for name, pl in (("plain", per_layer),
-                     ("balanced", balance.scale_captures(
-                         per_layer, balance.key_scales_from_captures(per_layer, 2, 1), 2))):
+                     ("balanced", cbal.scale_captures(
+                         per_layer, cbal.key_scales_from_captures(per_layer, 2, 1), 2))):
         _, info = dcal.calibrate_layers(pl, 2, torch.float32, "sparsity", 0.0, 0.6, False, 8, 2, grid=grid)
         assert info["sparsity_mean"] >= 0.6 - 1e-6
         errs[name] = info["error_mean"]
@@ -117,11 +124,11 @@ def test_session_folds_and_unfolds_with_its_delta_config():
     w0 = model.layers[1].attention.wqkv.clone()
     ks = random_scale(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
     s = Session(model, None, None, 64, delta=DeltaConfig.resolve({"theta": 0.0, "key_scale": ks}, cfg))
-    assert model.key_scale is not None and torch.equal(model.key_scale, ks)
+    assert folded_key_scale(model) is not None and torch.equal(folded_key_scale(model), ks)
     # theta 0 on balanced keys is still dense attention: same greedy tokens
-    tokens, _ = greedy_decode(model, s._new_cache(), ids, 12)
+    tokens, _ = greedy_decode(model, s.new_cache(), ids, 12)
     assert tokens == dense_tokens
-    s.delta = DeltaConfig.resolve(0.5, cfg)  # a config without a key scale unfolds it
-    assert model.key_scale is None and torch.equal(model.layers[1].attention.wqkv, w0)
-    s.delta = None
-    assert model.key_scale is None
+    s.set_delta(DeltaConfig.resolve(0.5, cfg))  # a config without a key scale unfolds it
+    assert folded_key_scale(model) is None and torch.equal(model.layers[1].attention.wqkv, w0)
+    s.set_delta(None)
+    assert folded_key_scale(model) is None

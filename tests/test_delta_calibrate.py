@@ -7,6 +7,8 @@ import argparse
 import pytest
 import torch
 
+from sparsedge.delta.balance import folded_key_scale
+
 import sparsedge.backends.cpu  # noqa: F401
 from sparsedge.delta import DeltaConfig
 from sparsedge.calibrate import delta as dcal
@@ -71,6 +73,6 @@ def test_cli_run_on_stories260k(tmp_path):
     s = Session.load(path, backend="cpu", progress=False, delta=tmp_path / "art")
     assert isinstance(s.delta, DeltaConfig) and s.delta.window == 16 and s.delta.sinks == 2
     assert summary["key_balance"] and s.delta.key_scale is not None  # balanced by default, folded on load
-    assert s.model.key_scale is not None and torch.equal(s.model.key_scale, s.delta.key_scale)
+    assert folded_key_scale(s.model) is not None and torch.equal(folded_key_scale(s.model), s.delta.key_scale)
     r = s.generate([1], max_new_tokens=40)
     assert r.stats.attn_sparsity is not None and len(r.token_ids) > 0

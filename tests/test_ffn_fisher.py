@@ -4,6 +4,8 @@ import argparse
 import pytest
 import torch
 
+from sparsedge.generate import prefill
+
 from sparsedge.calibrate import ffn as cal
 from sparsedge.calibrate.ffn import Variant, calibrate_model
 from sparsedge.kv_cache import KVCache
@@ -41,7 +43,7 @@ def _our_logits(model, ids):
     model.ensure_rope(len(ids))
     cache = KVCache.dense(model.config, len(ids), model.dtype, model.device)
     with torch.inference_mode():
-        return model(torch.tensor(ids), 0, cache, all_logits=True).double()
+        return prefill(model, ids, cache, all_logits=True).double()
 
 
 def _our_loss(model, ids):

@@ -1,6 +1,12 @@
 """SparseFFN in the decoder: exactness with all-keeping predictors, calibration end to end, stats."""
 import pytest
+
+from sparsedge import generate
+
+from sparsedge import stats as work
 import torch
+
+from sparsedge.generate import prefill
 
 from sparsedge import ops
 from sparsedge.artifact import ArtifactError, read_manifest, save_section
@@ -10,14 +16,12 @@ from sparsedge.calibrate.ffn import Variant, calibrate_model, collect_inputs, ex
 from sparsedge.testing.synthetic import all_keeping_predictors, random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
 
-from .conftest import greedy_decode
 
 BACKEND = get_backend("cpu")
 
 
 def greedy(model, prompt, n):
-    model.ensure_rope(64)
-    return greedy_decode(model, KVCache.dense(model.config, 64, model.dtype, model.device), prompt, n)[0]
+    return generate.greedy(model, prompt, n)[0]
 
 
 @pytest.mark.parametrize("act", ["relu", "drelu", "relu2", "fatrelu"])
@@ -30,11 +34,14 @@ def test_all_keeping_predictors_reproduce_dense_greedy(tmp_path, act, per_token)
     save_section(tmp_path / "art", model, "ffn", all_keeping_predictors(model), {"tau": [0.0] * cfg.n_layers})
     attach_predictors(model, tmp_path / "art", BACKEND, per_token=per_token)
     assert all(isinstance(layer.ffn, SparseFFN) for layer in model.layers)
+    work.reset(model)
     assert greedy(model, prompt, 12) == dense_tokens
-    st = model.layers[0].ffn.stats()
+    # the sparse module counts its own tokens; work.total adds the dense prefill of the DenseFFN inside it
     n_sparse_tokens = 12 + (len(prompt) if per_token else 0)
-    assert st["tokens"] == n_sparse_tokens + (0 if per_token else len(prompt))
-    assert st["predicted_active"] == st["neurons"]
+    assert model.layers[0].ffn.stats()["sparse_ffn_tokens"] == n_sparse_tokens
+    st = work.total(model.layers[0].ffn)
+    assert st["ffn_neurons"] == (12 + len(prompt)) * cfg.intermediate_size
+    assert st["ffn_predicted"] == st["ffn_neurons"] == st["ffn_gate_up_rows"]
 
 
 def tiny_calibration(activation: str, n_layers: int):
@@ -66,16 +73,16 @@ def test_calibrated_predictors_end_to_end(tmp_path):
     model.ensure_rope(64)
     cache = KVCache.dense(cfg, 64, model.dtype, model.device)
     with torch.inference_mode():
-        model(torch.tensor(windows[1]), 0, cache, all_logits=True)
+        prefill(model, windows[1], cache, all_logits=True)
     st = model.layers[1].ffn.stats()
-    sparsity = 1 - st["gate_up_rows"] / st["neurons"]
+    sparsity = 1 - st["ffn_gate_up_rows"] / st["ffn_neurons"]
     assert sparsity == pytest.approx(meta["layers"][1]["predicted_sparsity"], abs=0.08)
-    assert st["down_active"] <= st["gate_up_rows"]
+    assert st["ffn_down_rows"] <= st["ffn_gate_up_rows"]
     f = model.layers[1].ffn
-    expect = (st["tokens"] * f.predictor_bytes() + 2 * st["gate_up_rows"] * cfg.dim * 4 + st["down_active"] * cfg.dim * 4)
+    expect = (st["sparse_ffn_tokens"] * f.predictor_bytes() + 2 * st["ffn_gate_up_rows"] * cfg.dim * 4 + st["ffn_down_rows"] * cfg.dim * 4)
     assert st["weight_bytes"] == expect
     f.reset_stats()
-    assert f.stats()["tokens"] == 0
+    assert f.stats()["sparse_ffn_tokens"] == 0
     # PowerInfer export layout
     out = export_powerinfer(tensors, cfg.n_layers, tmp_path / "pi")
     from safetensors.torch import load_file

@@ -3,7 +3,11 @@ artifacts and the decoder path."""
 import argparse
 
 import pytest
+
+from sparsedge import generate
 import torch
+
+from sparsedge.generate import prefill
 
 from sparsedge import ops
 from sparsedge.artifact import ArtifactError, save_section
@@ -17,7 +21,6 @@ from sparsedge.testing.synthetic import all_keeping_q4_predictors, random_transf
 from sparsedge.kv_cache import KVCache
 from sparsedge.ops.ffn import q4_estimates, q4_scores
 
-from .conftest import greedy_decode
 
 BACKEND = get_backend("cpu")  # loads the fused kernels
 
@@ -145,8 +148,7 @@ def test_kernel_and_validate_refuse_bad_shapes():
 
 
 def greedy(model, prompt, n):
-    model.ensure_rope(64)
-    return greedy_decode(model, KVCache.dense(model.config, 64, model.dtype, model.device), prompt, n)[0]
+    return generate.greedy(model, prompt, n)[0]
 
 
 @pytest.mark.parametrize("per_token", [False, True])
@@ -159,7 +161,7 @@ def test_all_keeping_q4_predictors_reproduce_dense_greedy(tmp_path, per_token):
     assert all(isinstance(layer.ffn, Q4SparseFFN) for layer in model.layers)
     assert greedy(model, prompt, 12) == dense_tokens
     st = model.layers[0].ffn.stats()
-    assert st["predicted_active"] == st["neurons"]
+    assert st["ffn_predicted"] == st["ffn_neurons"]
 
 
 def test_calibrated_q4_predictors_end_to_end(tmp_path):
@@ -180,13 +182,13 @@ def test_calibrated_q4_predictors_end_to_end(tmp_path):
     set_per_token(model, True)
     model.ensure_rope(64)
     with torch.inference_mode():
-        model(torch.tensor(windows[1]), 0, KVCache.dense(cfg, 64, model.dtype, model.device), all_logits=True)
+        prefill(model, windows[1], KVCache.dense(cfg, 64, model.dtype, model.device), all_logits=True)
     f = model.layers[2].ffn
     st = f.stats()
-    assert 1 - st["gate_up_rows"] / st["neurons"] == pytest.approx(meta["layers"][2]["predicted_sparsity"], abs=0.08)
+    assert 1 - st["ffn_gate_up_rows"] / st["ffn_neurons"] == pytest.approx(meta["layers"][2]["predicted_sparsity"], abs=0.08)
     assert f.predictor_bytes() == q4.nbytes(cfg.intermediate_size, cfg.dim, 32)
-    assert st["weight_bytes"] == (st["tokens"] * f.predictor_bytes() + 2 * st["gate_up_rows"] * cfg.dim * 4
-                                  + st["down_active"] * cfg.dim * 4)
+    assert st["weight_bytes"] == (st["sparse_ffn_tokens"] * f.predictor_bytes() + 2 * st["ffn_gate_up_rows"] * cfg.dim * 4
+                                  + st["ffn_down_rows"] * cfg.dim * 4)
 
 
 def test_mismatched_q4_artifact_is_refused(tmp_path):

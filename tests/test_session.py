@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from sparsedge.generate import prefill
+
 from sparsedge import Session
 from sparsedge.testing.hf_reference import load_transformers_model
 
@@ -49,7 +51,7 @@ def _our_logits(session, ids):
 
     cache = KVCache.dense(session.config, len(ids) + 1, session.model.dtype, "cpu")
     with torch.inference_mode():
-        return session.model(torch.tensor(ids), 0, cache, all_logits=True)
+        return prefill(session.model, ids, cache, all_logits=True)
 
 
 def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf):

@@ -44,9 +44,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(model) -> str:
+    """Identity hash of a model's weights (config + a strided sample of every tensor): an artifact belongs to
+    the weights it was calibrated on. With a delta key scale folded into q/k (sparsedge.delta.balance) it is
+    the hash of the unscaled weights, which the fold recorded before touching them."""
+    if getattr(model, "key_scale", None) is not None and getattr(model, "unscaled_fingerprint", None):
+        return model.unscaled_fingerprint
+    hsh = hashlib.sha256(model.config.to_json().encode())
+    tensors = [model.tok_embeddings, model.norm]
+    for layer in model.layers:
+        dense = getattr(layer.ffn, "dense", layer.ffn)
+        tensors += [layer.attention.wqkv, layer.attention.wo, dense.w_gate_up, dense.w_down_t]
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        hsh.update(str(tuple(t.shape)).encode())
+        # rounded to bf16 so the same weights hash alike whatever dtype they were loaded in
+        hsh.update(flat[::step].to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return hsh.hexdigest()[:32]
+
+
 def model_identity(model) -> dict:
     cfg = model.config
-    ident = {"name": cfg.name, "fingerprint": model.weights_fingerprint()}
+    ident = {"name": cfg.name, "fingerprint": weights_fingerprint(model)}
     ident.update({k: int(getattr(cfg, k)) for k in _SHAPE_KEYS})
     return ident
 
@@ -107,7 +127,7 @@ def _check_model(manifest: dict, model, folder: Path) -> None:
         raise ArtifactError(f"artifact {folder} was calibrated for a model of other shapes "
                             f"({'; '.join(diffs)}; artifact vs loaded model {cfg.name!r}); calibrate this "
                             f"model with tools/calibrate.py --model ... --out NEW_DIR")
-    fp = model.weights_fingerprint()
+    fp = weights_fingerprint(model)
     if want.get("fingerprint") != fp:
         raise ArtifactError(f"artifact {folder} belongs to another model (fingerprint {want.get('fingerprint')} "
                             f"of {want.get('name')!r}, the loaded {cfg.name!r} has {fp}); predictors only fit the "

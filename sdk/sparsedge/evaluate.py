@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
+from sparsedge import stats as work
 from sparsedge.delta import delta_from_cli
-from sparsedge.session import reset_counters, sum_counters
+from sparsedge.generate import decode_one_token, prefill
 
 
 def add_ppl_arguments(p) -> None:
@@ -40,68 +42,90 @@ def add_ppl_arguments(p) -> None:
     p.add_argument("--backend", default="cpu")
 
 
+# ---- text ------------------------------------------------------------------------------------------
+def read_text(path, start: float = 0.0) -> str:
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"text start must be in [0, 1), got {start}")
+    return text[int(len(text) * start):]
+
+
+def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[list[int]]:
+    """Consecutive windows of seq_len tokens covering the first n_tokens tokens of `text` (a BOS is put
+    first in each window when the tokenizer adds one by default)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    probe = tokenizer.encode("a")
+    bos = probe[0] if len(probe) > len(tokenizer.encode("a", add_bos=False)) else None
+    body = seq_len - (1 if bos is not None else 0)
+    # tokenise only as much text as needed (about 4 chars per token, generous margin)
+    need_chars = max(4096, 8 * n_tokens)
+    ids = tokenizer.encode(text[:need_chars], add_bos=False)
+    while len(ids) < n_tokens and need_chars < len(text):
+        need_chars *= 2
+        ids = tokenizer.encode(text[:need_chars], add_bos=False)
+    ids = ids[:n_tokens]
+    wins = []
+    for i in range(0, len(ids), body):
+        w = ids[i:i + body]
+        if len(w) < 2:
+            break
+        wins.append(([bos] if bos is not None else []) + w)
+    if not wins:
+        raise ValueError("the text is too short to make a single evaluation/calibration window")
+    return wins
+
+
+# ---- perplexity ------------------------------------------------------------------------------------
 def window_nll(model, cache, ids: list[int], decode: bool) -> tuple[float, int]:
     """Summed NLL (nats) of predicting ids[1:] from their prefixes, and the count."""
-    dev = model.device
-    toks = torch.tensor(ids, dtype=torch.long, device=dev)
+    toks = torch.tensor(ids, dtype=torch.long, device=model.device)
     if decode:
-        logits = torch.cat([model(toks[t:t + 1], t, cache) for t in range(len(ids) - 1)])
+        logits = torch.cat([decode_one_token(model, toks[t], t, cache) for t in range(len(ids) - 1)])
     else:
-        logits = model(toks[:-1], 0, cache, all_logits=True)
+        logits = prefill(model, toks[:-1], cache, all_logits=True)
     nll = F.cross_entropy(logits.float(), toks[1:], reduction="sum")
     return float(nll), len(ids) - 1
 
 
 def perplexity(session, windows: list[list[int]], decode: bool = False, progress: bool = True) -> dict:
     """Perplexity of `session`'s model over `windows`, plus the executed sparsity statistics."""
-    from sparsedge.ffn.module import SparseFFN, set_per_token
+    from sparsedge.ffn.module import set_per_token
 
     model = session.model
-    ffns = [layer.ffn for layer in model.layers]
-    sparse = any(isinstance(f, SparseFFN) for f in ffns)
     set_per_token(model, True)
-    reset_counters(ffns)
-    model.ensure_rope(max(len(w) for w in windows))
+    work.reset(model)
+    max_len = max(len(w) for w in windows)
     total, count = 0.0, 0
     attn: dict = {}
     k_bytes = k_dense = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
-            cache = session._new_cache()
-            reset_counters(cache.layers)
+            cache = session.new_cache(max(max_len, 2))
             nll, n = window_nll(model, cache, w, decode)
             total += nll
             count += n
-            for k, v in sum_counters(cache.layers).items():
+            for k, v in work.total(cache).items():
                 attn[k] = attn.get(k, 0) + v
             k_bytes += cache.k_bytes()
             k_dense += cache.dense_k_bytes()
     elapsed = time.perf_counter() - t0
+    ws = work.read(model, per_layer=True)
     out = {"ppl": math.exp(total / max(count, 1)), "nll": total / max(count, 1), "tokens": count,
            "windows": len(windows), "seconds": elapsed, "decode_path": decode,
-           "ffn_predicted_sparsity": None, "ffn_sparsity": None, "ffn_down_sparsity": None,
-           "attn_sparsity": None, "k_cache_bytes_ratio": k_bytes / k_dense if k_dense else 1.0}
-    if sparse:
-        f = sum_counters(ffns)
-        if f.get("neurons"):
-            out["ffn_predicted_sparsity"] = 1.0 - f["predicted_active"] / f["neurons"]
-            out["ffn_sparsity"] = 1.0 - f["gate_up_rows"] / f["neurons"]
-            out["ffn_down_sparsity"] = 1.0 - f["down_active"] / f["neurons"]
-            # share of the FFN weight bytes (gate + up + down) not read
-            out["ffn_bytes_sparsity"] = (2 * out["ffn_sparsity"] + out["ffn_down_sparsity"]) / 3
-            per_layer = []
-            for fn in ffns:
-                s = fn.stats()
-                per_layer.append(1.0 - s["gate_up_rows"] / s["neurons"] if s.get("neurons") else None)
-            out["ffn_sparsity_per_layer"] = per_layer
+           "ffn_predicted_sparsity": ws.ffn_predicted_sparsity, "ffn_sparsity": ws.ffn_sparsity,
+           "ffn_down_sparsity": ws.ffn_down_sparsity, "attn_sparsity": None,
+           "k_cache_bytes_ratio": k_bytes / k_dense if k_dense else 1.0}
+    if ws.ffn_sparsity is not None:
+        out["ffn_bytes_sparsity"] = ws.ffn_bytes_sparsity  # share of the FFN weight bytes (gate + up + down) not read
+        out["ffn_sparsity_per_layer"] = ws.ffn_sparsity_per_layer
     if attn.get("scored_delta_entries"):
         out["attn_sparsity"] = attn["zero_delta_entries"] / attn["scored_delta_entries"]
     return out
 
 
 def run_ppl(args) -> dict:
-    from sparsedge.calibrate.ffn import read_text, token_windows
     from sparsedge.session import Session
 
     session = Session.load(args.model, backend=getattr(args, "backend", "cpu"), dtype=getattr(args, "dtype", None),

@@ -6,6 +6,9 @@ Weights live in the layout the kernels want:
              w_down_t [I, d] (W_down transposed, so a neuron's down weights are one contiguous row)
 Every residual add is fused with the following RMSNorm (sparsedge::add_rms_norm).
 
+Every module counts its own work (sparsedge.stats: `stats()` / `reset_stats()`, weight bytes it read), with
+in-place int lists so the decode step pays no nn.Module attribute machinery for it.
+
 The two places sparsity plugs in:
   - `Block.ffn` is any module mapping x [T, d] -> [T, d]; DenseFFN here, SparseFFN in sparsedge.ffn.
   - attention hands q, k, v to its per-layer cache (`LayerCache.attend`), so the dense cache in
@@ -13,7 +16,6 @@ The two places sparsity plugs in:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -64,6 +66,7 @@ class DenseFFN(nn.Module):
         self.tau = 0.0  # CATS-style threshold for silu/gelu (set by FFN calibration)
         self.w_gate_up = w_gate_up
         self.w_down_t = w_down_t
+        self.reset_stats()
 
     @property
     def w_gate(self) -> torch.Tensor:
@@ -84,10 +87,22 @@ class DenseFFN(nn.Module):
         return g, activate(g.float(), u.float(), self.activation, self.act_param, self.tau).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self._n
+        n[0] += 1
+        n[1] += x.shape[0]
         return ops.linear_t(self.hidden(x)[1], self.w_down_t)
 
     def weight_bytes(self) -> int:
         return (self.w_gate_up.numel() + self.w_down_t.numel()) * self.w_down_t.element_size()
+
+    def reset_stats(self) -> None:
+        self._n = [0, 0]  # calls, tokens
+
+    def stats(self) -> dict:
+        calls, tokens = self._n
+        rows = tokens * self.I
+        return {"weight_bytes": calls * self.weight_bytes(), "ffn_neurons": rows, "ffn_predicted": rows,
+                "ffn_gate_up_rows": rows, "ffn_down_rows": rows}
 
 
 class Attention(nn.Module):
@@ -96,9 +111,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.wqkv, self.bqkv, self.wo = wqkv, bqkv, wo
+        self.reset_stats()
 
     def forward(self, x, cos, sin, layer_cache, start: int):
         T = x.shape[0]
+        self._n[0] += 1
         qkv = ops.linear(x, self.wqkv, self.bqkv)
         qk = qkv[:, : self.q_size + self.kv_size].reshape(T, self.n_heads + self.n_kv_heads, self.head_dim)
         qk = ops.rope(qk, cos, sin)  # one fused call rotates q and k together
@@ -110,6 +127,12 @@ class Attention(nn.Module):
     def weight_bytes(self) -> int:
         n = self.wqkv.numel() + self.wo.numel() + (self.bqkv.numel() if self.bqkv is not None else 0)
         return n * self.wo.element_size()
+
+    def reset_stats(self) -> None:
+        self._n = [0]  # calls
+
+    def stats(self) -> dict:
+        return {"weight_bytes": self._n[0] * self.weight_bytes()}
 
 
 class Block(nn.Module):
@@ -126,8 +149,7 @@ class Transformer(nn.Module):
         self.tok_embeddings, self.norm, self.lm_head = tok_embeddings, norm, lm_head
         self.layers = nn.ModuleList(layers)
         self.rope_cos = self.rope_sin = None
-        self.key_scale = None  # power-of-two q/k channel scales folded into wqkv (sparsedge.delta.balance)
-        self._unscaled_fingerprint = None
+        self.reset_stats()
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +169,9 @@ class Transformer(nn.Module):
 
         `hidden_hook(layer_index, h)`, if given, sees each FFN input (used by calibration)."""
         T = tokens.shape[0]
+        n = self._n
+        n[0] += 1
+        n[1] += T
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         eps = self.config.norm_eps
         residual = F.embedding(tokens, self.tok_embeddings)
@@ -165,29 +190,19 @@ class Transformer(nn.Module):
         return ops.linear(h, self.lm_head)
 
     # --- accounting -------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """Bytes of the top-level weights one call reads: lm_head and the norms (embedding row excluded)."""
+        norms = self.norm.numel() + sum(2 * layer.attn_norm.numel() for layer in self.layers)
+        return self.lm_head.numel() * self.lm_head.element_size() + norms * self.norm.element_size()
+
+    def reset_stats(self) -> None:
+        self._n = [0, 0]  # calls, tokens
+
+    def stats(self) -> dict:
+        calls, tokens = self._n
+        return {"tokens": tokens, "weight_bytes": calls * self.weight_bytes()}
+
     def dense_weight_bytes_per_token(self) -> int:
         """Bytes of weights one dense decode step reads (embedding row excluded)."""
-        total = self.lm_head.numel() * self.lm_head.element_size()
-        for layer in self.layers:
-            total += layer.attention.weight_bytes()
-            total += getattr(layer.ffn, "dense", layer.ffn).weight_bytes()
-            total += 2 * layer.attn_norm.numel() * layer.attn_norm.element_size()
-        return total
-
-    def weights_fingerprint(self) -> str:
-        """Identity hash of the weights (config + a strided sample of every tensor), for artifacts. With a
-        key scale folded in (sparsedge.delta.balance) it is the hash of the unscaled weights."""
-        if self.key_scale is not None and self._unscaled_fingerprint is not None:
-            return self._unscaled_fingerprint
-        hsh = hashlib.sha256(self.config.to_json().encode())
-        tensors = [self.tok_embeddings, self.norm]
-        for layer in self.layers:
-            dense = getattr(layer.ffn, "dense", layer.ffn)
-            tensors += [layer.attention.wqkv, layer.attention.wo, dense.w_gate_up, dense.w_down_t]
-        for t in tensors:
-            flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            hsh.update(str(tuple(t.shape)).encode())
-            # rounded to bf16 so the same weights hash alike whatever dtype they were loaded in
-            hsh.update(flat[::step].to(torch.bfloat16).float().cpu().numpy().tobytes())
-        return hsh.hexdigest()[:32]
+        return self.weight_bytes() + sum(layer.attention.weight_bytes() + getattr(layer.ffn, "dense", layer.ffn).weight_bytes()
+                                         for layer in self.layers)

@@ -17,7 +17,9 @@ from typing import Iterator, Sequence
 import torch
 from loguru import logger
 
+from sparsedge import stats as work
 from sparsedge.backends import get_backend
+from sparsedge.generate import decode_one_token, new_cache, prefill
 from sparsedge.kv_cache import KVCache
 from sparsedge.sampling import Sampler, SamplingParams
 
@@ -68,24 +70,6 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def sum_counters(objs) -> dict:
-    """Sum the numeric `stats()` counters of FFN modules or layer caches (those that have them)."""
-    total: dict = {}
-    for obj in objs:
-        fn = getattr(obj, "stats", None)
-        if callable(fn):
-            for k, v in fn().items():
-                if isinstance(v, (int, float)):
-                    total[k] = total.get(k, 0) + v
-    return total
-
-
-def reset_counters(objs) -> None:
-    for obj in objs:
-        if callable(getattr(obj, "reset_stats", None)):
-            obj.reset_stats()
-
-
 class Session:
     def __init__(self, model, tokenizer, backend, max_seq_len: int, delta=None, source: str = ""):
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
@@ -93,22 +77,19 @@ class Session:
         self.max_seq_len = max_seq_len
         self._cache: KVCache | None = None
         self._cache_ids: list[int] = []  # tokens whose k/v are in the cache, in order
-        self.delta = delta  # sparsedge.delta.DeltaConfig or None (the setter folds its key scale)
+        self.delta = None  # sparsedge.delta.DeltaConfig applied to the model's weights, or None
+        if delta is not None:
+            self.set_delta(delta)
         self.source = source
         self.model.ensure_rope(max_seq_len)
         self.last_result: GenerationResult | None = None
 
-    @property
-    def delta(self):
-        return self._delta
-
-    @delta.setter
-    def delta(self, cfg) -> None:
-        """Switch delta attention (a DeltaConfig, or None for the dense cache): folds the config's key scale
-        into the model's q/k rows (or unfolds it; exact, see sparsedge.delta.balance) and drops the cache."""
-        from sparsedge.delta.balance import set_key_scale
-        set_key_scale(self.model, getattr(cfg, "key_scale", None))
-        self._delta = cfg
+    def set_delta(self, cfg) -> None:
+        """Switch delta attention after load (a DeltaConfig, or None for the dense cache): applies it to the
+        weights (folds or unfolds its key scale; exact, see sparsedge.delta.balance) and drops the cache."""
+        from sparsedge.delta import apply
+        apply(self.model, cfg)
+        self.delta = cfg
         self._cache, self._cache_ids = None, []
 
     # --- loading ----------------------------------------------------------------------------
@@ -132,15 +113,14 @@ class Session:
             attach_predictors(tm, predictors, be)
         if delta is not None:
             from sparsedge.delta import DeltaConfig
-            delta_cfg = DeltaConfig.resolve(delta, tm.config, model=tm)
+            delta_cfg = DeltaConfig.resolve(delta, tm.config, model=tm)  # applied by the constructor below
             be.require("delta_encode", "delta_attention")
         logger.info(f"session ready: {src.describe()} on {be.name} ({dt}), context {ctx}")
         return cls(tm, src.tokenizer, be, ctx, delta=delta_cfg, source=src.describe())
 
-    def _new_cache(self) -> KVCache:
-        if self.delta is not None:
-            return self.delta.make_cache(self.config, self.max_seq_len, self.model.dtype, self.model.device)
-        return KVCache.dense(self.config, self.max_seq_len, self.model.dtype, self.model.device)
+    def new_cache(self, max_seq_len: int | None = None) -> KVCache:
+        """A fresh cache of this session's kind (dense, or delta buffers) for `max_seq_len` positions."""
+        return new_cache(self.model, max_seq_len or self.max_seq_len, self.delta)
 
     def reset(self) -> None:
         """Forget the conversation held in the cache."""
@@ -207,7 +187,7 @@ class Session:
     def _prepare_cache(self, ids: list[int], reuse: bool) -> int:
         """Make the cache hold a prefix of `ids`; return how many tokens of it are already there."""
         if self._cache is None:
-            self._cache = self._new_cache()
+            self._cache = self.new_cache()
             self._cache_ids = []
         keep = 0
         if reuse:
@@ -217,7 +197,7 @@ class Session:
                 keep += 1
         if not self._cache.truncate(keep):
             keep = 0
-            self._cache = self._new_cache()
+            self._cache = self.new_cache()
         self._cache_ids = self._cache_ids[:keep]
         return keep
 
@@ -242,20 +222,17 @@ class _Generation:
         tok = s.tokenizer
         eos = set(tok.eos_token_ids or []) | set(s.config.eos_token_ids or [])
         sampler = Sampler(self.params, device="cpu")
-        ffns = [layer.ffn for layer in model.layers]
-        dev = model.device
         with torch.inference_mode():
             keep = s._prepare_cache(self.ids, self.reuse)
             cache = s._cache
             prefill_ids = self.ids[keep:]
             t0 = time.perf_counter()
-            logits = model(torch.tensor(prefill_ids, dtype=torch.long, device=dev), keep, cache)
+            logits = prefill(model, prefill_ids, cache, start=keep)
             s.backend.synchronize()
             prefill_s = time.perf_counter() - t0
             s._cache_ids = list(self.ids)
             pos = len(self.ids)
-            reset_counters(ffns)
-            reset_counters(cache.layers)
+            work.reset(model, cache)  # the statistics describe the decode steps
             new: list[int] = []
             text, emitted, reason = "", 0, "max_new_tokens"
             hold = max((len(x) for x in self.stops), default=1) - 1
@@ -284,7 +261,7 @@ class _Generation:
                     logger.warning(f"context of {s.max_seq_len} tokens is full; stopping generation")
                     break
                 t1 = time.perf_counter()
-                logits = model(torch.tensor([nxt], dtype=torch.long, device=dev), pos, cache)
+                logits = decode_one_token(model, nxt, pos, cache)
                 s.backend.synchronize()
                 decode_s += time.perf_counter() - t1
                 steps += 1
@@ -294,29 +271,22 @@ class _Generation:
                 text = tok.decode(new[:-1])
             if len(text) > emitted:
                 yield text[emitted:]
-        stats = self._stats(len(prefill_ids), prefill_s, steps, decode_s, len(new), reason, ffns, cache)
+        stats = self._stats(len(prefill_ids), prefill_s, steps, decode_s, len(new), reason, cache)
         s.last_result = self.result = GenerationResult(text, new, stats)
 
-    def _stats(self, n_prefill, prefill_s, steps, decode_s, n_new, reason, ffns, cache) -> GenerationStats:
+    def _stats(self, n_prefill, prefill_s, steps, decode_s, n_new, reason, cache) -> GenerationStats:
         s, model = self.s, self.s.model
         st = GenerationStats(prompt_tokens=len(self.ids), prefill_tokens=n_prefill, new_tokens=n_new,
                              prefill_s=prefill_s, decode_s=decode_s, stop_reason=reason,
                              backend=s.backend.name, dtype=str(model.dtype).replace("torch.", ""))
         st.prefill_tokens_per_s = n_prefill / prefill_s if prefill_s > 0 else 0.0
         st.decode_tokens_per_s = steps / decode_s if decode_s > 0 else 0.0
-        bytes_per_token = float(model.dense_weight_bytes_per_token())
-        f = sum_counters(ffns)
-        if f.get("neurons"):
-            st.ffn_predicted_sparsity = 1.0 - f["predicted_active"] / f["neurons"]
-            st.ffn_sparsity = 1.0 - f.get("gate_up_rows", f["predicted_active"]) / f["neurons"]
-            st.ffn_down_sparsity = 1.0 - f["down_active"] / f["neurons"]
-            sparse_layers = [x for x in ffns if hasattr(x, "dense")]
-            bytes_per_token -= sum(x.dense.weight_bytes() for x in sparse_layers)
-            bytes_per_token += f["weight_bytes"] / max(f["tokens"] / max(len(sparse_layers), 1), 1)
-        st.weight_bytes_per_token = bytes_per_token
-        a = sum_counters(cache.layers)
-        if a.get("scored_delta_entries"):
-            st.attn_sparsity = a["zero_delta_entries"] / a["scored_delta_entries"]
-        st.k_cache_bytes, st.k_cache_dense_bytes = cache.k_bytes(), cache.dense_k_bytes()
-        st.k_cache_bytes_ratio = st.k_cache_bytes / st.k_cache_dense_bytes if st.k_cache_dense_bytes else 1.0
+        w = work.read(model, cache)
+        # bytes per decode step as executed; with no step yet, what a dense step reads
+        st.weight_bytes_per_token = w.weight_bytes_per_token or float(model.dense_weight_bytes_per_token())
+        st.ffn_predicted_sparsity, st.ffn_sparsity, st.ffn_down_sparsity = (
+            w.ffn_predicted_sparsity, w.ffn_sparsity, w.ffn_down_sparsity)
+        st.attn_sparsity = w.attn_sparsity
+        st.k_cache_bytes, st.k_cache_dense_bytes, st.k_cache_bytes_ratio = (
+            w.k_cache_bytes, w.k_cache_dense_bytes, w.k_cache_bytes_ratio)
         return st

@@ -42,7 +42,7 @@ def _ours(args) -> dict:
     s = Session.load(args.model, dtype=args.dtype, predictors=args.predictors, delta=delta, backend=args.device
                      if args.device != "cpu" else "cpu")
     if args.prompt_file:
-        from sparsedge.calibrate.ffn import read_text
+        from sparsedge.evaluate import read_text
         ids = s.tokenizer.encode(read_text(args.prompt_file)[: 16 * args.prompt_tokens])[: args.prompt_tokens]
         if len(ids) + args.new_tokens > s.max_seq_len:
             raise SystemExit(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the "

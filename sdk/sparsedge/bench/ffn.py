@@ -213,19 +213,18 @@ def run(args) -> dict:
 # ---- end-to-end decode on a synthetic relu-family 1B model -----------------------------------------
 def _decode_tokens_per_s(model, prompt: list[int], new_tokens: int, device, forced: list[int] | None = None
                          ) -> tuple[float, list[int]]:
-    """Decode rate; with `forced`, the next input token is forced[k] (teacher forcing) instead of the
-    argmax, so a random model does not repeat one token and the active sets vary as they do on text."""
-    from sparsedge.kv_cache import KVCache
+    """Decode rate through sparsedge.generate's steps; with `forced`, the next input token is forced[k] (teacher
+    forcing) instead of the argmax, so a random model does not repeat one token and the active sets vary as
+    they do on text. The work counters hold the decode steps only."""
+    from sparsedge import stats as work
+    from sparsedge.generate import decode_one_token, new_cache, prefill
 
-    model.ensure_rope(len(prompt) + new_tokens + 1)
-    cache = KVCache.dense(model.config, len(prompt) + new_tokens + 1, model.dtype, device)
+    cache = new_cache(model, len(prompt) + new_tokens + 1)
     out = []
     with torch.inference_mode():
-        logits = model(torch.tensor(prompt, device=device), 0, cache)
+        logits = prefill(model, prompt, cache)
         pos = len(prompt)
-        for layer in model.layers:  # count decode steps only (the prompt ran through dense prefill)
-            if hasattr(layer.ffn, "reset_stats"):
-                layer.ffn.reset_stats()
+        work.reset(model)  # count decode steps only (the prompt ran through dense prefill)
         synchronize(device)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
@@ -233,7 +232,7 @@ def _decode_tokens_per_s(model, prompt: list[int], new_tokens: int, device, forc
             if forced is not None:
                 t = forced[len(out)]
             out.append(t)
-            logits = model(torch.tensor([t], device=device), pos, cache)
+            logits = decode_one_token(model, t, pos, cache)
             pos += 1
         synchronize(device)
         dt = time.perf_counter() - t0
@@ -242,9 +241,10 @@ def _decode_tokens_per_s(model, prompt: list[int], new_tokens: int, device, forc
 
 def decode_relu_1b(args) -> dict:
     """Our engine, dense vs predictors forced to `args.density`, on a random relu Llama of 1B shape."""
+    from sparsedge import stats as work
     from sparsedge.backends import get_backend
-    from sparsedge.ffn.module import SparseFFN
     from sparsedge.calibrate.predictor import default_rank
+    from sparsedge.ffn.module import SparseFFN
     from sparsedge.testing.synthetic import llama_1b_config, random_transformer
 
     device = torch.device(getattr(args, "device", "cpu"))
@@ -265,14 +265,12 @@ def decode_relu_1b(args) -> dict:
     # the FFN inputs of this model are not white: set each neuron's bias at the (1 - density) quantile of
     # its scores on real FFN inputs, from a 256-token prefill of random tokens drawn like the decoded ones
     # (another seed), so that about `density` of the neurons are active per decoded token
-    from sparsedge.kv_cache import KVCache
+    from sparsedge.generate import new_cache, prefill
     xs = {}
     n_cal = 256
-    model.ensure_rope(n_cal)
     cal_tokens = torch.randint(0, cfg.vocab_size, (n_cal,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        model(cal_tokens.to(device), 0, KVCache.dense(cfg, n_cal, dtype, device),
-              hidden_hook=lambda i, h: xs.__setitem__(i, h.float()))
+        prefill(model, cal_tokens, new_cache(model, n_cal), hidden_hook=lambda i, h: xs.__setitem__(i, h.float()))
     for i, layer in enumerate(model.layers):
         p1, p2, _ = forced_predictor(cfg.dim, cfg.intermediate_size, rank, density, torch.float32, device,
                                      seed=100 + i)
@@ -282,12 +280,9 @@ def decode_relu_1b(args) -> dict:
     be.require("sparse_ffn")
     _decode_tokens_per_s(model, prompt, 4, device, forced)  # warm-up
     sparse_rates = [_decode_tokens_per_s(model, prompt, new_tokens, device, forced)[0] for _ in range(repeats)]
-    st = [layer.ffn.stats() for layer in model.layers]
-    active = sum(s["gate_up_rows"] for s in st) / sum(s["neurons"] for s in st)
-    down = sum(s["down_active"] for s in st) / sum(s["neurons"] for s in st)
-    tokens = st[0]["tokens"]  # decode steps of the last repeat
-    sparse_bytes = dense_bytes - sum(l.ffn.dense.weight_bytes() for l in model.layers) + \
-        sum(s["weight_bytes"] for s in st) / max(tokens, 1)
+    ws = work.read(model)  # the decode steps of the last repeat
+    active, down = 1.0 - ws.ffn_sparsity, 1.0 - ws.ffn_down_sparsity
+    sparse_bytes = ws.weight_bytes_per_token
     res = {"benchmark": "decode_synthetic_1b", "model": cfg.name, "dtype": str(dtype).replace("torch.", ""),
            "threads": torch.get_num_threads(), "new_tokens": new_tokens, "forced_density": density,
            "measured_density": active, "down_density": down, "rank": rank,

@@ -31,8 +31,8 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from sparsedge.delta import DEFAULT_SINKS, DEFAULT_WINDOW, SECTION
-from sparsedge.delta.balance import key_scales_from_captures, scale_captures
+from sparsedge.delta.config import DEFAULT_SINKS, DEFAULT_WINDOW, SECTION
+from sparsedge.calibrate.balance import key_scales_from_captures, scale_captures
 from sparsedge.delta.cache import DeltaLayerCache
 
 GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0, 2.5, 3.0, 4.0]
@@ -220,7 +220,7 @@ def calibrate_layers(per_layer: list[list[tuple]], G: int, dtype, mode: str, bud
 
 def run(args) -> dict:
     from sparsedge.artifact import save_section
-    from sparsedge.calibrate.ffn import read_text, token_windows
+    from sparsedge.evaluate import read_text, token_windows
     from sparsedge.session import Session
 
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def thetas_for_target(meta: dict, target: float) -> list[float]:
 def main(argv=None) -> int:
     from sparsedge.artifact import load_section
     from sparsedge.evaluate import perplexity
-    from sparsedge.calibrate.ffn import read_text, token_windows
+    from sparsedge.evaluate import read_text, token_windows
     from sparsedge.session import Session
     from sparsedge.delta import DeltaConfig
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from sparsedge.calibrate import predictor as P
 from sparsedge.ffn import q4
 from sparsedge.activations import RELU_FAMILY, activate
+from sparsedge.evaluate import read_text, token_windows  # noqa: F401  (re-exported for the CLIs)
 from sparsedge.ops.ffn import q4_estimates
 
 SECTION = "ffn"
@@ -59,39 +60,6 @@ class Variant:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def read_text(path, start: float = 0.0) -> str:
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if not 0.0 <= start < 1.0:
-        raise ValueError(f"text start must be in [0, 1), got {start}")
-    return text[int(len(text) * start):]
-
-
-def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[list[int]]:
-    """Consecutive windows of seq_len tokens covering the first n_tokens tokens of `text` (a BOS is put
-    first in each window when the tokenizer adds one by default)."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    probe = tokenizer.encode("a")
-    bos = probe[0] if len(probe) > len(tokenizer.encode("a", add_bos=False)) else None
-    body = seq_len - (1 if bos is not None else 0)
-    # tokenise only as much text as needed (about 4 chars per token, generous margin)
-    need_chars = max(4096, 8 * n_tokens)
-    ids = tokenizer.encode(text[:need_chars], add_bos=False)
-    while len(ids) < n_tokens and need_chars < len(text):
-        need_chars *= 2
-        ids = tokenizer.encode(text[:need_chars], add_bos=False)
-    ids = ids[:n_tokens]
-    wins = []
-    for i in range(0, len(ids), body):
-        w = ids[i:i + body]
-        if len(w) < 2:
-            break
-        wins.append(([bos] if bos is not None else []) + w)
-    if not wins:
-        raise ValueError("the text is too short to make a single evaluation/calibration window")
-    return wins
-
-
 def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None = None,
                    progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: FFN inputs x of the A half (even windows) and the B half (odd windows), fp32 on CPU."""

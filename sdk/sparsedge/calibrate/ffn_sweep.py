@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from sparsedge.calibrate.ffn import Variant, calibrate_model, collect, read_text, token_windows
+from sparsedge.calibrate.ffn import Variant, calibrate_model, collect
+from sparsedge.evaluate import read_text, token_windows
 
 PRESETS = {
     "ablation": [

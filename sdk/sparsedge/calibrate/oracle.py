@@ -194,7 +194,8 @@ def evaluate_masks(session, windows, keeps) -> tuple[float, float]:
 
 def run(session, text_path, methods, sparsities, rank=None, calib_start=0.5, tokens=8192, eval_tokens=4096,
         seq_len=512, progress=True) -> dict:
-    from sparsedge.calibrate.ffn import collect_inputs, read_text, token_windows
+    from sparsedge.calibrate.ffn import collect_inputs
+    from sparsedge.evaluate import read_text, token_windows
     model = session.model
     if model.config.activation in RELU_FAMILY:
         logger.warning(f"{model.config.activation} is relu-family: its exact zeros make the oracles trivial")

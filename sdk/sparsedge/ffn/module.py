@@ -25,8 +25,6 @@ ops = torch.ops.sparsedge
 class SparseFFN(nn.Module):
     """Whitened-SVD predictor (p1, p2, bias) + the fused sparse_ffn op."""
 
-    kind = "svd"
-
     def __init__(self, dense: nn.Module, p1: torch.Tensor, p2: torch.Tensor, bias: torch.Tensor,
                  tau: float = 0.0, per_token: bool = False, layer_index: int = -1):
         super().__init__()
@@ -69,14 +67,12 @@ class SparseFFN(nn.Module):
         T = x.shape[0]
         if T == 1 or self.per_token:
             y, count, down_count = self.sparse(x)
-            self._tokens += T
+            self._n[0] += T
             self._pending.append((count, down_count))
             if len(self._pending) >= 512:
                 self._fold()
             return y
-        self._dense_tokens += T
-        self._dense_calls += 1
-        return self.dense(x)
+        return self.dense(x)  # counts its own (dense) work
 
     # --- statistics ---------------------------------------------------------------------------
     def _fold(self) -> None:
@@ -87,27 +83,19 @@ class SparseFFN(nn.Module):
             self._pending = []
 
     def reset_stats(self) -> None:
-        self._tokens = 0
-        self._dense_tokens = 0
-        self._dense_calls = 0
+        self._n = [0]  # tokens through the sparse path
         self._pending: list = []
         self._sums = torch.zeros(2, dtype=torch.int64)
 
     def stats(self) -> dict:
+        """The sparse path's work (prefill through the dense path is counted by the DenseFFN inside)."""
         self._fold()
         active, down = (int(v) for v in self._sums.tolist())
-        elt = self.dense.w_down_t.element_size()
-        tokens = self._tokens + self._dense_tokens
-        dense_rows = self._dense_tokens * self.I
-        return {
-            "tokens": tokens,
-            "neurons": tokens * self.I,
-            "predicted_active": active + dense_rows,
-            "gate_up_rows": active + dense_rows,
-            "down_active": down + dense_rows,
-            "weight_bytes": (self._tokens * self.predictor_bytes() + 2 * active * self.d * elt + down * self.d * elt
-                             + self._dense_calls * self.dense.weight_bytes()),
-        }
+        tokens = self._n[0]
+        row = self.d * self.dense.w_down_t.element_size()
+        return {"sparse_ffn_tokens": tokens, "ffn_neurons": tokens * self.I, "ffn_predicted": active,
+                "ffn_gate_up_rows": active, "ffn_down_rows": down,
+                "weight_bytes": tokens * self.predictor_bytes() + (2 * active + down) * row}
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, d={self.d}, I={self.I}, rank={self.rank}, act={self.activation}, "
@@ -116,8 +104,6 @@ class SparseFFN(nn.Module):
 
 class Q4SparseFFN(SparseFFN):
     """4-bit gate x up predictor (sdk/sparsedge/ffn/q4.py): ffn_predict_q4, then sparse_ffn_rows on its index list."""
-
-    kind = "q4"
 
     def __init__(self, dense: nn.Module, q: torch.Tensor, scale: torch.Tensor, thresh: torch.Tensor,
                  per_token: bool = False, layer_index: int = -1):
