@@ -4,6 +4,10 @@ import argparse
 import pytest
 import torch
 
+from sparsedge.calibrate import collect
+from sparsedge.calibrate import ffn_cli
+from sparsedge import evaluate
+
 from sparsedge.generate import prefill
 
 from sparsedge.calibrate import ffn as cal
@@ -59,10 +63,10 @@ def test_loss_grads_predict_our_decoders_loss_change(stories_path):
     from sparsedge.session import Session
 
     s = Session.load(stories_path, dtype="float32", backend="cpu", progress=False)
-    text = cal.read_text(data_path(TINYSTORIES_SAMPLE))
-    windows = cal.token_windows(s.tokenizer, text, 3 * 128, 128)[:3]
-    xa, xb, (ga, gb) = cal.collect_loss_grads(load_transformers_model(stories_path), windows, progress=False)
-    ours_a, ours_b = cal.collect_inputs(s.model, windows, progress=False)
+    text = evaluate.read_text(data_path(TINYSTORIES_SAMPLE))
+    windows = evaluate.token_windows(s.tokenizer, text, 3 * 128, 128)[:3]
+    xa, xb, (ga, gb) = collect.collect_loss_grads(load_transformers_model(stories_path), windows, progress=False)
+    ours_a, ours_b = collect.collect_inputs(s.model, windows, progress=False)
     L = s.config.n_layers
     assert len(ga) == len(gb) == L and xa[0].shape == (len(windows[0]) + len(windows[2]), s.config.dim)
     assert ga[0].shape == (xa[0].shape[0], 1, s.config.dim)
@@ -89,9 +93,9 @@ def test_model_label_grads_estimate_the_true_fisher(stories_path):
     from sparsedge.session import Session
 
     s = Session.load(stories_path, dtype="float32", backend="cpu", progress=False)
-    windows = cal.token_windows(s.tokenizer, cal.read_text(data_path(TINYSTORIES_SAMPLE)), 2 * 96, 96)[:2]
+    windows = evaluate.token_windows(s.tokenizer, evaluate.read_text(data_path(TINYSTORIES_SAMPLE)), 2 * 96, 96)[:2]
     K = 128
-    _, _, (_, gb) = cal.collect_loss_grads(load_transformers_model(stories_path), windows, progress=False,
+    _, _, (_, gb) = collect.collect_loss_grads(load_transformers_model(stories_path), windows, progress=False,
                                            labels="model", samples=K)
     ids, layer, pos = windows[1], 2, 30
     assert gb[layer].shape == (len(ids), K, s.config.dim)
@@ -104,7 +108,7 @@ def test_model_label_grads_estimate_the_true_fisher(stories_path):
     assert float(per_sample.square().mean()) == pytest.approx(fisher, rel=0.3)
     assert abs(float(per_sample.mean())) < 4 * fisher ** 0.5 / K ** 0.5  # sampled labels: zero mean
     with pytest.raises(ValueError, match="fisher labels"):
-        cal.collect_loss_grads(None, windows, labels="text")
+        collect.collect_loss_grads(None, windows, labels="text")
 
 
 def test_global_allocation_same_total_at_lower_penalty():
@@ -144,20 +148,20 @@ def test_fisher_without_grads_and_bad_allocation_are_refused():
 
 def test_cli_defaults_pair_the_predictor_with_its_penalty_and_allocation():
     p = argparse.ArgumentParser()
-    cal.add_arguments(p)
-    v = cal.variant_from_args(p.parse_args(["--predictor", "q4"]))
+    ffn_cli.add_arguments(p)
+    v = ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4"]))
     assert (v.penalty, v.allocation) == ("fisher", "global")
-    v = cal.variant_from_args(p.parse_args([]))
+    v = ffn_cli.variant_from_args(p.parse_args([]))
     assert (v.penalty, v.allocation) == ("full", "layer")
-    v = cal.variant_from_args(p.parse_args(["--predictor", "q4", "--penalty", "full"]))
+    v = ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4", "--penalty", "full"]))
     assert (v.penalty, v.allocation) == ("full", "layer")
-    v = cal.variant_from_args(p.parse_args(["--penalty", "fisher", "--allocation", "layer"]))
+    v = ffn_cli.variant_from_args(p.parse_args(["--penalty", "fisher", "--allocation", "layer"]))
     assert (v.penalty, v.allocation) == ("fisher", "layer")
-    assert cal.variant_from_args(p.parse_args(["--predictor", "q4"])).rounding == "gptq"
-    assert cal.variant_from_args(p.parse_args(["--predictor", "q4", "--q4-rounding", "nearest"])).rounding == "nearest"
+    assert ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4"])).rounding == "gptq"
+    assert ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4", "--q4-rounding", "nearest"])).rounding == "nearest"
     args = p.parse_args(["--predictor", "q4", "--fisher-labels", "model", "--fisher-samples", "4"])
-    cal.variant_from_args(args)
+    ffn_cli.variant_from_args(args)
     assert (args.fisher_labels, args.fisher_samples) == ("model", 4)
     for bad in (["--fisher-samples", "2"], ["--fisher-labels", "model", "--fisher-samples", "0"]):
         with pytest.raises(ValueError, match="--fisher-samples"):
-            cal.variant_from_args(p.parse_args(["--predictor", "q4", *bad]))
+            ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4", *bad]))

@@ -6,13 +6,16 @@ from sparsedge import generate
 from sparsedge import stats as work
 import torch
 
+from sparsedge.calibrate import ffn_cli
+
 from sparsedge.generate import prefill
 
 from sparsedge import ops
 from sparsedge.artifact import ArtifactError, read_manifest, save_section
 from sparsedge.backends import get_backend
 from sparsedge.ffn import SparseFFN, attach_predictors, set_per_token
-from sparsedge.calibrate.ffn import Variant, calibrate_model, collect_inputs, export_powerinfer
+from sparsedge.calibrate.collect import collect_inputs
+from sparsedge.calibrate.ffn import Variant, calibrate_model, export_powerinfer
 from sparsedge.testing.synthetic import all_keeping_predictors, random_transformer, tiny_config
 from sparsedge.kv_cache import KVCache
 
@@ -114,12 +117,11 @@ def test_attach_refuses_artifact_without_ffn_section(tmp_path):
 
 
 def calibrate_parser():
-    """tools/calibrate.py's FFN arguments (what sparsedge.calibrate.ffn.run reads)."""
+    """tools/calibrate.py's FFN arguments (what sparsedge.calibrate.ffn_cli.run reads)."""
     import argparse
 
-    from sparsedge.calibrate import ffn as cal
     p = argparse.ArgumentParser()
-    cal.add_arguments(p)
+    ffn_cli.add_arguments(p)
     for a in ("--model", "--out", "--text", "--dtype"):
         p.add_argument(a)
     p.add_argument("--tokens", type=int)
@@ -134,7 +136,6 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
 
     from sparsedge import evaluate
     from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
-    from sparsedge.calibrate import ffn as cal
 
     text = data_path(TINYSTORIES_SAMPLE)
     p = calibrate_parser()
@@ -145,7 +146,7 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     logger.enable("sparsedge")
     hid = logger.add(lambda m: msgs.append(str(m)), level="WARNING")
     try:
-        summary = cal.run(args)
+        summary = ffn_cli.run(args)
     finally:
         logger.remove(hid)
     assert summary["predicted_sparsity"] > 0.3
@@ -166,20 +167,19 @@ def test_ppl_budget_picks_the_sparsest_s_within_budget(tmp_path, stories_path):
     sparsest one within budget; an impossible budget fails with a clear error and writes nothing."""
     from sparsedge.artifact import read_manifest
     from sparsedge.testing.data import TINYSTORIES_SAMPLE, data_path
-    from sparsedge.calibrate import ffn as cal
 
     text = data_path(TINYSTORIES_SAMPLE)
     p = calibrate_parser()
     base = ["--model", str(stories_path), "--text", str(text), "--tokens", "1536", "--seq-len", "256",
             "--dtype", "float32", "--text-start", "0.5", "--budget-tokens", "256", "--s-grid", "0.2,0.5,0.9",
             "--quantile-points", "64"]
-    summary = cal.run(p.parse_args(base + ["--out", str(tmp_path / "art"), "--ppl-budget", "40"]))
+    summary = ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "art"), "--ppl-budget", "40"]))
     table = summary["budget_table"]
     assert [row["s"] for row in table] == [0.2, 0.5, 0.9]
     ok = [row for row in table if row["ppl_increase_pct"] <= 40]
     assert ok and summary["s"] == max(ok, key=lambda row: row["ffn_sparsity"])["s"]
     settings = read_manifest(tmp_path / "art")["sections"]["ffn"]["settings"]
     assert settings["ppl_budget_pct"] == 40 and settings["s"] == summary["s"]
-    with pytest.raises(cal.BudgetError, match="nothing was written"):
-        cal.run(p.parse_args(base + ["--out", str(tmp_path / "none"), "--ppl-budget", "-50"]))
+    with pytest.raises(ffn_cli.BudgetError, match="nothing was written"):
+        ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "none"), "--ppl-budget", "-50"]))
     assert not (tmp_path / "none").exists()

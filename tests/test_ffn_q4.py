@@ -7,13 +7,14 @@ import pytest
 from sparsedge import generate
 import torch
 
+from sparsedge.calibrate import ffn_cli
+
 from sparsedge.generate import prefill
 
 from sparsedge import ops
 from sparsedge.artifact import ArtifactError, save_section
 from sparsedge.backends import get_backend
 from sparsedge.ffn import attach_predictors, set_per_token
-from sparsedge.calibrate import ffn as cal
 from sparsedge.ffn import q4
 from sparsedge.calibrate.ffn import Variant, calibrate_model
 from sparsedge.ffn.module import Q4SparseFFN
@@ -206,15 +207,15 @@ def test_mismatched_q4_artifact_is_refused(tmp_path):
 
 def test_cli_refuses_svd_options_and_powerinfer_export_with_q4():
     p = argparse.ArgumentParser()
-    cal.add_arguments(p)
+    ffn_cli.add_arguments(p)
     args = p.parse_args(["--predictor", "q4", "--rank", "64"])
     with pytest.raises(ValueError, match="configure the SVD predictor"):
-        cal.variant_from_args(args)
-    v = cal.variant_from_args(p.parse_args(["--predictor", "q4", "--q4-group", "32"]))
+        ffn_cli.variant_from_args(args)
+    v = ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4", "--q4-group", "32"]))
     assert (v.predictor, v.group) == ("q4", 32)
     args = p.parse_args(["--predictor", "q4", "--export", "powerinfer", "x"])
     with pytest.raises(SystemExit, match="no 4-bit"):
-        cal.run(args)
+        ffn_cli.run(args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -247,9 +248,9 @@ def test_stories260k_q4_beats_the_gate_predictor(tmp_path, stories_path):
     base = ["--model", str(stories_path), "--text", str(text), "--tokens", "2048", "--seq-len", "256",
             "--dtype", "float32", "--text-start", "0.5", "--s", "0.8", "--quantile-points", "64"]
     p = calibrate_parser()
-    summary = cal.run(p.parse_args(base + ["--out", str(tmp_path / "q4"), "--predictor", "q4", "--q4-group", "32"]))
+    summary = ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "q4"), "--predictor", "q4", "--q4-group", "32"]))
     assert summary["predictor"] == "q4" and summary["group"] == 32
-    cal.run(p.parse_args(base + ["--out", str(tmp_path / "svd")]))
+    ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "svd")]))
     q = argparse.ArgumentParser()
     evaluate.add_ppl_arguments(q)
     ev = ["--model", str(stories_path), "--text", str(text), "--max-tokens", "512", "--seq-len", "256"]

@@ -20,7 +20,7 @@ from loguru import logger
 
 def main(argv=None) -> int:
     from sparsedge.calibrate import delta as delta_cal
-    from sparsedge.calibrate import ffn as ffn_cal
+    from sparsedge.calibrate import ffn_cli as ffn_cal
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, .gguf, llama2.c .bin or smollm2-135m")

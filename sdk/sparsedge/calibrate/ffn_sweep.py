@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from loguru import logger
 
-from sparsedge.calibrate.ffn import Variant, calibrate_model, collect
+from sparsedge.calibrate.collect import collect
+from sparsedge.calibrate.ffn import Variant, calibrate_model
 from sparsedge.evaluate import read_text, token_windows
 
 PRESETS = {

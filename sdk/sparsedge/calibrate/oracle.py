@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from loguru import logger
 from tqdm import tqdm
 
@@ -194,7 +195,7 @@ def evaluate_masks(session, windows, keeps) -> tuple[float, float]:
 
 def run(session, text_path, methods, sparsities, rank=None, calib_start=0.5, tokens=8192, eval_tokens=4096,
         seq_len=512, progress=True) -> dict:
-    from sparsedge.calibrate.ffn import collect_inputs
+    from sparsedge.calibrate.collect import collect_inputs
     from sparsedge.evaluate import read_text, token_windows
     model = session.model
     if model.config.activation in RELU_FAMILY:

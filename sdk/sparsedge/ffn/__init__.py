@@ -4,7 +4,7 @@
     SparseFFN                                   # the module that replaces each layer's DenseFFN
 
 Predictor construction and threshold calibration live in sparsedge.calibrate.predictor (tensor math) and
-sparsedge.calibrate.ffn (collection, artifact, CLI hooks for tools/calibrate.py).
+sparsedge.calibrate (collection, calibration, the tools/calibrate.py CLI).
 """
 from sparsedge.ffn.module import SparseFFN, attach_predictors, attach_tensors, detach_predictors, set_per_token
 

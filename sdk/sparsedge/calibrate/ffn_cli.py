@@ -1,0 +1,204 @@
+"""`tools/calibrate.py`'s FFN part: its arguments, the defaults they map to, and `run` (collect, calibrate,
+choose by perplexity budget, write the artifact atomically)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from loguru import logger
+from tqdm import tqdm
+
+from sparsedge.activations import RELU_FAMILY
+from sparsedge.calibrate import predictor as P
+from sparsedge.calibrate.collect import check_fisher_sampling, collect
+from sparsedge.calibrate.ffn import SECTION, Variant, calibrate_model, export_powerinfer
+from sparsedge.evaluate import read_text, token_windows
+from sparsedge.ffn import q4
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("FFN predictors")
+    g.add_argument("--predictor", choices=("svd", "q4"), default="svd",
+                   help="svd: whitened low-rank gate predictor (docs/methods.md; best on ReLU-family models); q4: 4-bit "
+                        "gate x up predictor (sdk/sparsedge/ffn/q4.py; what SiLU/GELU models need, where the gate alone "
+                        "does not tell which neurons matter)")
+    g.add_argument("--q4-group", type=int, default=q4.DEFAULT_GROUP,
+                   help="q4: inputs per quantization scale (even, divides the width; default 64)")
+    g.add_argument("--q4-rounding", choices=("gptq", "nearest"), default="gptq",
+                   help="q4: round the 4-bit weights so that the estimates x.w^ on the calibration text are "
+                        "accurate (gptq, default) or each weight to its nearest level (nearest)")
+    g.add_argument("--rank", type=int, default=None, help="predictor rank r (default max(32, 2%% of I))")
+    g.add_argument("--s", type=float, default=0.8,
+                   help="sparsity scale: per-layer target = s x true sparsity (s - 0.1 on layers 0, 1)")
+    g.add_argument("--penalty", choices=P.PENALTIES, default=None,
+                   help="threshold penalty: full = |h|*||W_down[:,i]|| (default for svd), fisher = |h * dL/dh| "
+                        "with the loss gradient from a transformers backward pass over the calibration text "
+                        "(default for q4), act = |act(gate)|, h = |h|")
+    g.add_argument("--fisher-labels", choices=("data", "model"), default="data",
+                   help="fisher penalty: gradients of the loss on the text's own next tokens (data, the empirical "
+                        "Fisher) or on labels sampled from the model's prediction (model: the true Fisher, the "
+                        "KL a skip adds; see --fisher-samples)")
+    g.add_argument("--fisher-samples", type=int, default=1,
+                   help="--fisher-labels model: label samples per token, one backward pass each (default 1)")
+    g.add_argument("--allocation", choices=("layer", "global"), default=None,
+                   help="layer: every layer targets s x its true sparsity (s - 0.1 on layers 0, 1); global: the "
+                        "same model-wide sparsity, spread over the layers where the penalty says it costs least "
+                        "(needs a penalty comparable across layers: default global with fisher, else layer)")
+    g.add_argument("--tau-target", type=float, default=0.5,
+                   help="silu/gelu: fraction of |act(gate)| zeroed by the per-layer tau (default 0.5)")
+    g.add_argument("--no-runtime-tau", action="store_true",
+                   help="silu/gelu: use tau only to define the target, do not zero h below tau at runtime")
+    g.add_argument("--no-whiten", action="store_true", help="plain SVD of W_gate (ablation)")
+    g.add_argument("--bias-mode", choices=("calibrated", "zero"), default="calibrated",
+                   help="per-neuron calibrated thresholds (default) or one global zero threshold (ablation)")
+    g.add_argument("--text-start", type=float, default=0.0,
+                   help="start reading --text at this fraction of its length (0.5: its second half)")
+    g.add_argument("--max-layer-tokens", type=int, default=None,
+                   help="subsample at most this many tokens per layer and half (memory bound)")
+    g.add_argument("--quantile-points", type=int, default=256)
+    g.add_argument("--neuron-cap", type=float, default=0.95,
+                   help="no neuron is predicted off on more than this fraction of the calibration tokens (default "
+                        "0.95; 1 lets up to 1%% of a layer's neurons go entirely off)")
+    g.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
+                   help="also export the predictors, e.g. --export powerinfer DIR")
+    g.add_argument("--ppl-budget", type=float, default=None, metavar="PCT",
+                   help="choose s instead of taking --s: calibrate every s of --s-grid and keep the one with the "
+                        "most FFN sparsity whose perplexity on held-out calibration text rises by at most PCT "
+                        "percent (e.g. 2); fails, writing nothing, when none does")
+    g.add_argument("--s-grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                   help="s values tried with --ppl-budget")
+    g.add_argument("--budget-tokens", type=int, default=1024,
+                   help="calibration tokens held out (not fitted) to measure perplexity with --ppl-budget")
+
+
+def variant_from_args(args) -> Variant:
+    if args.predictor == "q4" and (args.rank is not None or args.no_whiten or args.bias_mode != "calibrated"):
+        raise ValueError("--rank, --no-whiten and --bias-mode configure the SVD predictor; drop them with "
+                         "--predictor q4")
+    penalty = args.penalty or ("fisher" if args.predictor == "q4" else "full")
+    check_fisher_sampling(getattr(args, "fisher_labels", "data"), getattr(args, "fisher_samples", 1))
+    allocation = args.allocation or ("global" if penalty == "fisher" else "layer")
+    return Variant(s=args.s, penalty=penalty, whiten=not args.no_whiten, bias_mode=args.bias_mode,
+                   rank=args.rank, tau_target=args.tau_target, runtime_tau=not args.no_runtime_tau,
+                   predictor=args.predictor, group=args.q4_group, rounding=args.q4_rounding, allocation=allocation,
+                   neuron_cap=args.neuron_cap)
+
+
+def cfg_activation_is_smooth(model) -> bool:
+    """SiLU/GELU: no exact zeros, so gate-based prediction is lossy (see sparsedge.calibrate.oracle)."""
+    return model.config.activation not in RELU_FAMILY
+
+
+def load_for_calibration(args):
+    from sparsedge.session import Session
+    return Session.load(args.model, dtype=getattr(args, "dtype", None), backend="cpu", progress=True)
+
+
+def prepare_data(session, args, grads: bool = False):
+    """(fitting windows, held-out windows, xa, xb, (grads_a, grads_b) or None); windows are held out only with
+    --ppl-budget; grads (collect_loss_grads) when the penalty needs them."""
+    text = read_text(args.text, getattr(args, "text_start", 0.0))
+    windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len)
+    held: list = []
+    if getattr(args, "ppl_budget", None) is not None:
+        n_hold = max(1, -(-args.budget_tokens // args.seq_len))
+        if len(windows) < n_hold + 2:
+            raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
+                             f"tokens, {n_hold} to hold out and at least 2 to fit; raise --tokens")
+        windows, held = windows[:-n_hold], windows[-n_hold:]
+    return (windows, held, *collect(session.model, args.model, windows, getattr(args, "max_layer_tokens", None),
+                                     grads, fisher_labels=getattr(args, "fisher_labels", "data"),
+                                     fisher_samples=getattr(args, "fisher_samples", 1)))
+
+
+class BudgetError(ValueError):
+    """No s of the grid keeps the perplexity increase within --ppl-budget."""
+
+
+def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget_pct: float,
+                     held: list[list[int]], n_points: int = 256,
+                     grads: tuple[list, list] | None = None) -> tuple[dict, dict, list[dict]]:
+    """Calibrate one variant per s (one SVD per layer serves all), measure each on the held-out windows through
+    the per-token sparse path, return (tensors, meta, table) of the sparsest within budget."""
+    from sparsedge.evaluate import perplexity
+    from sparsedge.ffn.module import attach_tensors, detach_predictors
+
+    model = session.model
+    variants = [replace(base, s=s, name=f"s={s}") for s in s_grid]
+    results = calibrate_model(model, xa, xb, variants, n_points=n_points, grads=grads)
+    dense = perplexity(session, held, progress=False)["ppl"]
+    table = []
+    for v, (tensors, meta) in tqdm(list(zip(variants, results)), desc="held-out perplexity per s", unit="s"):
+        attach_tensors(model, tensors, meta["tau"], per_token=True)
+        try:
+            r = perplexity(session, held, progress=False)
+        finally:
+            detach_predictors(model)
+        table.append({"s": v.s, "ppl": r["ppl"], "dense_ppl": dense, "ppl_increase_pct": 100 * (r["ppl"] / dense - 1),
+                      "ffn_sparsity": r["ffn_sparsity"]})
+        logger.info(f"s={v.s}: held-out ppl {r['ppl']:.3f} ({table[-1]['ppl_increase_pct']:+.2f}%), "
+                    f"FFN sparsity {r['ffn_sparsity']:.3f}")
+    ok = [i for i, row in enumerate(table) if row["ppl_increase_pct"] <= budget_pct]
+    if not ok:
+        best = min(table, key=lambda row: row["ppl_increase_pct"])
+        raise BudgetError(f"no s in {s_grid} keeps the held-out perplexity within +{budget_pct}% (best: s={best['s']} "
+                          f"at {best['ppl_increase_pct']:+.2f}% for {100 * best['ffn_sparsity']:.1f}% FFN sparsity); "
+                          f"nothing was written. Raise --ppl-budget, try smaller --s-grid values, on SiLU/GELU "
+                          f"models --no-runtime-tau or a lower --tau-target (the runtime tau alone zeroes that "
+                          f"fraction of h), or use a ReLU-family model (python -m sparsedge.calibrate.oracle shows this "
+                          f"model's bound)")
+    i = max(ok, key=lambda j: table[j]["ffn_sparsity"])
+    return results[i][0], results[i][1], table
+
+
+def run(args) -> dict:
+    if args.export and args.export[0] != "powerinfer":
+        raise SystemExit(f"--export: unknown format {args.export[0]!r} (supported: powerinfer)")
+    if args.export and args.predictor != "svd":
+        raise SystemExit("--export powerinfer writes PowerInfer's low-rank predictor layout; it has no 4-bit "
+                         "predictor, so use it with --predictor svd")
+    t0 = time.perf_counter()
+    session = load_for_calibration(args)
+    model = session.model
+    v = variant_from_args(args)
+    windows, held, xa, xb, grads = prepare_data(session, args, grads=v.penalty == "fisher")
+    n_tok = sum(len(w) for w in windows)
+    logger.info(f"calibration text {args.text}: {n_tok} tokens in {len(windows)} windows "
+                f"({xa[0].shape[0]} SVD / {xb[0].shape[0]} threshold tokens per layer)"
+                + (f", {sum(len(w) for w in held)} held out for the perplexity budget" if held else ""))
+    budget_table = None
+    if args.ppl_budget is not None:
+        grid = [float(x) for x in args.s_grid.split(",") if x.strip()]
+        if not grid or any(not 0 < x <= 1.5 for x in grid):
+            raise ValueError(f"--s-grid must list s values in (0, 1.5], got {args.s_grid!r}")
+        tensors, meta, budget_table = choose_by_budget(session, xa, xb, v, grid, args.ppl_budget, held,
+                                                       n_points=args.quantile_points, grads=grads)
+        v = replace(v, s=meta["settings"]["s"])
+    else:
+        [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points, grads=grads)
+    meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
+                             "seq_len": args.seq_len, "dtype": str(args.dtype), "chat_template": False})
+    if v.penalty == "fisher":
+        meta["settings"].update({"fisher_labels": args.fisher_labels, "fisher_samples": args.fisher_samples})
+    if budget_table is not None:
+        meta["settings"].update({"ppl_budget_pct": args.ppl_budget, "budget_table": budget_table,
+                                 "held_out_tokens": sum(len(w) for w in held)})
+    from sparsedge.artifact import save_section
+    out = save_section(args.out, model, SECTION, tensors, meta)
+    summary = {"out": str(out), "seconds": time.perf_counter() - t0, **meta["mean"], "predictor": v.predictor,
+               **({"group": v.group} if v.predictor == "q4" else {"rank": meta["rank"][0]}), "s": v.s,
+               "penalty": v.penalty, "allocation": v.allocation}
+    if budget_table is not None:
+        summary["budget_table"] = budget_table
+    if args.export:
+        summary["export"] = str(export_powerinfer(tensors, model.config.n_layers, args.export[1]))
+    if cfg_activation_is_smooth(model) and v.predictor == "svd":
+        logger.warning(f"{model.config.activation} model: SVD predictors estimate the gate only, and on SiLU/GELU "
+                       f"models even the exact gate is a poor guide to which neurons matter (SmolLM2-135M: 40% "
+                       f"skipped costs +9.4% perplexity with the true gate and per-neuron cuts). Use --predictor "
+                       f"q4, which estimates gate x up; check the quality with tools/eval.py ppl and the bound "
+                       f"with python -m sparsedge.calibrate.oracle")
+    logger.info("FFN calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
+                                                  for k, x in summary.items()}))
+    return summary
