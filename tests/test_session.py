@@ -24,7 +24,7 @@ PROMPT = "The history of the city begins in the early middle ages, when"
 @pytest.fixture(scope="module")
 def smollm2():
     smollm2_gguf()  # skip/fail with the reason when the package is missing
-    return Session.load("smollm2-135m", backend="cpu", progress=False)
+    return Session.load("smollm2-135m", backend="cpu", dtype="float32", progress=False)  # dequantized: exact
 
 
 @pytest.fixture(scope="module")

@@ -50,12 +50,16 @@ def weights_fingerprint(model) -> str:
     the hash of the unscaled weights, which the fold recorded before touching them."""
     if getattr(model, "key_scale", None) is not None and getattr(model, "unscaled_fingerprint", None):
         return model.unscaled_fingerprint
+    from sparsedge.quant.qweight import dequantized
+
     hsh = hashlib.sha256(model.config.to_json().encode())
+    # quantized weights hash as their dequantized values: the same file hashes alike loaded either way
     tensors = [model.tok_embeddings, model.norm]
     for layer in model.layers:
         dense = getattr(layer.ffn, "dense", layer.ffn)
-        tensors += [layer.attention.wqkv, layer.attention.wo, dense.w_gate_up, dense.w_down_t]
-    for t in tensors:
+        down_t = dense.w_down_t if dense.w_down_t is not None else dequantized(dense.w_down).t()
+        tensors += [layer.attention.wqkv, layer.attention.wo, dense.w_gate_up, down_t]
+    for t in map(dequantized, tensors):
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         hsh.update(str(tuple(t.shape)).encode())

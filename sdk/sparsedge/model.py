@@ -23,9 +23,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsedge.config import ModelConfig
+from sparsedge.quant.qweight import QWeight, nbytes
 from sparsedge.activations import activate
 
 ops = torch.ops.sparsedge
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ b) for a weight held as a float tensor, a QWeight (its own blocks), or a tuple of them
+    (row blocks of one projection whose formats differ, e.g. q/k/v of a Q4_K_M file)."""
+    if isinstance(w, QWeight):
+        y = ops.qlinear(x, w.data, w.qtype, w.K)
+        return y if b is None else y + b
+    if isinstance(w, tuple):
+        y = torch.cat([linear(x, p) for p in w], -1)
+        return y if b is None else y + b
+    return ops.linear(x, w, b)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -57,28 +70,39 @@ def rope_tables(config: ModelConfig, max_seq_len: int, device=None) -> tuple[tor
 
 
 class DenseFFN(nn.Module):
-    """h = act(W_gate x) * (W_up x); y = W_down h, with W_down stored transposed."""
+    """h = act(W_gate x) * (W_up x); y = W_down h.
 
-    def __init__(self, config: ModelConfig, w_gate_up: torch.Tensor, w_down_t: torch.Tensor):
+    Float weights: W_down stored transposed (w_down_t [I, d], a neuron's down weights one contiguous row, what
+    the sparse kernels gather). Quantized weights (QWeight): W_down kept as the file has it (w_down [d, I]) and
+    run by qlinear; w_gate_up is one QWeight, or a (gate, up) tuple when the file stores them in two formats."""
+
+    def __init__(self, config: ModelConfig, w_gate_up, w_down_t: torch.Tensor | None, w_down: QWeight | None = None):
         super().__init__()
         self.I = config.intermediate_size
         self.activation, self.act_param = config.activation, config.activation_param
         self.tau = 0.0  # CATS-style threshold for silu/gelu (set by FFN calibration)
         self.w_gate_up = w_gate_up
         self.w_down_t = w_down_t
+        self.w_down = w_down
         self.reset_stats()
 
     @property
-    def w_gate(self) -> torch.Tensor:
-        return self.w_gate_up[: self.I]
+    def quantized(self) -> bool:
+        return self.w_down_t is None
 
     @property
-    def w_up(self) -> torch.Tensor:
-        return self.w_gate_up[self.I:]
+    def w_gate(self):
+        w = self.w_gate_up
+        return w[0] if isinstance(w, tuple) else w.rows(slice(0, self.I)) if isinstance(w, QWeight) else w[: self.I]
+
+    @property
+    def w_up(self):
+        w = self.w_gate_up
+        return w[1] if isinstance(w, tuple) else w.rows(slice(self.I, None)) if isinstance(w, QWeight) else w[self.I:]
 
     def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate pre-activation, down-projection input h), both [T, I]; used by calibration too."""
-        gu = ops.linear(x, self.w_gate_up)
+        gu = linear(x, self.w_gate_up)
         g, u = gu[:, : self.I], gu[:, self.I:]
         if self.activation == "silu" and self.tau == 0.0:
             return g, F.silu(g) * u
@@ -90,10 +114,11 @@ class DenseFFN(nn.Module):
         n = self._n
         n[0] += 1
         n[1] += x.shape[0]
-        return ops.linear_t(self.hidden(x)[1], self.w_down_t)
+        h = self.hidden(x)[1]
+        return linear(h, self.w_down) if self.w_down_t is None else ops.linear_t(h, self.w_down_t)
 
     def weight_bytes(self) -> int:
-        return (self.w_gate_up.numel() + self.w_down_t.numel()) * self.w_down_t.element_size()
+        return nbytes(self.w_gate_up) + nbytes(self.w_down_t) + nbytes(self.w_down)
 
     def reset_stats(self) -> None:
         self._n = [0, 0]  # calls, tokens
@@ -116,17 +141,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, layer_cache, start: int):
         T = x.shape[0]
         self._n[0] += 1
-        qkv = ops.linear(x, self.wqkv, self.bqkv)
+        qkv = linear(x, self.wqkv, self.bqkv)
         qk = qkv[:, : self.q_size + self.kv_size].reshape(T, self.n_heads + self.n_kv_heads, self.head_dim)
         qk = ops.rope(qk, cos, sin)  # one fused call rotates q and k together
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
         v = qkv[:, self.q_size + self.kv_size:].reshape(T, self.n_kv_heads, self.head_dim)
         out = layer_cache.attend(q, k, v, start)  # [T, Hq, D]
-        return ops.linear(out.reshape(T, self.q_size), self.wo)
+        return linear(out.reshape(T, self.q_size), self.wo)
 
     def weight_bytes(self) -> int:
-        n = self.wqkv.numel() + self.wo.numel() + (self.bqkv.numel() if self.bqkv is not None else 0)
-        return n * self.wo.element_size()
+        return nbytes(self.wqkv) + nbytes(self.wo) + nbytes(self.bqkv)
 
     def reset_stats(self) -> None:
         self._n = [0]  # calls
@@ -174,7 +198,8 @@ class Transformer(nn.Module):
         n[1] += T
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         eps = self.config.norm_eps
-        residual = F.embedding(tokens, self.tok_embeddings)
+        emb = self.tok_embeddings
+        residual = emb.rows(tokens).dequantize() if isinstance(emb, QWeight) else F.embedding(tokens, emb)
         h = ops.rms_norm(residual, self.layers[0].attn_norm, eps)
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
@@ -187,13 +212,13 @@ class Transformer(nn.Module):
             h = ops.add_rms_norm(residual, f, next_norm, eps)
         if not all_logits:
             h = h[-1:]
-        return ops.linear(h, self.lm_head)
+        return linear(h, self.lm_head)
 
     # --- accounting -------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """Bytes of the top-level weights one call reads: lm_head and the norms (embedding row excluded)."""
         norms = self.norm.numel() + sum(2 * layer.attn_norm.numel() for layer in self.layers)
-        return self.lm_head.numel() * self.lm_head.element_size() + norms * self.norm.element_size()
+        return nbytes(self.lm_head) + norms * self.norm.element_size()
 
     def reset_stats(self) -> None:
         self._n = [0, 0]  # calls, tokens

@@ -29,6 +29,19 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+WEIGHT_MODES = ("native", "q8_0", "q4_0", "q4_1")
+
+
+def check_weights(weights: str | None) -> str | None:
+    """Validate a `weights=` choice: None, "native" (as the file stores them) or a qtype to quantize to."""
+    if weights is None:
+        return None
+    w = str(weights).lower()
+    if w not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights {weights!r} (supported: {', '.join(WEIGHT_MODES)})")
+    return w
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -94,15 +107,22 @@ class Session:
 
     # --- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | os.PathLike, *, backend="auto", dtype=None, predictors=None, delta=None,
-             tokenizer=None, max_seq_len: int | None = None, progress: bool = True) -> "Session":
+    def load(cls, model: str | os.PathLike, *, backend="auto", dtype=None, weights: str | None = None,
+             predictors=None, delta=None, tokenizer=None, max_seq_len: int | None = None,
+             progress: bool = True) -> "Session":
+        """Load a model once. Weights: a quantized GGUF runs in its own 4-/8-bit blocks by default; `dtype`
+        ("float32", "bfloat16", ...) dequantizes it instead (exact against transformers); `weights` ("q8_0",
+        "q4_0", "q4_1") quantizes a float checkpoint's projections on load ("native": as stored)."""
         from sparsedge.loading import open_model
         from sparsedge.loading.build import build_transformer
 
         be = get_backend(backend)
+        mode = check_weights(weights)
         src = open_model(model, tokenizer=tokenizer)
-        dt = parse_dtype(dtype) or be.default_dtype()
-        tm = build_transformer(src, be, dt, progress=progress)
+        if mode is None and dtype is None and getattr(src, "quantized", False):
+            mode = "native"
+        dt = parse_dtype(dtype) or (torch.float32 if mode is not None else be.default_dtype())
+        tm = build_transformer(src, be, dt, progress=progress, mode=mode)
         ctx = int(max_seq_len or min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
         if ctx < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {ctx}")

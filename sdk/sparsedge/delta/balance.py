@@ -66,6 +66,9 @@ def fold_key_scale(model, key_scale) -> None:
         model.unscaled_fingerprint = weights_fingerprint(model)
     ratio = (new if new is not None else torch.ones(L, H, D)) / (old if old is not None else torch.ones(L, H, D))
     G = Hq // H
+    if any(not isinstance(layer.attention.wqkv, torch.Tensor) for layer in model.layers):
+        raise ValueError("this delta config folds a key scale into W_q/W_k, which needs float weights; the session "
+                         "keeps them quantized: load it with dtype='float32', or calibrate with --no-key-balance")
     with torch.inference_mode():  # weights may be inference tensors (built under inference mode)
         for i, layer in enumerate(model.layers):
             r = ratio[i].reshape(-1)  # [H * D]

@@ -154,6 +154,9 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
     from sparsedge.backends import get_backend
 
     be = get_backend(backend) if backend is not None else None
+    if any(getattr(getattr(layer.ffn, "dense", layer.ffn), "quantized", False) for layer in model.layers):
+        raise ArtifactError(f"FFN predictors ({path}) run on float weights, and this session keeps its weights "
+                            f"quantized; load it with dtype='float32' (or --dtype float32) to use them")
     loaded = load_section(path, model, "ffn")
     if loaded is None:
         raise ArtifactError(f"artifact {path} has no 'ffn' section (it holds other calibration only); "

@@ -14,16 +14,54 @@ from loguru import logger
 from tqdm import tqdm
 
 from sparsedge.model import Attention, Block, DenseFFN, Transformer
+from sparsedge.quant import formats as qf
+from sparsedge.quant.qweight import QWeight
 
 _LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "tok_embeddings", "lm_head")
 
 
-def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True) -> Transformer:
+class _Converter:
+    """Each tensor into the form the decoder keeps: `mode` "native" keeps quantized tensors in their own
+    blocks (QWeight) and floats in `dtype`; None dequantizes everything to `dtype`; a quantized qtype
+    ("q8_0", "q4_0", "q4_1") quantizes every projection matrix on load (rows whose length is not a multiple of
+    the block stay in `dtype`, with a warning)."""
+
+    def __init__(self, backend, dtype: torch.dtype, mode: str | None):
+        self.backend, self.dtype, self.mode = backend, dtype, mode
+        self.kept_float: list[str] = []
+
+    def __call__(self, t, key: str):
+        if isinstance(t, QWeight):
+            if self.mode == "native":
+                return t.to(self.backend.device)
+            t = t.dequantize()
+        if self.mode not in (None, "native") and key in MATRICES:
+            if t.shape[-1] % qf.get_format(self.mode).block == 0:
+                return QWeight.quantize(t, self.mode).to(self.backend.device)
+            self.kept_float.append(key)
+        return self.backend.place(t, self.dtype)
+
+    def transposed(self, t, key: str):
+        """W_down: a QWeight stays [d, I] (qlinear); a float weight is stored transposed [I, d]."""
+        out = self(t, key)
+        return out if isinstance(out, QWeight) else out.t().contiguous()
+
+
+def _fuse(parts: list):
+    """Row concatenation of one projection's pieces: a tensor, one QWeight, or a tuple of mixed formats."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, 0)
+    return QWeight.cat(parts) or tuple(parts)
+
+
+def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True, mode: str | None = None
+                      ) -> Transformer:
     cfg = source.config
-    place = lambda t: backend.place(t, dtype)  # noqa: E731
-    pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    conv = _Converter(backend, dtype, mode)
+    pending: dict[int, dict] = defaultdict(dict)
     blocks: dict[int, Block] = {}
-    top: dict[str, torch.Tensor] = {}
+    top: dict = {}
     need = set(_LAYER_KEYS) | ({"bq", "bk", "bv"} if cfg.qkv_bias else set())
     t0 = time.perf_counter()
     n_expected = cfg.n_layers * len(need) + 2 + (0 if cfg.tie_embeddings else 1)
@@ -34,21 +72,27 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
                        disable=not progress, mininterval=1.0, delay=2.0)  # appears only when slow
         bar.update(1)
         if not name.startswith("layers."):
-            top[name] = place(tensor)
+            top[name] = conv(tensor, name)
             continue
         _, idx, key = name.split(".", 2)
         i = int(idx)
         pending[i][key] = tensor
         if need <= pending[i].keys():
             p = pending.pop(i)
-            wqkv = place(torch.cat([p["wq"], p["wk"], p["wv"]], 0))
-            bqkv = place(torch.cat([p["bq"], p["bk"], p["bv"]], 0)) if cfg.qkv_bias else None
-            attn = Attention(cfg, wqkv, bqkv, place(p["wo"]))
-            ffn = DenseFFN(cfg, place(torch.cat([p["w_gate"], p["w_up"]], 0)), place(p["w_down"].t()))
-            blocks[i] = Block(place(p["attn_norm"]), attn, place(p["ffn_norm"]), ffn)
+            wqkv = _fuse([conv(p[k], k) for k in ("wq", "wk", "wv")])
+            bqkv = conv(torch.cat([p["bq"], p["bk"], p["bv"]], 0), "bqkv") if cfg.qkv_bias else None
+            attn = Attention(cfg, wqkv, bqkv, conv(p["wo"], "wo"))
+            down = conv.transposed(p["w_down"], "w_down")
+            gate_up = _fuse([conv(p["w_gate"], "w_gate"), conv(p["w_up"], "w_up")])
+            ffn = (DenseFFN(cfg, gate_up, None, w_down=down) if isinstance(down, QWeight)
+                   else DenseFFN(cfg, gate_up, down))
+            blocks[i] = Block(conv(p["attn_norm"], "attn_norm"), attn, conv(p["ffn_norm"], "ffn_norm"), ffn)
             del p
     if bar is not None:
         bar.close()
+    if conv.kept_float:
+        logger.warning(f"{source.describe()}: {len(conv.kept_float)} weights have rows that are not a multiple of "
+                       f"the {mode} block and stay {dtype} ({sorted(set(conv.kept_float))})")
     missing = [i for i in range(cfg.n_layers) if i not in blocks]
     if missing or "tok_embeddings" not in top or "norm" not in top:
         raise ValueError(f"{source.describe()}: incomplete checkpoint (layers missing: {missing[:8]}, "
@@ -58,6 +102,6 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
     if lm_head is None:
         raise ValueError(f"{source.describe()}: no lm_head tensor and embeddings are not tied")
     model = Transformer(cfg, top["tok_embeddings"], [blocks[i] for i in range(cfg.n_layers)], top["norm"], lm_head)
-    logger.info(f"built {cfg.name}: {cfg.n_layers} layers, dtype {dtype}, on {backend.device} "
+    logger.info(f"built {cfg.name}: {cfg.n_layers} layers, weights {mode or dtype}, on {backend.device} "
                 f"in {time.perf_counter() - t0:.1f}s")
     return model

@@ -1,8 +1,11 @@
-"""GGUF files, read through transformers' GGUF support: the config with
-AutoConfig.from_pretrained(folder, gguf_file=...), the tokenizer with AutoTokenizer, the weights with
-transformers' GGUF checkpoint loader (dequantized to fp32, q/k already un-permuted to the halves
-RoPE layout). The dequantized state dict exists once, while `tensors()` runs; each tensor is
-dropped from it as it is handed out."""
+"""GGUF files, read natively (sparsedge.loading.gguf_file): config from the metadata, the tokenizer built
+from the vocabulary in the file, weights as zero-copy views of the mapped file.
+
+Quantized tensors come out as QWeight (their own blocks, never dequantized here); F32/F16/BF16 ones as float
+views. llama.cpp stores W_q and W_k with the rows of each head interleaved for its adjacent-pair RoPE; they
+are put back in transformers' rotate-half order by a row permutation, which is exact on quantized rows
+(every block format quantizes rows independently).
+"""
 from __future__ import annotations
 
 import time
@@ -12,32 +15,85 @@ from typing import Iterator
 import torch
 from loguru import logger
 
+from sparsedge.loading.base import ModelFormatError, ModelSource, canonical_order
+from sparsedge.loading.gguf_file import GGUFError, GGUFFile
+from sparsedge.loading.hf import hf_config_to_model_config, merge_ids
+from sparsedge.quant.qweight import QWeight
 from sparsedge.tokenizer import Tokenizer
-from sparsedge.loading.base import ModelFormatError, ModelSource
-from sparsedge.loading.hf import hf_config_to_model_config, hf_to_canonical, merge_ids
+
+# GGUF architectures this loader maps, and the transformers model_type each corresponds to
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+_TOP = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "lm_head"}
+_LAYER = {"attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
+          "attn_output.weight": "wo", "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+          "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up",
+          "ffn_down.weight": "w_down"}
+
+
+def unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Row index map from llama.cpp's interleaved q/k rows to rotate-half rows: hf = gguf[index]."""
+    D = n_rows // n_heads
+    h = torch.arange(n_heads)[:, None, None]
+    j = torch.arange(2)[None, :, None]
+    c = torch.arange(D // 2)[None, None, :]
+    return (h * D + 2 * c + j).reshape(-1)
 
 
 class GGUFSource(ModelSource):
     def __init__(self, path: Path, tokenizer: Path | None = None, name: str | None = None):
-        from transformers import AutoConfig
-
         path = Path(path)
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelFormatError(f"{path} does not start with the GGUF magic bytes; not a GGUF file")
         t0 = time.perf_counter()
-        try:
-            hf_cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        except ValueError as exc:
-            if "not supported" in str(exc):
-                raise ModelFormatError(f"{path}: {exc}") from exc
-            raise
-        self.hf_config = hf_cfg
-        cfg = hf_config_to_model_config(hf_cfg.to_dict(), name=name or path.stem)
-        logger.debug("GGUF config of {} read in {:.1f} s", path, time.perf_counter() - t0)
+        self.file = GGUFFile(path)  # validates the whole directory: truncation, types
+        meta = self.file.metadata
+        arch = meta.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                                   f"{', '.join(ARCHITECTURES)})")
+        cfg = hf_config_to_model_config(self._hf_config(arch), name=name or path.stem)
         super().__init__(path, cfg)
         self.tokenizer_path = tokenizer
+        self.quantized = any(i.qtype not in ("f32", "f16", "bf16") for i in self.file.tensors.values())
+        logger.debug("GGUF {} parsed in {:.2f} s", path, time.perf_counter() - t0)
 
+    def _hf_config(self, arch: str) -> dict:
+        """The metadata as the transformers config keys hf_config_to_model_config reads."""
+        m, a = self.file.metadata, arch
+
+        def get(key, default=None):
+            return m.get(f"{a}.{key}", default)
+
+        tensors = self.file.tensors
+        for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+            if get(key) is None:
+                raise ModelFormatError(f"{self.file.path}: GGUF metadata lacks {a}.{key}; the file is incomplete")
+        if get("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensors:
+            raise ModelFormatError(f"{self.file.path}: RoPE scaling ({get('rope.scaling.type') or 'rope_freqs'}) in "
+                                   f"a GGUF file is not supported yet; load the transformers checkpoint instead")
+        tokens = m.get("tokenizer.ggml.tokens")
+        n_heads = int(get("attention.head_count"))
+        d = {
+            "model_type": ARCHITECTURES[a],
+            "hidden_size": int(get("embedding_length")),
+            "num_hidden_layers": int(get("block_count")),
+            "intermediate_size": int(get("feed_forward_length")),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+            "vocab_size": int(get("vocab_size", len(tokens) if tokens is not None else 0)),
+            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(get("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(get("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in tensors,
+            "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
+            "attention_bias": "blk.0.attn_q.bias" in tensors,
+        }
+        key_len = get("attention.key_length")
+        if key_len is not None and int(key_len) != d["hidden_size"] // n_heads:
+            d["head_dim"] = int(key_len)
+        return d
+
+    # --- tokenizer ------------------------------------------------------------------------------
     def _load_tokenizer(self) -> Tokenizer:
         from sparsedge.tokenizer import HFTokenizer, load_tokenizer
 
@@ -45,46 +101,66 @@ class GGUFSource(ModelSource):
         if self.tokenizer_path is not None:
             tok = load_tokenizer(self.tokenizer_path, name=cfg.name, extra_eos_ids=cfg.eos_token_ids)
         else:
-            tok = HFTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name, name=cfg.name,
-                                              extra_eos_ids=cfg.eos_token_ids)
+            tok = HFTokenizer(self._hf_tokenizer(), name=cfg.name, extra_eos_ids=cfg.eos_token_ids)
         cfg.eos_token_ids = merge_ids(cfg.eos_token_ids, tok.eos_token_ids)
         return tok
 
-    def _load_state_dict(self) -> dict[str, torch.Tensor]:
-        from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    def _hf_tokenizer(self):
+        """The transformers tokenizer the file describes, built the way transformers builds it from a GGUF
+        (its converter), from the vocabulary we already parsed (transformers' own GGUF parse takes seconds)."""
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as gm
 
-        t0 = time.perf_counter()
-        # a skeleton on the meta device gives transformers the GGUF -> parameter name map
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.hf_config)
-        try:
-            parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=skeleton,
-                                          torch_dtype=torch.float32)
-        except TypeError:  # older transformers: no torch_dtype argument
-            parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=skeleton)
-        del skeleton
-        sd = parsed["tensors"]
-        logger.debug("GGUF tensors of {} dequantized in {:.1f} s", self.path, time.perf_counter() - t0)
-        return sd
+        m = self.file.metadata
+        if "tokenizer.ggml.tokens" not in m:
+            raise ModelFormatError(f"{self.file.path} carries no tokenizer (tokenizer.ggml.tokens); pass tokenizer=")
+        plain = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in m.items()}
+        grouped = {group: {name: plain[f"tokenizer.{key}"] for key, name in renames.items()
+                           if f"tokenizer.{key}" in plain}
+                   for group, renames in gm.GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+        if tokenizer.get("tokenizer_type") == "llama":
+            tokenizer_config.setdefault("add_bos_token", True)
+        for name, key in gm._SPECIAL_TOKENS.items():
+            token_id = plain.get(f"tokenizer.ggml.{key}")
+            tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+        backend, extra = gm.convert_gguf_tokenizer(plain["general.architecture"], tokenizer)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
-    def _raw_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from sparsedge.loading.base import canonical_order
-
-        sd = self._load_state_dict()
+    # --- weights --------------------------------------------------------------------------------
+    def _canonical(self) -> dict[str, str]:
         names = {}
-        for hf_name in list(sd):
-            c = hf_to_canonical(hf_name)
-            if c is None:
-                del sd[hf_name]
-            else:
-                names[c] = hf_name
-        for c in canonical_order(names):
-            t = sd.pop(names[c])
-            if c == "lm_head" and self.config.tie_embeddings:
+        for gname in self.file.tensors:
+            if gname in _TOP:
+                names[_TOP[gname]] = gname
                 continue
-            yield c, t.float() if t.dtype != torch.float32 else t
-            del t
+            parts = gname.split(".", 2)
+            if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER:
+                names[f"layers.{parts[1]}.{_LAYER[parts[2]]}"] = gname
+            else:
+                raise ModelFormatError(f"{self.file.path}: tensor {gname!r} has no place in a {self.config.arch} "
+                                       f"decoder (an option the decoder does not implement)")
+        return names
+
+    def _raw_tensors(self) -> Iterator[tuple[str, torch.Tensor | QWeight]]:
+        cfg = self.config
+        names = self._canonical()
+        for c in canonical_order(names):
+            info = self.file.tensors[names[c]]
+            t = self.file.tensor(names[c])
+            if info.qtype not in ("f32", "f16", "bf16"):
+                t = QWeight(t, info.qtype, info.shape[-1])
+            key = c.rsplit(".", 1)[-1]
+            if key in ("wq", "wk", "bq", "bk"):
+                heads = cfg.n_heads if key in ("wq", "bq") else cfg.n_kv_heads
+                idx = unpermute_rows(info.shape[0], heads)
+                t = t.rows(idx) if isinstance(t, QWeight) else t[idx]
+            if c == "lm_head" and cfg.tie_embeddings:
+                continue
+            yield c, t
 
     def describe(self) -> str:
         return f"gguf:{self.path}"
+
+
+__all__ = ["GGUFSource", "GGUFError", "unpermute_rows"]

@@ -1,0 +1,431 @@
+// qlinear over GGUF block weights, executed in their own blocks (sdk/sparsedge/ops/quant.py,
+// layouts in sdk/sparsedge/quant/formats.py): y [T, N] = x [T, K] W^T, W given as raw block bytes [N, row_bytes].
+//
+// Arithmetic (llama.cpp's): x is rounded once per call to int8 per block of 32 (d = amax / 127,
+// q = round-half-even(x * 127 / amax), s = d * sum(q); quant.quantize_activations is the same rounding),
+// then every weight block is an exact integer dot product with the matching x block(s):
+//   q8_0   sum_32 w x                            (|w| and sign-transferred x: u8 x s8 products)
+//   q4_0   sum_32 q x, with the -8 offset folded into the block's x sum: d_w (d_x sum q x - 8 s_x)
+//   q4_1   sum_32 q x, the min term from the x sum:  d_w d_x sum q x + m_w s_x
+//   q4_k   per 32-sub-block as q4_1 with scale d sc_j and min dmin mn_j
+//   q6_k   per 16 elements (q - 32) x weighted by the int8 sub-scale in int16/int32 lanes, then d d_x
+// Integer sums use AVX2 maddubs/madd (u8 x s8 -> s16 pairs -> s32; no pair can saturate: |u| <= 128 and
+// |x| <= 127, or u <= 63) or, where the build has AVX-VNNI / AVX512-VNNI, vpdpbusd; the float part of each
+// block is one fma of the int32 lanes with d_w d_x into 8 fp32 accumulators. Without AVX2 a scalar path
+// does the same integer sums and the same per-block fp32 operations.
+// f32 / f16 / bf16 rows take fp32 dot products of the widened row with x (no rounding of x).
+//
+// Work split: T = 1 (decode): rows in tiles of kDecodeRows (independent accumulator chains), tiles split
+// evenly over threads (at::parallel_for, each thread one contiguous run of rows, >= kMinBytes of weights
+// per thread). T > 1: rows in chunks of kChunkRows, chunks split over threads; inside a chunk every pass of
+// up to 4 tokens x 2 rows walks the chunk's rows, which stay in L1, so weights come from memory once.
+#include <algorithm>
+#include <cctype>
+#include <cstring>
+#include <string>
+
+#include "simd.h"
+
+namespace sparsedge::cpu {
+namespace {
+
+constexpr int64_t QK = 32;
+constexpr int64_t kDecodeRows = 2;
+constexpr int64_t kChunkRows = 16;
+constexpr int64_t kMaxFloatTokens = 8;   // float formats: beyond this, at::linear on the widened weights
+constexpr int64_t kMinBytes = 16 * 1024; // weight bytes per thread below which fewer threads are used
+
+enum class QType { F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K };
+struct QInfo { const char* name; QType type; int64_t block, size; };
+constexpr QInfo kTypes[] = {
+    {"f32", QType::F32, 1, 4},      {"f16", QType::F16, 1, 2},      {"bf16", QType::BF16, 1, 2},
+    {"q8_0", QType::Q8_0, 32, 34},  {"q4_0", QType::Q4_0, 32, 18},  {"q4_1", QType::Q4_1, 32, 20},
+    {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210},
+};
+
+const QInfo& qinfo(const std::string& qtype) {
+  std::string names, low;
+  for (char c : qtype) low += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  for (const auto& t : kTypes) {
+    if (low == t.name) return t;
+    names += (names.empty() ? "" : ", ") + std::string(t.name);
+  }
+  TORCH_CHECK_VALUE(false, "unsupported quantization type '", qtype, "'; supported: ", names);
+  return kTypes[0];  // unreachable
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// ---- activations: int8 per block of 32 -------------------------------------------------------------
+struct QAct {
+  const int8_t* q;  // [T, K]
+  const float* d;   // [T, K / 32]
+  const float* s;   // [T, K / 32]  d * sum(q)
+  int64_t K, nb;
+};
+
+void quantize_block(const float* x, int8_t* q, float* d, float* s) {
+#ifdef SPARSEDGE_AVX2
+  const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+  const __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                           _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float amax = _mm_cvtss_f32(h);
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  auto cvt = [&](__m256 v) {
+    return _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, inv), kRound)), lo), hi);
+  };
+  const __m256i i0 = cvt(v0), i1 = cvt(v1), i2 = cvt(v2), i3 = cvt(v3);
+  __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *d = amax / 127.f;
+  *s = *d * static_cast<float>(_mm_cvtsi128_si32(s4));
+#else
+  float amax = 0.f;
+  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int sum = 0;
+  for (int i = 0; i < QK; ++i) {
+    const float r = std::nearbyint(x[i] * inv);
+    const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *d = amax / 127.f;
+  *s = *d * static_cast<float>(sum);
+#endif
+}
+
+// ---- integer dot products and accumulators -----------------------------------------------------------
+#ifdef SPARSEDGE_AVX2
+using Acc = __m256;
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(Acc a) { return hsum(a); }
+inline void acc_fma(Acc& a, __m256i i, float scale) {
+  a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(scale), a);
+}
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+// 8 int32 lanes summing u[i] * s[i] over 32 bytes (u unsigned, s signed)
+inline __m256i dot_us(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// signed w x signed x: |w| against x with w's sign
+inline __m256i dot_ss(__m256i w, __m256i x) { return dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
+inline __m256i nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+// 16 packed bytes -> 32 nibbles (low nibbles first), as unsigned bytes
+inline __m256i unpack16(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+#else
+using Acc = float;
+inline Acc acc_zero() { return 0.f; }
+inline float acc_sum(Acc a) { return a; }
+inline void acc_fma(Acc& a, int32_t i, float scale) { a = std::fma(static_cast<float>(i), scale, a); }
+template <typename W> inline int32_t dot32(const W* w, const int8_t* x) {
+  int32_t s = 0;
+  for (int i = 0; i < QK; ++i) s += static_cast<int32_t>(w[i]) * x[i];
+  return s;
+}
+inline void unpack16(const uint8_t* p, uint8_t* q) {
+  for (int i = 0; i < 16; ++i) { q[i] = p[i] & 0x0F; q[i + 16] = p[i] >> 4; }
+}
+#endif
+
+// ---- one weight unit (a block, or a super-block) against C tokens ----------------------------------------
+// xq[c] / xd[c] / xs[c] point at the token's first x block of this unit; acc[c] += the block products,
+// ms[c] += the scalar (offset / min) terms.
+struct Q8_0 {
+  static constexpr int64_t kBlock = 32, kBytes = 34;
+  template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
+                                           const float* const*, Acc* acc, float*) {
+    const float dw = f16(b);
+#ifdef SPARSEDGE_AVX2
+    const __m256i w = load32(b + 2);
+    const __m256i aw = _mm256_sign_epi8(w, w);
+    for (int c = 0; c < C; ++c)
+      acc_fma(acc[c], dot_us(aw, _mm256_sign_epi8(load32(xq[c]), w)), dw * xd[c][0]);
+#else
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot32(reinterpret_cast<const int8_t*>(b + 2), xq[c]), dw * xd[c][0]);
+#endif
+  }
+};
+
+struct Q4_0 {
+  static constexpr int64_t kBlock = 32, kBytes = 18;
+  template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
+                                           const float* const* xs, Acc* acc, float* ms) {
+    const float dw = f16(b);
+#ifdef SPARSEDGE_AVX2
+    const __m256i q = unpack16(b + 2);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot_us(q, load32(xq[c])), dw * xd[c][0]);
+#else
+    uint8_t q[32];
+    unpack16(b + 2, q);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot32(q, xq[c]), dw * xd[c][0]);
+#endif
+    for (int c = 0; c < C; ++c) ms[c] = std::fma(-8.f * dw, xs[c][0], ms[c]);
+  }
+};
+
+struct Q4_1 {
+  static constexpr int64_t kBlock = 32, kBytes = 20;
+  template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
+                                           const float* const* xs, Acc* acc, float* ms) {
+    const float dw = f16(b), mw = f16(b + 2);
+#ifdef SPARSEDGE_AVX2
+    const __m256i q = unpack16(b + 4);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot_us(q, load32(xq[c])), dw * xd[c][0]);
+#else
+    uint8_t q[32];
+    unpack16(b + 4, q);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot32(q, xq[c]), dw * xd[c][0]);
+#endif
+    for (int c = 0; c < C; ++c) ms[c] = std::fma(mw, xs[c][0], ms[c]);
+  }
+};
+
+struct Q4_K {
+  static constexpr int64_t kBlock = 256, kBytes = 144;
+  template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
+                                           const float* const* xs, Acc* acc, float* ms) {
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* s = b + 4;
+    const uint8_t* qs = b + 16;
+    float sc[8], mn[8];
+    for (int j = 0; j < 4; ++j) {
+      sc[j] = d * static_cast<float>(s[j] & 63);
+      mn[j] = dmin * static_cast<float>(s[j + 4] & 63);
+      sc[j + 4] = d * static_cast<float>((s[j + 8] & 0x0F) | ((s[j] >> 6) << 4));
+      mn[j + 4] = dmin * static_cast<float>((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+    for (int j = 0; j < 4; ++j) {
+#ifdef SPARSEDGE_AVX2
+      const __m256i v = load32(qs + 32 * j);
+      const __m256i lo = nib_lo(v), hi = nib_hi(v);
+      for (int c = 0; c < C; ++c) {
+        acc_fma(acc[c], dot_us(lo, load32(xq[c] + 64 * j)), sc[2 * j] * xd[c][2 * j]);
+        acc_fma(acc[c], dot_us(hi, load32(xq[c] + 64 * j + 32)), sc[2 * j + 1] * xd[c][2 * j + 1]);
+      }
+#else
+      uint8_t lo[32], hi[32];
+      for (int i = 0; i < 32; ++i) { lo[i] = qs[32 * j + i] & 0x0F; hi[i] = qs[32 * j + i] >> 4; }
+      for (int c = 0; c < C; ++c) {
+        acc_fma(acc[c], dot32(lo, xq[c] + 64 * j), sc[2 * j] * xd[c][2 * j]);
+        acc_fma(acc[c], dot32(hi, xq[c] + 64 * j + 32), sc[2 * j + 1] * xd[c][2 * j + 1]);
+      }
+#endif
+    }
+    for (int c = 0; c < C; ++c) {
+      float m = 0.f;
+      for (int j = 0; j < 8; ++j) m = std::fma(mn[j], xs[c][j], m);
+      ms[c] -= m;
+    }
+  }
+};
+
+struct Q6_K {
+  static constexpr int64_t kBlock = 256, kBytes = 210;
+  template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
+                                           const float* const*, Acc* acc, float*) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    for (int h = 0; h < 2; ++h) {
+#ifdef SPARSEDGE_AVX2
+      const __m256i L0 = load32(ql + 64 * h), L1 = load32(ql + 64 * h + 32), H = load32(qh + 32 * h);
+      const __m256i m30 = _mm256_set1_epi8(0x30), m32 = _mm256_set1_epi8(32);
+      __m256i q[4] = {
+          _mm256_or_si256(nib_lo(L0), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30)),
+          _mm256_or_si256(nib_lo(L1), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30)),
+          _mm256_or_si256(nib_hi(L0), _mm256_and_si256(H, m30)),
+          _mm256_or_si256(nib_hi(L1), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30)),
+      };
+      for (int k = 0; k < 4; ++k) {
+        const int g = 4 * h + k;  // 32-element sub-block of the super-block
+        const __m256i w = _mm256_sub_epi8(q[k], m32);
+        const __m256i aw = _mm256_sign_epi8(w, w);
+        const __m256i S = _mm256_set_m128i(_mm_set1_epi16(sc[2 * g + 1]), _mm_set1_epi16(sc[2 * g]));
+        for (int c = 0; c < C; ++c) {
+          const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(xq[c] + 32 * g), w));
+          acc_fma(acc[c], _mm256_madd_epi16(p, S), d * xd[c][g]);
+        }
+      }
+#else
+      for (int k = 0; k < 4; ++k) {
+        const int g = 4 * h + k;
+        int8_t w[32];
+        for (int i = 0; i < 32; ++i) {
+          const int r = 32 * k + i;  // element of this half
+          const int lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
+          const int hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+          w[i] = static_cast<int8_t>((lo | (hi << 4)) - 32);
+        }
+        for (int c = 0; c < C; ++c) {
+          int32_t a = 0, bsum = 0;
+          for (int i = 0; i < 16; ++i) a += w[i] * xq[c][32 * g + i];
+          for (int i = 16; i < 32; ++i) bsum += w[i] * xq[c][32 * g + i];
+          acc_fma(acc[c], a * sc[2 * g] + bsum * sc[2 * g + 1], d * xd[c][g]);
+        }
+      }
+#endif
+    }
+  }
+};
+
+// R rows x C tokens: y[t0 + c, n0 + r] for rows n0.. of w, tokens t0..
+template <class F, int R, int C>
+void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N) {
+  constexpr int64_t xb = F::kBlock / QK;  // x blocks per weight unit
+  const int64_t units = X.K / F::kBlock;
+  Acc acc[R][C];
+  float ms[R][C];
+  const int8_t* xq[C];
+  const float* xd[C];
+  const float* xs[C];
+  for (int c = 0; c < C; ++c) {
+    xq[c] = X.q + (t0 + c) * X.K;
+    xd[c] = X.d + (t0 + c) * X.nb;
+    xs[c] = X.s + (t0 + c) * X.nb;
+    for (int r = 0; r < R; ++r) { acc[r][c] = acc_zero(); ms[r][c] = 0.f; }
+  }
+  const uint8_t* rows = w + n0 * row_bytes;
+  for (int64_t u = 0; u < units; ++u) {
+    for (int r = 0; r < R; ++r) F::template unit<C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r], ms[r]);
+    for (int c = 0; c < C; ++c) { xq[c] += F::kBlock; xd[c] += xb; xs[c] += xb; }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[(t0 + c) * N + n0 + r] = acc_sum(acc[r][c]) + ms[r][c];
+}
+
+template <class F, int R>
+void tile_c(int64_t C, const uint8_t* w, int64_t rb, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N) {
+  switch (C) {
+    case 1: return tile<F, R, 1>(w, rb, X, n0, t0, y, N);
+    case 2: return tile<F, R, 2>(w, rb, X, n0, t0, y, N);
+    case 3: return tile<F, R, 3>(w, rb, X, n0, t0, y, N);
+    default: return tile<F, R, 4>(w, rb, X, n0, t0, y, N);
+  }
+}
+
+int64_t grain_for(int64_t unit_bytes) { return std::max<int64_t>(1, kMinBytes / std::max<int64_t>(unit_bytes, 1)); }
+
+template <class F>
+void run_quant(const uint8_t* w, int64_t N, int64_t rb, const QAct& X, int64_t T, float* y) {
+  if (T == 1) {
+    const int64_t tiles = (N + kDecodeRows - 1) / kDecodeRows;
+    at::parallel_for(0, tiles, grain_for(kDecodeRows * rb), [&](int64_t a, int64_t b) {
+      const int64_t n1 = std::min(N, b * kDecodeRows);
+      int64_t n = a * kDecodeRows;
+      for (; n + kDecodeRows <= n1; n += kDecodeRows) tile<F, kDecodeRows, 1>(w, rb, X, n, 0, y, N);
+      for (; n < n1; ++n) tile<F, 1, 1>(w, rb, X, n, 0, y, N);
+    });
+    return;
+  }
+  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t a, int64_t b) {
+    for (int64_t ch = a; ch < b; ++ch) {
+      const int64_t r0 = ch * kChunkRows, r1 = std::min(N, r0 + kChunkRows);
+      for (int64_t t = 0; t < T; t += 4) {
+        const int64_t C = std::min<int64_t>(4, T - t);
+        int64_t n = r0;
+        for (; n + 2 <= r1; n += 2) tile_c<F, 2>(C, w, rb, X, n, t, y, N);
+        if (n < r1) tile_c<F, 1>(C, w, rb, X, n, t, y, N);
+      }
+    }
+  });
+}
+
+template <typename W>
+void run_float(const uint8_t* wb, int64_t N, int64_t K, const float* x, int64_t T, float* y) {
+  const W* w = reinterpret_cast<const W*>(wb);
+  at::parallel_for(0, N, grain_for(K * static_cast<int64_t>(sizeof(W))), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t t = 0; t < T; ++t) y[t * N + n] = dot(w + n * K, x + t * K, K);
+  });
+}
+
+at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_view qtype_sv, int64_t K) {
+  const QInfo& qt = qinfo(std::string(qtype_sv));
+  TORCH_CHECK_VALUE(K > 0 && K % qt.block == 0, qt.name, ": the row length K=", K,
+                    " must be a positive multiple of its block size ", qt.block);
+  const int64_t rb = K / qt.block * qt.size;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == rb, "qlinear: w must be uint8 [N, ",
+                    rb, "] (", qt.name, " rows of K=", K, "), got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K && at::isFloatingType(x.scalar_type()),
+                    "qlinear: x must be a float tensor [..., ", K, "], got ", x.scalar_type(), " ", x.sizes());
+  const int64_t N = w.size(0), T = x.numel() / K;
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto wc = w.contiguous();
+  auto xf = x.reshape({T, K}).to(at::kFloat).contiguous();
+  auto y = at::empty({T, N}, x.options().dtype(at::kFloat));
+  if (T == 0 || N == 0) return y.to(x.scalar_type()).reshape(sizes);
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  if (qt.block == 1) {
+    if (T > kMaxFloatTokens) {
+      const auto dt = qt.type == QType::F32 ? at::kFloat : qt.type == QType::F16 ? at::kHalf : at::kBFloat16;
+      return at::linear(xf, wc.view(dt).to(at::kFloat)).to(x.scalar_type()).reshape(sizes);
+    }
+    const float* xp = xf.data_ptr<float>();
+    if (qt.type == QType::F32) run_float<float>(wp, N, K, xp, T, yp);
+    else if (qt.type == QType::F16) run_float<c10::Half>(wp, N, K, xp, T, yp);
+    else run_float<c10::BFloat16>(wp, N, K, xp, T, yp);
+    return y.to(x.scalar_type()).reshape(sizes);
+  }
+  const int64_t nb = K / QK;
+  auto q = at::empty({T, K}, x.options().dtype(at::kChar));
+  auto ds = at::empty({2, T, nb}, x.options().dtype(at::kFloat));
+  QAct X{q.data_ptr<int8_t>(), ds.data_ptr<float>(), ds.data_ptr<float>() + T * nb, K, nb};
+  {
+    const float* xp = xf.data_ptr<float>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* dp = ds.data_ptr<float>();
+    float* sp = dp + T * nb;
+    at::parallel_for(0, T * nb, 2048, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) quantize_block(xp + i * QK, qp + i * QK, dp + i, sp + i);
+    });
+  }
+  switch (qt.type) {
+    case QType::Q8_0: run_quant<Q8_0>(wp, N, rb, X, T, yp); break;
+    case QType::Q4_0: run_quant<Q4_0>(wp, N, rb, X, T, yp); break;
+    case QType::Q4_1: run_quant<Q4_1>(wp, N, rb, X, T, yp); break;
+    case QType::Q4_K: run_quant<Q4_K>(wp, N, rb, X, T, yp); break;
+    default: run_quant<Q6_K>(wp, N, rb, X, T, yp); break;
+  }
+  return y.to(x.scalar_type()).reshape(sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsedge, CPU, m) { m.impl("qlinear", &qlinear_impl); }
+
+}  // namespace sparsedge::cpu

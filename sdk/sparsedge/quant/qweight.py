@@ -1,0 +1,98 @@
+"""QWeight: a weight matrix [N, K] kept in its quantized blocks (a GGUF file's bytes, or quantized at load).
+
+The decoder holds either a float tensor or a QWeight wherever a projection lives; `sparsedge.model.linear`
+sends the first to `sparsedge::linear` and the second to `sparsedge::qlinear`. Rows are independent in
+every block format, so row gathers, row permutations and concatenations of equal formats are exact byte
+operations (no requantization).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsedge.quant import formats as qf
+
+
+@dataclass
+class QWeight:
+    data: torch.Tensor  # uint8 [N, row_bytes]
+    qtype: str
+    K: int
+
+    def __post_init__(self):
+        fmt = qf.get_format(self.qtype)
+        rb = fmt.row_bytes(self.K)
+        if self.data.dtype != torch.uint8 or self.data.dim() != 2 or self.data.shape[1] != rb:
+            raise ValueError(f"{self.qtype} weight with rows of K={self.K} needs uint8 [N, {rb}] bytes, got "
+                             f"{self.data.dtype} {list(self.data.shape)}")
+        self.qtype = fmt.name
+
+    @property
+    def N(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.N, self.K)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in against this weight."""
+        return torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def numel(self) -> int:
+        return self.N * self.K
+
+    def rows(self, index) -> "QWeight":
+        return QWeight(self.data[index].contiguous(), self.qtype, self.K)
+
+    def dequantize(self) -> torch.Tensor:
+        return qf.dequantize(self.data, self.qtype, self.K)
+
+    def to(self, device=None) -> "QWeight":
+        return QWeight(self.data.to(device).contiguous(), self.qtype, self.K)
+
+    @staticmethod
+    def quantize(w: torch.Tensor, qtype: str) -> "QWeight":
+        return QWeight(qf.quantize(w.float().contiguous(), qtype), qtype, w.shape[1])
+
+    @staticmethod
+    def cat(parts: list) -> "QWeight | None":
+        """The row concatenation of QWeights of one format and K, or None when they differ."""
+        if not parts or any(not isinstance(p, QWeight) for p in parts):
+            return None
+        if len({(p.qtype, p.K) for p in parts}) != 1:
+            return None
+        return QWeight(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
+
+    def __repr__(self) -> str:
+        return f"QWeight({self.qtype}, [{self.N}, {self.K}], {self.nbytes} bytes)"
+
+
+def nbytes(w) -> int:
+    """Bytes of a weight as stored: a QWeight, a float tensor, or a tuple of them."""
+    if w is None:
+        return 0
+    if isinstance(w, (tuple, list)):
+        return sum(nbytes(p) for p in w)
+    if isinstance(w, QWeight):
+        return w.nbytes
+    return w.numel() * w.element_size()
+
+
+def dequantized(w) -> torch.Tensor:
+    """fp32 values of a weight (a QWeight, a float tensor, or a tuple of them concatenated by rows)."""
+    if isinstance(w, (tuple, list)):
+        return torch.cat([dequantized(p) for p in w])
+    if isinstance(w, QWeight):
+        return w.dequantize()
+    return w
