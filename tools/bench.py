@@ -14,7 +14,8 @@ import sys
 import torch
 from loguru import logger
 
-SUBCOMMANDS = {"decode": "sparsedge.bench.decode", "ffn": "sparsedge.bench.ffn", "attn": "sparsedge.bench.attn"}
+SUBCOMMANDS = {"decode": "sparsedge.bench.decode", "ffn": "sparsedge.bench.ffn", "attn": "sparsedge.bench.attn",
+               "vs-llamacpp": "sparsedge.bench.llamacpp"}
 
 
 def main(argv=None) -> int:

@@ -19,10 +19,11 @@ def cmd_generate(args) -> int:
     from sparsedge.session import Session
 
     delta = delta_from_cli(args.delta, args.window, args.sinks)
-    session = Session.load(args.model, backend=args.backend, dtype=args.dtype, predictors=args.predictors,
+    session = Session.load(args.model, backend=args.backend, dtype=args.dtype, weights=args.weights,
+                           predictors=args.predictors,
                            delta=delta, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop=args.stop or None)
+              top_p=args.top_p, seed=args.seed, stop=args.stop or None, ignore_eos=args.ignore_eos)
     if args.json:
         r = session.generate(args.prompt, **kw)
         print(json.dumps({"text": r.text, "token_ids": r.token_ids, "stats": r.stats.to_dict()}))
@@ -93,8 +94,11 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--backend", default="auto")
-    g.add_argument("--dtype", default=None)
+    g.add_argument("--dtype", default=None, help="dequantize the weights to this dtype (default: a quantized GGUF "
+                                                 "runs in its own blocks)")
+    g.add_argument("--weights", default=None, help="native (as stored), or q8_0/q4_0/q4_1 to quantize on load")
     g.add_argument("--tokenizer", default=None, help="tokenizer file for llama2.c checkpoints")
     g.add_argument("--max-seq-len", type=int, default=None)
     g.add_argument("--predictors", default=None, help="FFN predictor artifact folder (tools/calibrate.py)")

@@ -156,11 +156,13 @@ class Session:
     # --- public API -------------------------------------------------------------------------
     def generate(self, prompt_or_ids: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False):
+                 stop: str | Sequence[str] | None = None, stream: bool = False, ignore_eos: bool = False):
         """Generate from a fresh context. Returns a GenerationResult, or with stream=True an iterator of
-        text pieces (the full result is then in `session.last_result` once the iterator is exhausted)."""
+        text pieces (the full result is then in `session.last_result` once the iterator is exhausted).
+        ignore_eos=True keeps generating past end-of-sequence tokens (benchmarks, as llama.cpp's --ignore-eos)."""
         ids = self._prompt_ids(prompt_or_ids)
-        it = self._run(ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop, reuse=False)
+        it = self._run(ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop, reuse=False,
+                       ignore_eos=ignore_eos)
         return it if stream else self._drain(it)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, stream: bool = False, **sampling):
@@ -170,7 +172,8 @@ class Session:
             raise ValueError(f"model {self.config.name!r} has no chat template; use generate() with a plain prompt")
         ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         stop = sampling.pop("stop", None)
-        it = self._run(ids, max_new_tokens, SamplingParams(**sampling), stop, reuse=True)
+        ignore_eos = sampling.pop("ignore_eos", False)
+        it = self._run(ids, max_new_tokens, SamplingParams(**sampling), stop, reuse=True, ignore_eos=ignore_eos)
         return it if stream else self._drain(it)
 
     # --- internals --------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class Session:
             pass
         return it.result  # type: ignore[attr-defined]
 
-    def _run(self, ids, max_new_tokens, params, stop, reuse):
+    def _run(self, ids, max_new_tokens, params, stop, reuse, ignore_eos=False):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -202,7 +205,7 @@ class Session:
             raise ValueError(f"prompt is {len(ids)} tokens but the context holds {self.max_seq_len} "
                              f"(prompt + at least one new token); shorten the prompt or load the session "
                              f"with a larger max_seq_len (the model supports {self.config.max_seq_len})")
-        return _Generation(self, ids, max_new_tokens, params, stops, reuse)
+        return _Generation(self, ids, max_new_tokens, params, stops, reuse, ignore_eos)
 
     def _prepare_cache(self, ids: list[int], reuse: bool) -> int:
         """Make the cache hold a prefix of `ids`; return how many tokens of it are already there."""
@@ -225,9 +228,10 @@ class Session:
 class _Generation:
     """Iterator over text pieces of one generation; `.result` is set when it finishes."""
 
-    def __init__(self, session: Session, ids, max_new_tokens, params, stops, reuse):
+    def __init__(self, session: Session, ids, max_new_tokens, params, stops, reuse, ignore_eos=False):
         self.s, self.ids, self.max_new, self.params, self.stops, self.reuse = (
             session, ids, max_new_tokens, params, stops, reuse)
+        self.ignore_eos = bool(ignore_eos)
         self.result: GenerationResult | None = None
         self._gen = self._steps()
 
@@ -240,7 +244,7 @@ class _Generation:
     def _steps(self) -> Iterator[str]:
         s, model = self.s, self.s.model
         tok = s.tokenizer
-        eos = set(tok.eos_token_ids or []) | set(s.config.eos_token_ids or [])
+        eos = set() if self.ignore_eos else set(tok.eos_token_ids or []) | set(s.config.eos_token_ids or [])
         sampler = Sampler(self.params, device="cpu")
         with torch.inference_mode():
             keep = s._prepare_cache(self.ids, self.reuse)

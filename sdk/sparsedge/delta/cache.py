@@ -26,6 +26,15 @@ next sub-chunk needs, never beyond the dense worst case Tmax * D), with a logged
 long context with denser deltas than expected costs a reallocation + copy, never corruption; the op's own
 bounds check raises if this policy is ever bypassed.
 
+No host read of device tensors on the decode path (on CUDA / NPU every one is a device sync): the cache
+keeps a host-side upper bound of the entries in use per head (each encoded token adds at most D), and reads
+the true count (offsets[:, encoded], one sync) only when that bound says the next encode could overflow,
+i.e. about once every (capacity - used) / D tokens; growth decisions are then the same as with exact counts.
+The statistics are host-side records (plain ints: which query positions and encoded ranges happened since
+the last reset) folded against `offsets` when read (`stats()`), and before anything rewrites offsets
+(`truncate`); `k_bytes()` reads offsets when called. A prefill (T > 1) reads counts only when its chunk might
+not fit.
+
 Statistics (`stats()`, summed by the Session over layers; `attn_sparsity = zero / scored`):
   scored_delta_entries  sum over the queries of every attend call, of H * D * (number of keys that query
                         scores through deltas, i.e. keys j with S <= j <= p - W for the query at p)
@@ -44,7 +53,6 @@ of the sequential sum). Otherwise it returns False and the Session re-prefills.
 from __future__ import annotations
 
 import math
-from array import array
 
 import torch
 from loguru import logger
@@ -52,6 +60,7 @@ from loguru import logger
 ops = torch.ops.sparsedge
 
 MIN_DENSE_TOKENS = 16  # grow when fewer dense tokens than this (or than remain) fit in the free space
+MAX_PENDING_RUNS = 256  # fold the statistics records (one device read) when this many runs pile up
 
 
 class DeltaLayerCache:
@@ -86,13 +95,11 @@ class DeltaLayerCache:
         self.sink_k = torch.zeros(H, self.n_sink, D, dtype=dtype, **kw)
         self.window_k = torch.zeros(H, self.window, D, dtype=dtype, **kw)
         self.v_cache = torch.zeros(H, Tmax, D, dtype=dtype, **kw)
+        self._ring: list = [None] * self.window  # slot -> window_k[:, slot] as [1, H, D] (made on first use)
         self.length = 0
         self.encoded = 0  # positions 0..encoded-1 are delta-encoded (deferred encoding, see above)
-        self._used = [0] * H  # packed entries in use per head (host copy of offsets[:, encoded])
-        # entries over all heads before position i (encoded positions only): a compact host array for the
-        # per-step scalar reads (a tensor element read costs ~1 us), with a zero-copy tensor view for prefill
-        self._tot = array("q", bytes(8 * (Tmax + 1)))
-        self._tot_t = torch.frombuffer(self._tot, dtype=torch.int64)
+        # host-side upper bound of max_h offsets[h, encoded] (the packed entries in use), exact after a read
+        self._used_bound = 0
         self.grow_events = 0
         self.reset_stats()
 
@@ -105,15 +112,16 @@ class DeltaLayerCache:
         return self.values.shape[1]
 
     # --- capacity ---------------------------------------------------------------------------
-    def _grow(self, need: int) -> None:
-        """Grow the packed buffer of every head to hold at least `need` entries."""
+    def _grow(self, need: int, used: int, pos: int) -> None:
+        """Grow the packed buffer of every head to hold at least `need` entries (`used` of them are in use by
+        the `pos` encoded positions)."""
         old = self.capacity
         step = max(1, math.ceil(self.growth * self.Tmax * self.D))
         new = min(self._round(max(need, old + step)), self.Tmax * self.D)
         if new < need:  # cannot happen: need <= Tmax * D by construction
             raise RuntimeError(f"delta buffer of layer {self.layer} cannot hold {need} entries")
         logger.info(f"delta buffer of layer {self.layer} grows from {old} to {new} entries per head "
-                    f"({self.length} tokens cached, density so far {self._used_max() / max(1, self.length * self.D):.2f})")
+                    f"({self.length} tokens cached, density so far {used / max(1, pos * self.D):.2f})")
         values = torch.zeros(self.H, new, dtype=self.dtype, device=self.device)
         chan = torch.zeros(self.H, new, dtype=torch.uint8, device=self.device)
         values[:, :old] = self.values
@@ -121,35 +129,33 @@ class DeltaLayerCache:
         self.values, self.chan = values, chan
         self.grow_events += 1
 
-    def _used_max(self) -> int:
-        return int(self.offsets[:, self.length].max()) if self.length else 0
-
     def _encode(self, k: torch.Tensor, start: int) -> None:
-        """Encode k [T, H, D] at positions start.. in sub-chunks that cannot overflow (growing as needed);
-        keeps the host-side per-position totals used by the statistics."""
+        """Encode k [T, H, D] at positions start.. (start == encoded) in sub-chunks that cannot overflow,
+        growing as needed. No device read while the host-side bound says even dense deltas fit."""
         T, D = k.shape[0], self.D
+        if self._used_bound + T * D <= self.capacity:
+            ops.delta_encode(k, self.ref, self.theta, self.values, self.chan, self.offsets, start)
+            self._used_bound += T * D
+            return
         i = 0
-        used = max(self._used)
         while i < T:
+            used = int(self.offsets[:, start + i].max())  # exact entries in use (one device read)
             remaining = T - i
             fit = (self.capacity - used) // D
             if fit < min(remaining, MIN_DENSE_TOKENS):
-                self._grow(used + min(remaining, MIN_DENSE_TOKENS) * D)
+                self._grow(used + min(remaining, MIN_DENSE_TOKENS) * D, used, start + i)
                 fit = (self.capacity - used) // D
             c = min(remaining, fit)
-            nnz = ops.delta_encode(k[i:i + c], self.ref, self.theta, self.values, self.chan, self.offsets,
-                                   start + i)
+            ops.delta_encode(k[i:i + c], self.ref, self.theta, self.values, self.chan, self.offsets, start + i)
             i += c
-            if c == 1:
-                nl = nnz.tolist()
-                self._used = [u + x for u, x in zip(self._used, nl)]
-                self._tot[start + i] = self._tot[start + i - 1] + sum(nl)
-            else:
-                blk = self.offsets[:, start + i - c: start + i + 1].to("cpu", torch.int64)
-                self._used = blk[:, -1].tolist()
-                self._tot_t[start + i - c + 1: start + i + 1] = (self._tot[start + i - c]
-                                                                 + (blk[:, 1:] - blk[:, :1]).sum(0))
-            used = max(self._used)
+            self._used_bound = used + c * D
+
+    def _ring_slot(self, slot: int) -> torch.Tensor:
+        """window_k[:, slot] as a [1, H, D] view (cached: the decode step reads and writes one slot)."""
+        r = self._ring[slot]
+        if r is None:
+            r = self._ring[slot] = self.window_k[:, slot].unsqueeze(0)
+        return r
 
     def _encode_upto(self, target: int, k: torch.Tensor, start: int) -> None:
         """Encode positions encoded..target-1: those before `start` from the ring (they are still there:
@@ -164,7 +170,7 @@ class DeltaLayerCache:
                                    f"nor in the window ring")
             hi = min(start, target)
             if hi - e0 == 1:  # the decode step: one key leaves the window
-                ring = self.window_k[:, e0 % W].unsqueeze(0)
+                ring = self._ring_slot(e0 % W)
             else:
                 ring = self.window_k[:, torch.arange(e0, hi, device=self.device) % W].transpose(0, 1)
             self._encode(ring, e0)
@@ -178,7 +184,7 @@ class DeltaLayerCache:
         """Positions encoded..n-1 get empty delta ranges, so every kernel (and k_bytes) sees consistent offsets."""
         e = self.encoded
         if n > e:
-            self.offsets[:, e + 1: n + 1] = self.offsets[:, e: e + 1]
+            self.offsets.narrow(1, e + 1, n - e).copy_(self.offsets.narrow(1, e, 1))
 
     # --- the layer-cache protocol -------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -195,11 +201,40 @@ class DeltaLayerCache:
                 raise ValueError(f"delta cache holds {self.length} tokens; cannot attend from position {start} "
                                  f"(keys are delta-encoded in order)")
         e0 = self.encoded
+        if T == 1 and start >= self.n_sink and e0 == start - self.window:
+            return self._step(q, k, v, start)
         self._write(k, v, start)
         out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
                                   self.window_k, start, self.n_sink, self.window, self.scale)
         self._commit(k, start)
         self._count(start, T, e0)
+        return out
+
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
+        """The decode step past the sinks: the key at e = p - W leaves the ring and is encoded (W = 0: the new
+        key itself). What _write, the kernel, _commit and _count do for T = 1, with less Python per token."""
+        W = self.window
+        e = p - W
+        self.v_cache.select(1, p).copy_(v[0])
+        if W:
+            slot = self._ring_slot(p % W)  # position e's ring slot, which p's key then takes
+            self._encode(slot, e)
+            self.encoded = e + 1
+            self.offsets.narrow(1, e + 2, W).copy_(self.offsets.narrow(1, e + 1, 1))  # p - W + 1..p: empty
+        else:
+            self._encode(k, p)
+            self.encoded = p + 1
+        out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
+                                  self.window_k, p, self.n_sink, W, self.scale)
+        if W:
+            slot.copy_(k)
+        self.length = p + 1
+        HD = self.H * self.D
+        self._enc_entries += HD
+        self._add_run(self._enc_runs, e, e + 1)
+        if e >= self.n_sink:
+            self._scored_entries += (e - self.n_sink + 1) * HD
+            self._add_run(self._query_runs, e + 1, e + 2)
         return out
 
     def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -213,8 +248,12 @@ class DeltaLayerCache:
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Before the kernel: dense V, the keys that leave the window encoded, the sink keys."""
-        n = start + k.shape[0]
-        self.v_cache[:, start:n] = v.transpose(0, 1)
+        T = k.shape[0]
+        n = start + T
+        if T == 1:
+            self.v_cache.select(1, start).copy_(v[0])
+        else:
+            self.v_cache[:, start:n] = v.transpose(0, 1)
         self._encode_upto(n if self.window == 0 else max(self.encoded, n - self.window), k, start)
         self._mark_unencoded(n)
         if start < self.n_sink:
@@ -226,61 +265,103 @@ class DeltaLayerCache:
         T, W = k.shape[0], self.window
         n = start + T
         if W > 0 and T == 1:
-            self.window_k[:, start % W] = k[0]
+            self._ring_slot(start % W).copy_(k)
         elif W > 0:
             lo = max(start, n - W)
             slots = torch.arange(lo, n, device=self.device) % W
             self.window_k[:, slots] = k[lo - start:].transpose(0, 1).to(self.dtype)
         self.length = n
 
+    # --- statistics: host-side records, folded against offsets when read ----------------------
     def _count(self, start: int, T: int, e0: int) -> None:
-        """Accumulate the statistics defined in the module docstring for queries start..start+T-1 (keys
-        e0..encoded-1 were encoded by this call)."""
-        S, W, HD = self.n_sink, self.window, self.H * self.D
-        n = start + T
-        tot = self._tot
-        st = self.stats_
-        n_enc = self.encoded - e0
-        st["encoded_delta_entries"] += HD * n_enc
-        st["encoded_zero_entries"] += HD * n_enc - int(tot[self.encoded] - tot[e0])
-        if T == 1:
-            hi = start - W
-            if hi >= S:
-                scored = (hi - S + 1) * HD
-                st["scored_delta_entries"] += scored
-                st["zero_delta_entries"] += scored - int(tot[hi + 1] - tot[S])
-            return
-        hi = torch.arange(start, n) - W  # last delta-scored key of each query
-        hi = hi[hi >= S]
-        if hi.numel():
-            scored = int((hi - S + 1).sum()) * HD
-            st["scored_delta_entries"] += scored
-            st["zero_delta_entries"] += scored - int((self._tot_t[hi + 1] - tot[S]).sum())
+        """Record the statistics defined in the module docstring for queries start..start+T-1 (keys
+        e0..encoded-1 were encoded by this call): entry counts are plain arithmetic; the nonzero counts
+        they need are sums of tot[i] = offsets[:, i].sum() (entries over all heads before position i), kept
+        as runs of positions and folded by `_fold` (no device read here)."""
+        HD = self.H * self.D
+        e1 = self.encoded
+        if e1 > e0:  # nonzeros of keys e0..e1-1: tot[e1] - tot[e0]
+            self._enc_entries += HD * (e1 - e0)
+            self._add_run(self._enc_runs, e0, e1)
+        S, W = self.n_sink, self.window
+        lo, hi = max(start, S + W), start + T - 1  # queries p scoring keys S..p-W (>= 1 of them) by delta
+        if lo <= hi:  # nonzeros for the query at p: tot[p - W + 1] - tot[S]
+            nq = hi - lo + 1
+            self._scored_entries += HD * (nq * (lo - W - S + 1) + nq * (nq - 1) // 2)
+            self._add_run(self._query_runs, lo - W + 1, hi - W + 2)
 
+    def _add_run(self, runs: list, a: int, b: int) -> None:
+        if runs and runs[-1][1] == a:  # consecutive calls extend one run (only fill() and truncate break it)
+            runs[-1][1] = b
+            return
+        runs.append([a, b])
+        if len(runs) > MAX_PENDING_RUNS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the pending runs into the nonzero counts: one gather over the prefix sums of tot, one read."""
+        qr, er = self._query_runs, self._enc_runs
+        if not qr and not er:
+            return
+        S = self.n_sink
+        # c[i] = sum_{j < i} tot[j]; tot[i] = c[i + 1] - c[i]
+        idx, w = [], []
+        for a, b in qr:  # sum_{i in [a, b)} (tot[i] - tot[S])
+            idx += (b, a, S + 1, S)
+            w += ((1, 0), (-1, 0), (a - b, 0), (b - a, 0))
+        for a, b in er:  # tot[b] - tot[a]
+            idx += (b + 1, b, a + 1, a)
+            w += ((0, 1), (0, -1), (0, -1), (0, 1))
+        m = max(idx)
+        tot = self.offsets[:, :m].sum(0, dtype=torch.int64)
+        c = torch.cat([tot.new_zeros(1), tot.cumsum(0)])
+        got = c[torch.tensor(idx, device=self.device)]
+        nnz_q, nnz_e = (got[:, None] * torch.tensor(w, dtype=torch.int64, device=self.device)).sum(0).tolist()
+        self._query_nnz += nnz_q
+        self._enc_nnz += nnz_e
+        qr.clear()
+        er.clear()
+
+    def stats(self) -> dict:
+        self._fold()
+        return {"scored_delta_entries": self._scored_entries,
+                "zero_delta_entries": self._scored_entries - self._query_nnz,
+                "encoded_delta_entries": self._enc_entries,
+                "encoded_zero_entries": self._enc_entries - self._enc_nnz}
+
+    def reset_stats(self) -> None:
+        self._scored_entries = self._query_nnz = 0  # entries scored by delta; the nonzero (stored) ones
+        self._enc_entries = self._enc_nnz = 0  # entries of encoded keys; the nonzero ones
+        self._query_runs: list = []  # [a, b): one query scored through deltas per tot index in a..b-1
+        self._enc_runs: list = []  # [a, b): keys a..b-1 encoded by attend calls
+
+    # --- rollback ---------------------------------------------------------------------------
     def truncate(self, n: int) -> bool:
         if n >= self.length:
             return True
         if n <= 0:
+            self._fold()  # the records refer to offsets the next prefill rewrites
             self.length = self.encoded = 0
             self.ref.zero_()
             self.offsets[:, 0] = 0
-            self._used = [0] * self.H
+            self._used_bound = 0
             return True
         W, S = self.window, self.n_sink
         if W > 0 and max(S, n - W + 1) < min(n, self.length - W):
             return False  # the ring has overwritten dense keys that queries at n.. would score exactly
+        self._fold()
         keep = min(self.encoded, n)  # deltas of positions >= n go; un-encoded keys stay in the ring
-        end = self.offsets[:, keep].long()
+        end = self.offsets[:, keep].tolist()
         ref = torch.zeros(self.H, self.D, dtype=torch.float64, device=self.device)
-        for h in range(self.H):
-            e = int(end[h])
+        for h, e in enumerate(end):
             ref[h].index_add_(0, self.chan[h, :e].long(), self.values[h, :e].double())
         self.ref.copy_(ref.float())
         self.length, self.encoded = n, keep
-        self._used = end.tolist()
+        self._used_bound = max(end)
         self._mark_unencoded(n)
         return True
 
+    # --- bytes ------------------------------------------------------------------------------
     def k_bytes(self) -> int:
         """K-side bytes held for the cached tokens: packed deltas in use (value + uint8 channel), their
         offsets, the reference key, and the dense sink and window keys of cached positions."""
@@ -302,13 +383,6 @@ class DeltaLayerCache:
 
     def dense_k_bytes(self) -> int:
         return self.length * self.H * self.D * self.values.element_size()
-
-    def stats(self) -> dict:
-        return dict(self.stats_)
-
-    def reset_stats(self) -> None:
-        self.stats_ = {"scored_delta_entries": 0, "zero_delta_entries": 0,
-                       "encoded_delta_entries": 0, "encoded_zero_entries": 0}
 
     # --- inspection (tests, calibration) ----------------------------------------------------
     def reconstructed_keys(self) -> torch.Tensor:
