@@ -141,7 +141,8 @@ def test_prompt_longer_than_context_is_refused_before_any_work():
     with pytest.raises(ValueError, match="prompt is 20 tokens but the context holds 16"):
         s.generate([1] * 20, max_new_tokens=1)
     assert s._cache is None  # nothing was allocated or run
-    r = s.generate([1] * 10, max_new_tokens=50)  # fits, then stops when the context is full
+    with pytest.warns(RuntimeWarning, match="context of 16 tokens is full"):  # visible to API users too
+        r = s.generate([1] * 10, max_new_tokens=50)  # fits, then stops when the context is full
     assert r.stats.stop_reason == "context_full" and len(r.token_ids) == 7
 
 

@@ -13,20 +13,31 @@ import sys
 from loguru import logger
 
 
+PROG = "eval.py"
+
+
 def main(argv=None) -> int:
     from sparsedge import evaluate
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ppl", help="perplexity on a text file")
     evaluate.add_ppl_arguments(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     args = parser.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.verbose else "INFO")
     logger.enable("sparsedge")
-    result = evaluate.run_ppl(args)
+    try:
+        result = evaluate.run_ppl(args)  # checks the text and artifact folders before loading the model
+    except (ValueError, TypeError, OSError) as exc:  # bad input (ModelFormatError, ArtifactError: ValueErrors)
+        if args.verbose:
+            logger.opt(exception=exc).debug("traceback")
+        msg = " ".join(str(exc).split("\n")) or type(exc).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, default=str))
     else:

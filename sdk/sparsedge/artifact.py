@@ -122,6 +122,59 @@ def read_manifest(path) -> dict:
     return manifest
 
 
+def check_artifact(path, section: str, what: str = "artifact") -> dict:
+    """Cheap check before a model loads: `path` is an artifact folder whose manifest lists `section`
+    ("ffn" for predictors, "delta"). `what` names the input in the message (e.g. "--predictors"). Returns the
+    manifest; ArtifactError otherwise. (That it fits the model is checked once the model is loaded.)"""
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{what}: {exc}") from None
+    if section not in manifest["sections"]:
+        have = ", ".join(sorted(manifest["sections"])) or "none"
+        flag = "--delta" if section == "delta" else ""
+        raise ArtifactError(f"{what}: artifact {path} has no {section!r} section (it holds: {have}); calibrate it "
+                            f"into this folder with tools/calibrate.py {flag + ' ' if flag else ''}--out {path}")
+    return manifest
+
+
+def check_output(out, what: str = "--out") -> Path:
+    """Before any work: `out` can become an artifact folder. It is an artifact folder, an empty folder or
+    absent, and the folder it lives in is writable (a temporary file is created and removed there, as
+    save_section will write a temporary folder beside it). ArtifactError naming `what` otherwise."""
+    import tempfile
+
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactError(f"{what} {out} is a file, not an artifact folder; choose another {what}")
+        if any(out.iterdir()):
+            try:
+                read_manifest(out)
+            except ArtifactError as exc:
+                raise ArtifactError(f"{what} {out} exists and is not an artifact folder ({exc}); remove it or choose "
+                                    f"another {what}") from None
+    parent = out.absolute().parent
+    while not parent.exists():  # save_section creates missing parents
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"{what} {out}: {parent} is a file, not a folder; choose another {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ArtifactError(f"{what} {out}: cannot write in {parent} ({exc.strerror or exc}); choose a writable "
+                            f"{what}") from None
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_model(manifest: dict, model, folder: Path) -> None:
     want = manifest["model"]
     cfg = model.config
@@ -205,6 +258,12 @@ def save_section(out_dir, model, section: str, tensors: dict, meta: dict) -> Pat
         sections[section] = _jsonable(meta)
         manifest = {"format_version": FORMAT_VERSION, "model": ident, "sections": sections, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        # one mode for every file, as a plain write makes it (0644 under the usual umask 022); safetensors writes
+        # its files 0600, and the temporary folder is created like any folder (0755 under umask 022)
+        mask = _umask()
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if out.exists():
             old_dir = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old_dir)

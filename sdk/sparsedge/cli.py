@@ -14,27 +14,68 @@ def _setup_logging(verbose: bool) -> None:
     logger.enable("sparsedge")
 
 
-def cmd_generate(args) -> int:
+def summary_line(st) -> str:
+    """The one-line summary `sparsedge generate` prints on stderr (as llama.cpp prints its timings)."""
+    return (f"prompt {st.prompt_tokens} tokens, {st.new_tokens} new tokens | prefill "
+            f"{st.prefill_tokens_per_s:.1f} tok/s, decode {st.decode_tokens_per_s:.1f} tok/s | stop: {st.stop_reason}")
+
+
+def check_generate_args(args):
+    """What `generate` can check before the model loads: the prompt, the sampling arguments, the artifact
+    folders. Returns the SamplingParams."""
+    from sparsedge.artifact import check_artifact
     from sparsedge.delta import delta_from_cli
-    from sparsedge.session import Session
+    from sparsedge.sampling import SamplingParams
+    from sparsedge.tokenizer import check_text
+
+    try:
+        check_text(args.prompt)
+    except ValueError as exc:
+        raise ValueError(f"--prompt: {exc}") from None
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.predictors is not None:
+        check_artifact(args.predictors, "ffn", "--predictors")
+    if args.delta is not None and not isinstance(delta_from_cli(args.delta), dict):
+        check_artifact(args.delta, "delta", "--delta")
+    return params
+
+
+def cmd_generate(args) -> int:
+    import warnings
+
+    from sparsedge.session import ContextFullWarning, LongContextWarning, Session
+
+    check_generate_args(args)
+    with warnings.catch_warnings():
+        # the library also logs these at WARNING, which this command shows: one line each is enough
+        warnings.simplefilter("ignore", ContextFullWarning)
+        warnings.simplefilter("ignore", LongContextWarning)
+        return _generate(args, Session)
+
+
+def _generate(args, Session) -> int:
+    from sparsedge.delta import delta_from_cli
 
     delta = delta_from_cli(args.delta, args.window, args.sinks)
     session = Session.load(args.model, backend=args.backend, dtype=args.dtype, weights=args.weights,
-                           predictors=args.predictors,
-                           delta=delta, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len)
+                           predictors=args.predictors, delta=delta, tokenizer=args.tokenizer,
+                           max_seq_len=args.max_seq_len, allow_longer_context=args.allow_longer_context,
+                           progress=not args.quiet)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop or None, ignore_eos=args.ignore_eos)
     if args.json:
         r = session.generate(args.prompt, **kw)
         print(json.dumps({"text": r.text, "token_ids": r.token_ids, "stats": r.stats.to_dict()}))
-        return 0
-    for piece in session.generate(args.prompt, stream=True, **kw):
-        sys.stdout.write(piece)
+    else:
+        for piece in session.generate(args.prompt, stream=True, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    st = session.stats
-    logger.info(f"{st.new_tokens} tokens, decode {st.decode_tokens_per_s:.1f} tok/s, prefill "
-                f"{st.prefill_tokens_per_s:.1f} tok/s, stop: {st.stop_reason}")
+    if not args.quiet:
+        print(summary_line(session.stats), file=sys.stderr, flush=True)
     return 0
 
 
@@ -81,7 +122,7 @@ def cmd_doctor(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparsedge", description="sparse on-device LLM decoding")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
@@ -100,12 +141,17 @@ def main(argv=None) -> int:
                                                  "runs in its own blocks)")
     g.add_argument("--weights", default=None, help="native (as stored), or q8_0/q4_0/q4_1 to quantize on load")
     g.add_argument("--tokenizer", default=None, help="tokenizer file for llama2.c checkpoints")
-    g.add_argument("--max-seq-len", type=int, default=None)
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length (default: the model's trained context, at most 2048)")
+    g.add_argument("--allow-longer-context", action="store_true",
+                   help="allow --max-seq-len above the context the model was trained on (warns)")
     g.add_argument("--predictors", default=None, help="FFN predictor artifact folder (tools/calibrate.py)")
     g.add_argument("--delta", default=None, help="delta attention: a theta value or an artifact folder")
     g.add_argument("--window", type=int, default=None)
     g.add_argument("--sinks", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print {text, token_ids, stats} as JSON")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no summary line (tokens, prefill and decode tok/s, stop reason) on stderr")
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("doctor", help="show the backends and fused kernels found")
@@ -116,9 +162,11 @@ def main(argv=None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        logger.debug("details", exc_info=exc)
-        print(f"sparsedge: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # ModelFormatError, ArtifactError: ValueErrors
+        if args.verbose:
+            logger.opt(exception=exc).debug("traceback")
+        msg = " ".join(str(exc).split("\n")) or type(exc).__name__
+        print(f"sparsedge: error: {msg}", file=sys.stderr)
         return 2
 
 

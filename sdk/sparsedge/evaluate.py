@@ -40,31 +40,73 @@ def add_ppl_arguments(p) -> None:
                    help="run the evaluated tokens through the one-token decode path instead of prefill")
     p.add_argument("--dtype", default=None, help="weights dtype (default: the backend's)")
     p.add_argument("--backend", default="cpu")
+    p.add_argument("--allow-longer-context", action="store_true",
+                   help="allow --seq-len above the context the model was trained on (warns)")
 
 
 # ---- text ------------------------------------------------------------------------------------------
+class TextTooShortError(ValueError):
+    """The text holds fewer tokens than were asked for (token_windows(..., require=True))."""
+
+    def __init__(self, message: str, available: int, wanted: int):
+        super().__init__(message)
+        self.available, self.wanted = available, wanted
+
+
 def read_text(path, start: float = 0.0) -> str:
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
     if not 0.0 <= start < 1.0:
         raise ValueError(f"text start must be in [0, 1), got {start}")
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
     return text[int(len(text) * start):]
 
 
-def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[list[int]]:
-    """Consecutive windows of seq_len tokens covering the first n_tokens tokens of `text` (a BOS is put
-    first in each window when the tokenizer adds one by default)."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    probe = tokenizer.encode("a")
-    bos = probe[0] if len(probe) > len(tokenizer.encode("a", add_bos=False)) else None
-    body = seq_len - (1 if bos is not None else 0)
-    # tokenise only as much text as needed (about 4 chars per token, generous margin)
+def check_text_file(path, flag: str = "--text", start: float = 0.0) -> str:
+    """The text of `path` (from `start`, a fraction of its length), or an error naming `flag` and the fix: a
+    missing file (FileNotFoundError), a folder, or a text with nothing but white space (ValueError). Cheap:
+    callers run it before loading a model."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {p}: no such file; pass an existing UTF-8 text file")
+    if not p.is_file():
+        raise ValueError(f"{flag} {p} is not a file; pass a UTF-8 text file")
+    try:
+        text = read_text(p, start)
+    except OSError as exc:
+        raise ValueError(f"{flag} {p} cannot be read ({exc.strerror or exc}); pass a readable text file") from None
+    if not text.strip():
+        where = f" from --text-start {start}" if start else ""
+        raise ValueError(f"{flag} {p} is empty{where} (no text to tokenize); pass a file with text in it")
+    return text
+
+
+def text_token_ids(tokenizer, text: str, n_tokens: int) -> list[int]:
+    """The first n_tokens ids of `text` (no BOS), or all of them when the text holds fewer; only as much text
+    as needed is tokenized (about 4 characters per token, a generous margin, doubled until enough)."""
     need_chars = max(4096, 8 * n_tokens)
     ids = tokenizer.encode(text[:need_chars], add_bos=False)
     while len(ids) < n_tokens and need_chars < len(text):
         need_chars *= 2
         ids = tokenizer.encode(text[:need_chars], add_bos=False)
-    ids = ids[:n_tokens]
+    return ids[:n_tokens]
+
+
+def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, require: bool = False,
+                  flag: str = "--tokens") -> list[list[int]]:
+    """Consecutive windows of seq_len tokens covering the first n_tokens tokens of `text` (a BOS is put
+    first in each window when the tokenizer adds one by default). With require=True a text holding fewer
+    than n_tokens tokens is a TextTooShortError that says how many it holds and to lower `flag`."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if n_tokens < 1:
+        raise ValueError(f"{flag} must be a positive number of tokens, got {n_tokens}")
+    probe = tokenizer.encode("a")
+    bos = probe[0] if len(probe) > len(tokenizer.encode("a", add_bos=False)) else None
+    body = seq_len - (1 if bos is not None else 0)
+    ids = text_token_ids(tokenizer, text, n_tokens)
+    if require and len(ids) < n_tokens:
+        raise TextTooShortError(f"the text holds only {len(ids)} tokens, fewer than {flag} {n_tokens}; lower "
+                                f"{flag} to at most {len(ids)} or give a longer text (nothing was written)",
+                                len(ids), n_tokens)
     wins = []
     for i in range(0, len(ids), body):
         w = ids[i:i + body]
@@ -72,7 +114,8 @@ def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[lis
             break
         wins.append(([bos] if bos is not None else []) + w)
     if not wins:
-        raise ValueError("the text is too short to make a single evaluation/calibration window")
+        raise ValueError(f"the text is too short to make a single evaluation/calibration window ({len(ids)} "
+                         f"tokens); give a longer text")
     return wins
 
 
@@ -125,20 +168,48 @@ def perplexity(session, windows: list[list[int]], decode: bool = False, progress
     return out
 
 
+def check_ppl_args(args) -> str:
+    """Everything `run_ppl` can check before loading the model (the text file, the artifact folders, the
+    numbers); returns the text. Errors name the flag."""
+    from sparsedge.artifact import check_artifact
+
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be a positive number of tokens, got {args.max_tokens}")
+    if not 0.0 <= getattr(args, "text_start", 0.0) < 1.0:
+        raise ValueError(f"--text-start must be in [0, 1), got {args.text_start}")
+    text = check_text_file(args.text, "--text", getattr(args, "text_start", 0.0))
+    if args.predictors is not None:
+        check_artifact(args.predictors, "ffn", "--predictors")
+    if args.delta is not None and not isinstance(delta_from_cli(args.delta), dict):
+        check_artifact(args.delta, "delta", "--delta")
+    return text
+
+
 def run_ppl(args) -> dict:
     from sparsedge.session import Session
 
+    text = check_ppl_args(args)
     session = Session.load(args.model, backend=getattr(args, "backend", "cpu"), dtype=getattr(args, "dtype", None),
                            predictors=args.predictors,
                            delta=delta_from_cli(args.delta, args.window, args.sinks),
-                           max_seq_len=max(args.seq_len, 2))
-    text = read_text(args.text, getattr(args, "text_start", 0.0))
+                           max_seq_len=max(args.seq_len, 2),
+                           allow_longer_context=getattr(args, "allow_longer_context", False))
     windows = token_windows(session.tokenizer, text, args.max_tokens, args.seq_len)
-    logger.info(f"perplexity over {sum(len(w) for w in windows)} tokens in {len(windows)} windows"
+    n_text = sum(len(w) for w in windows)
+    n_scored = sum(len(w) - 1 for w in windows)
+    available = len(text_token_ids(session.tokenizer, text, args.max_tokens))
+    short = available < args.max_tokens
+    if short:
+        logger.warning(f"{args.text} holds only {available} tokens, fewer than --max-tokens {args.max_tokens}: "
+                       f"evaluating all of them ({n_scored} predicted tokens in {len(windows)} windows)")
+    logger.info(f"perplexity over {n_text} tokens in {len(windows)} windows ({n_scored} predictions)"
                 f"{' (decode path)' if args.decode else ''}")
     res = perplexity(session, windows, decode=args.decode)
     res.update({"model": session.source, "text": str(args.text), "predictors": args.predictors,
-                "delta": args.delta, "seq_len": args.seq_len})
+                "delta": args.delta, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+                "text_tokens": available, "text_shorter_than_max_tokens": short})
     return res
 
 

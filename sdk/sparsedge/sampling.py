@@ -1,6 +1,8 @@
 """Token sampling: greedy, temperature, top-k, top-p (nucleus), seeded."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -14,12 +16,27 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {t!r}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
+        sd = self.seed
+        if sd is not None and (isinstance(sd, bool) or not isinstance(sd, numbers.Integral)
+                               or not -(1 << 63) <= sd < (1 << 64)):
+            raise ValueError(f"seed must be an integer (or None for a random seed), got {sd!r}")
+        # plain Python numbers from here on (numpy scalars are accepted above)
+        object.__setattr__(self, "temperature", float(t))
+        if k is not None:
+            object.__setattr__(self, "top_k", int(k))
+        if p is not None:
+            object.__setattr__(self, "top_p", float(p))
+        if sd is not None:
+            object.__setattr__(self, "seed", int(sd))
 
     @property
     def greedy(self) -> bool:

@@ -6,12 +6,33 @@ decoding one id at a time loses the spaces some tokenizers only restore from con
 """
 from __future__ import annotations
 
+import heapq
 import os
 import struct
 from pathlib import Path
 from typing import Sequence
 
 from loguru import logger
+
+
+def check_text(text) -> str:
+    """`text` if it is a str that can be written as UTF-8; TypeError / ValueError naming the problem otherwise.
+    A lone surrogate is what Python makes of bytes that are not UTF-8 on a command line (sys.argv uses
+    errors="surrogateescape": byte 0xNN becomes U+DCNN) or in a file read with that error handler."""
+    if not isinstance(text, str):
+        raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        ch = text[exc.start]
+        code = ord(ch)
+        origin = (f", which is how Python passes on the byte 0x{code - 0xDC00:02X} of a command line or file that is "
+                  f"not UTF-8" if 0xDC80 <= code <= 0xDCFF else "")
+        raise ValueError(f"the text is not valid UTF-8: character {exc.start} is the lone surrogate U+{code:04X}"
+                         f"{origin}; pass UTF-8 text (check the terminal's or the file's encoding)") from None
+    return text
 
 
 class Tokenizer:
@@ -23,6 +44,8 @@ class Tokenizer:
     name: str = "model"
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Ids of `text` (a BOS first when the model's tokenizer adds one and add_bos). Implementations call
+        check_text first: a str that is not valid UTF-8 (lone surrogates) is a ValueError."""
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -86,6 +109,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         # Same ids as transformers' tokenizer(text) (special tokens added the way it adds them),
         # minus the BOS when add_bos is False.
+        check_text(text)
         ids = list(self.hf(text, add_special_tokens=True)["input_ids"])
         if not add_bos and self._adds_bos and ids and ids[0] == self.bos_token_id:
             ids = ids[1:]
@@ -183,6 +207,7 @@ class Llama2cTokenizer(Tokenizer):
         return out
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        check_text(text)
         tokens: list[int] = []
         if text:
             tokens.extend(self._piece_ids(b" "))  # dummy prefix, as sentencepiece adds
@@ -196,17 +221,48 @@ class Llama2cTokenizer(Tokenizer):
         return tokens
 
     def _merge(self, tokens: list[int]) -> list[int]:
+        """Merge adjacent pairs, highest score first (the leftmost pair among equal scores), until no pair
+        is in the vocabulary: llama2.c's rule, in O(n log n). The symbols form a linked list; a heap holds
+        candidate pairs keyed by (-score, position of the left symbol), and entries made stale by a merge are
+        skipped when popped (their symbols changed or are gone)."""
+        n = len(tokens)
+        if n < 2:
+            return tokens
         pieces, lookup, scores = self.pieces, self._lookup, self.scores
-        while len(tokens) > 1:
-            best_score, best_idx, best_id = None, -1, -1
-            for k in range(len(tokens) - 1):
-                j = lookup.get(pieces[tokens[k]] + pieces[tokens[k + 1]])
-                if j is not None and (best_score is None or scores[j] > best_score):
-                    best_score, best_idx, best_id = scores[j], k, j
-            if best_idx < 0:
-                break
-            tokens[best_idx:best_idx + 2] = [best_id]
-        return tokens
+        ids = list(tokens)
+        nxt = list(range(1, n + 1))  # n: end of list
+        prv = list(range(-1, n - 1))  # -1: start of list
+        alive = [True] * n
+        heap: list[tuple[float, int, int, int, int, int]] = []
+
+        def push(a: int, b: int) -> None:
+            j = lookup.get(pieces[ids[a]] + pieces[ids[b]])
+            if j is not None:
+                # a's position in the original sequence orders pairs left to right (a merge keeps the left one)
+                heapq.heappush(heap, (-scores[j], a, b, ids[a], ids[b], j))
+
+        for k in range(n - 1):
+            push(k, k + 1)
+        while heap:
+            _, a, b, ida, idb, j = heapq.heappop(heap)
+            if not (alive[a] and alive[b] and nxt[a] == b and ids[a] == ida and ids[b] == idb):
+                continue  # stale: one of the two symbols was merged since
+            ids[a] = j
+            alive[b] = False
+            c = nxt[b]
+            nxt[a] = c
+            if c < n:
+                prv[c] = a
+            if prv[a] >= 0:
+                push(prv[a], a)
+            if c < n:
+                push(a, c)
+        out = []
+        k = 0
+        while k < n:
+            out.append(ids[k])
+            k = nxt[k]
+        return out
 
     # -- decode -------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

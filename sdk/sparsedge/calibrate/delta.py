@@ -228,7 +228,8 @@ def run(args) -> dict:
     model = session.model
     cfg = model.config
     text = read_text(args.text, getattr(args, "text_start", 0.0))
-    windows = token_windows(session.tokenizer, text, args.delta_tokens, args.seq_len)
+    windows = token_windows(session.tokenizer, text, args.delta_tokens, args.seq_len, require=True,
+                            flag="--delta-tokens")
     n_tok = sum(len(w) for w in windows)
     logger.info(f"delta calibration: {n_tok} tokens of {args.text} in {len(windows)} windows, mode {args.theta_mode}, "
                 f"window {args.window}, sinks {args.sinks}{', per head' if args.per_head else ''}")

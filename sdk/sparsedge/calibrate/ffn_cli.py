@@ -99,7 +99,7 @@ def prepare_data(session, args, grads: bool = False):
     """(fitting windows, held-out windows, xa, xb, (grads_a, grads_b) or None); windows are held out only with
     --ppl-budget; grads (collect_loss_grads) when the penalty needs them."""
     text = read_text(args.text, getattr(args, "text_start", 0.0))
-    windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len)
+    windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len, require=True, flag="--tokens")
     held: list = []
     if getattr(args, "ppl_budget", None) is not None:
         n_hold = max(1, -(-args.budget_tokens // args.seq_len))
