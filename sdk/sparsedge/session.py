@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -30,6 +33,45 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 WEIGHT_MODES = ("native", "q8_0", "q4_0", "q4_1")
+
+
+class ContextFullWarning(RuntimeWarning):
+    """Generation stopped before max_new_tokens because the session's context (max_seq_len) is full."""
+
+
+class LongContextWarning(RuntimeWarning):
+    """The session runs past the context the model was trained on (Session.load(allow_longer_context=True))."""
+
+
+def _warn(msg: str, category) -> None:
+    """warnings.warn attributed to the first caller outside this module (the user's line)."""
+    level, f = 2, sys._getframe(1)
+    while f.f_back is not None and f.f_back.f_code.co_filename == __file__:
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, category, stacklevel=level + 1)
+
+
+def check_context(max_seq_len, trained: int, name: str, allow_longer_context: bool = False) -> int | None:
+    """Validate a `max_seq_len=` request against the model's trained context (`trained` positions): an int >= 2;
+    above `trained` only with allow_longer_context=True, which then warns. Returns it (None stays None)."""
+    if max_seq_len is None:
+        return None
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, numbers.Integral):
+        raise TypeError(f"max_seq_len must be an integer, got {type(max_seq_len).__name__}")
+    ctx = int(max_seq_len)
+    if ctx < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {ctx}")
+    if ctx > trained:
+        if not allow_longer_context:
+            raise ValueError(f"max_seq_len={ctx} is above the {trained} positions {name} was trained on (its "
+                             f"config's context); positions past them give degraded text. Use max_seq_len <= "
+                             f"{trained}, or pass allow_longer_context=True (--allow-longer-context on the command "
+                             f"line) to run past the trained context anyway")
+        msg = (f"max_seq_len={ctx} is above the {trained} positions {name} was trained on: expect degraded text past "
+               f"position {trained} (allow_longer_context=True)")
+        logger.warning(msg)
+        _warn(msg, LongContextWarning)
+    return ctx
 
 
 def check_weights(weights: str | None) -> str | None:
@@ -109,23 +151,31 @@ class Session:
     @classmethod
     def load(cls, model: str | os.PathLike, *, backend="auto", dtype=None, weights: str | None = None,
              predictors=None, delta=None, tokenizer=None, max_seq_len: int | None = None,
-             progress: bool = True) -> "Session":
+             allow_longer_context: bool = False, progress: bool = True) -> "Session":
         """Load a model once. Weights: a quantized GGUF runs in its own 4-/8-bit blocks by default; `dtype`
         ("float32", "bfloat16", ...) dequantizes it instead (exact against transformers); `weights` ("q8_0",
-        "q4_0", "q4_1") quantizes a float checkpoint's projections on load ("native": as stored)."""
+        "q4_0", "q4_1") quantizes a float checkpoint's projections on load ("native": as stored).
+        `max_seq_len` (default: the trained context, at most 2048) may not exceed the context the model was
+        trained on unless allow_longer_context=True, which warns (LongContextWarning) and runs past it."""
         from sparsedge.loading import open_model
         from sparsedge.loading.build import build_transformer
 
         be = get_backend(backend)
         mode = check_weights(weights)
+        # inputs that can be checked without the weights are checked first (a model load can take minutes)
+        from sparsedge.artifact import check_artifact
+        if predictors is not None:
+            check_artifact(predictors, "ffn", "predictors")
+        if delta is not None and isinstance(delta, (str, os.PathLike)) and not _is_number(delta):
+            check_artifact(delta, "delta", "delta")
         src = open_model(model, tokenizer=tokenizer)
+        ctx = check_context(max_seq_len, src.config.max_seq_len, src.config.name or str(model), allow_longer_context)
+        if ctx is None:
+            ctx = max(2, min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
         if mode is None and dtype is None and getattr(src, "quantized", False):
             mode = "native"
         dt = parse_dtype(dtype) or (torch.float32 if mode is not None else be.default_dtype())
         tm = build_transformer(src, be, dt, progress=progress, mode=mode)
-        ctx = int(max_seq_len or min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
-        if ctx < 2:
-            raise ValueError(f"max_seq_len must be at least 2, got {ctx}")
         be.require("rms_norm", "add_rms_norm", "rope")
         delta_cfg = None
         if predictors is not None:
@@ -170,6 +220,10 @@ class Session:
         prefix from earlier turns is reused, so only the new turn's tokens are prefilled."""
         if not self.tokenizer.has_chat_template():
             raise ValueError(f"model {self.config.name!r} has no chat template; use generate() with a plain prompt")
+        from sparsedge.tokenizer import check_text
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                check_text(m["content"])
         ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         stop = sampling.pop("stop", None)
         ignore_eos = sampling.pop("ignore_eos", False)
@@ -181,7 +235,7 @@ class Session:
         if isinstance(prompt_or_ids, str):
             ids = self.tokenizer.encode(prompt_or_ids)
         else:
-            ids = [int(t) for t in prompt_or_ids]
+            ids = token_id_list(prompt_or_ids)
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
@@ -223,6 +277,38 @@ class Session:
             self._cache = self.new_cache()
         self._cache_ids = self._cache_ids[:keep]
         return keep
+
+
+def _is_number(x) -> bool:
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def token_id_list(ids) -> list[int]:
+    """A prompt given as token ids -> list[int]; TypeError for anything that is not a flat sequence of ints
+    (bytes, floats, bools, nested lists...)."""
+    if isinstance(ids, (bytes, bytearray, memoryview)):
+        raise TypeError(f"prompt must be a str or a sequence of int token ids, got {type(ids).__name__}; "
+                        f"decode bytes to str first (prompt.decode('utf-8'))")
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"prompt tensor must be 1-D integer token ids, got {ids.dtype} of shape "
+                            f"{tuple(ids.shape)}")
+        return [int(t) for t in ids.reshape(-1).tolist()]
+    if not isinstance(ids, Sequence) and not hasattr(ids, "__array__"):
+        raise TypeError(f"prompt must be a str or a sequence of int token ids, got {type(ids).__name__}")
+    if hasattr(ids, "ndim") and getattr(ids, "ndim") != 1:
+        raise TypeError(f"prompt array must be 1-D token ids, got {getattr(ids, 'ndim')} dimensions")
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"prompt must be a str or a sequence of int token ids; item {i} is a "
+                            f"{type(t).__name__} ({t!r:.40})")
+        out.append(int(t))
+    return out
 
 
 class _Generation:
@@ -282,7 +368,11 @@ class _Generation:
                     break
                 if pos >= s.max_seq_len:
                     reason = "context_full"
-                    logger.warning(f"context of {s.max_seq_len} tokens is full; stopping generation")
+                    msg = (f"the context of {s.max_seq_len} tokens is full: generation stopped after {len(new)} of "
+                           f"{self.max_new} new tokens (stop_reason 'context_full'); load the session with a "
+                           f"larger max_seq_len or shorten the prompt")
+                    logger.warning(msg)
+                    _warn(msg, ContextFullWarning)
                     break
                 t1 = time.perf_counter()
                 logits = decode_one_token(model, nxt, pos, cache)

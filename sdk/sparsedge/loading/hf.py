@@ -41,17 +41,24 @@ def merge_ids(*groups: Iterable[int]) -> list[int]:
     return out
 
 
-def _rope(d: dict) -> tuple[float, dict | None]:
+def _rope(d: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
+    """(theta, rope_scaling) of the (full-attention) layers, from either config style (rope_theta + rope_scaling,
+    or rope_parameters, possibly per attention type). Scaling types other than default / linear / llama3 are
+    refused: RoPE is never run approximately."""
     params = d.get("rope_parameters") or {}
     if params and not any(k in params for k in ("rope_theta", "rope_type", "type")):
         # per-attention-type parameters ({"full_attention": {...}}): take the full-attention ones
         params = params.get("full_attention") or next(iter(params.values()), {}) or {}
     scaling = d.get("rope_scaling") or {}
-    theta = d.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10000.0
+    theta = d.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or default_theta
     src = scaling or params
     rtype = src.get("rope_type") or src.get("type") or "default"
     if rtype == "default":
         return float(theta), None
+    if rtype == "linear":
+        if "factor" not in src:
+            raise ModelFormatError("linear RoPE scaling without 'factor' in the config")
+        return float(theta), {"rope_type": "linear", "factor": float(src["factor"])}
     if rtype == "llama3":
         try:
             rs = {
@@ -64,18 +71,90 @@ def _rope(d: dict) -> tuple[float, dict | None]:
         except KeyError as exc:
             raise ModelFormatError(f"llama3 RoPE scaling without {exc.args[0]!r} in the config") from None
         return float(theta), rs
-    raise ModelFormatError(f"RoPE scaling type {rtype!r} is not supported (supported: default, llama3)")
+    raise ModelFormatError(f"RoPE scaling type {rtype!r} is not supported (supported: default, linear, llama3)")
+
+
+# model_type -> the architecture name sparsedge uses (transformers' text-only Gemma 3 is "gemma3_text")
+_MODEL_TYPES = {"gemma3_text": "gemma3"}
+# config keys that mean mixture-of-experts FFN layers (Mixtral, Qwen2/3-MoE, DeepSeek, ...)
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def _refuse_unimplemented(d: dict, model_type: str, name: str) -> None:
+    """Options of a config the decoder does not implement, refused by name before anything runs."""
+    moe = {k: d[k] for k in _MOE_KEYS if d.get(k)}
+    if moe:
+        raise UnsupportedArchitectureError(f"{name}: mixture-of-experts FFN layers ({', '.join(f'{k}={v}' for k, v in moe.items())}) "
+                                           "are not implemented; sparsedge runs dense FFN layers only")
+    check_architecture(model_type)
+    qc = d.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise UnsupportedArchitectureError(
+            f"{name}: quantization_config (quant_method={method!r}) is not implemented for transformers folders"
+            + (" (BitNet's packed ternary weights run with per-token int8 activation quantization, which the "
+               "decoder does not do)" if method == "bitnet" else "")
+            + "; load a float checkpoint, or a GGUF file")
+    if d.get("attn_logit_softcapping"):
+        raise UnsupportedArchitectureError(f"{name}: attention logit softcapping (attn_logit_softcapping="
+                                           f"{d['attn_logit_softcapping']}) is not implemented")
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedArchitectureError(f"{name}: bidirectional attention (use_bidirectional_attention=true) is "
+                                           "not implemented; sparsedge runs causal decoders")
+    if d.get("layer_types") and model_type not in ("mistral", "phi3"):
+        other = sorted(set(d["layer_types"]) - {"full_attention", "sliding_attention"})
+        if other:
+            raise UnsupportedArchitectureError(f"{name}: layer types {other} are not implemented "
+                                               "(full_attention and sliding_attention are)")
+
+
+def _sliding(d: dict, model_type: str, n_layers: int, max_pos: int) -> tuple[int, list[int]]:
+    """(window, sliding layer indices) as transformers sets them up for each architecture."""
+    sw = d.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        sw = None
+    if model_type in ("llama", "smollm2", "bitnet") or not sw:
+        return 0, []  # these attend to everything whatever a stray sliding_window key says
+    sw = int(sw)
+    if model_type in ("mistral", "phi3"):  # one window on every layer (transformers ignores layer_types there)
+        return sw, list(range(n_layers))
+    types = d.get("layer_types")
+    if types is None:
+        if model_type == "gemma3":
+            pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        else:  # qwen2 / qwen3: the layers from max_window_layers on
+            first = int(d.get("max_window_layers") or 0)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise ModelFormatError(f"layer_types lists {len(types)} layers, the config has {n_layers}")
+    layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return (sw, layers) if layers else (0, [])
+
+
+def _local_rope_theta(d: dict) -> float:
+    """RoPE base of Gemma 3's sliding layers (rope_parameters["sliding_attention"], or rope_local_base_freq)."""
+    params = (d.get("rope_parameters") or {}).get("sliding_attention") or {}
+    rtype = params.get("rope_type") or params.get("type") or "default"
+    if rtype != "default":
+        raise ModelFormatError(f"RoPE scaling type {rtype!r} on the sliding-window layers is not supported")
+    return float(params.get("rope_theta") or d.get("rope_local_base_freq") or 10000.0)
 
 
 def hf_config_to_model_config(d: dict, name: str, extra_eos_ids: Iterable[int] = ()) -> ModelConfig:
     """A transformers config (as a dict: config.json, or PretrainedConfig.to_dict()) -> ModelConfig.
-    Raises UnsupportedArchitectureError for non-Llama-family model types."""
+    Raises UnsupportedArchitectureError for other model types and for options the decoder does not implement
+    (mixture-of-experts layers, attention softcapping, quantization_config, ...), naming them."""
+    if d.get("vision_config") is not None or d.get("audio_config") is not None:
+        raise UnsupportedArchitectureError(f"{name}: a multimodal checkpoint ({d.get('model_type')}) is not supported; "
+                                           "load its text-only model (e.g. gemma3_text)")
     if "text_config" in d and "hidden_size" not in d:
         d = {**d["text_config"], "model_type": d["text_config"].get("model_type", d.get("model_type"))}
     model_type = d.get("model_type")
     if not model_type:
         raise ModelFormatError(f"config of {name} has no model_type; cannot tell its architecture")
-    check_architecture(model_type)
+    model_type = _MODEL_TYPES.get(model_type, model_type)
+    _refuse_unimplemented(d, model_type, name)
     try:
         dim = int(d["hidden_size"])
         n_heads = int(d["num_attention_heads"])
@@ -84,7 +163,8 @@ def hf_config_to_model_config(d: dict, name: str, extra_eos_ids: Iterable[int] =
         vocab = int(d["vocab_size"])
     except KeyError as exc:
         raise ModelFormatError(f"config of {name} lacks {exc.args[0]!r}") from None
-    act_name = d.get("hidden_act") or d.get("hidden_activation") or "silu"
+    act_name = (d.get("hidden_act") or d.get("hidden_activation")
+                or ("gelu_pytorch_tanh" if model_type == "gemma3" else "relu2" if model_type == "bitnet" else "silu"))
     if act_name not in _ACTIVATIONS:
         raise ModelFormatError(f"FFN activation {act_name!r} of {name} is not supported "
                                f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
@@ -94,26 +174,39 @@ def hf_config_to_model_config(d: dict, name: str, extra_eos_ids: Iterable[int] =
         if d.get(k) is not None:
             act_param = float(d[k])
             break
-    theta, rope_scaling = _rope(d)
-    if model_type in ("mistral", "qwen2"):
-        sw = d.get("sliding_window")
-        use_sw = d.get("use_sliding_window", model_type == "mistral")
-        if use_sw and sw and sw < int(d.get("max_position_embeddings") or 0):
-            logger.warning("{}: sliding_window={} is ignored; attention is full up to max_seq_len", name, sw)
+    gemma = model_type == "gemma3"
+    theta, rope_scaling = _rope(d, 1_000_000.0 if gemma else 10000.0)
+    max_pos = int(d.get("max_position_embeddings") or 2048)
+    window, sliding_layers = _sliding(d, model_type, n_layers, max_pos)
     if d.get("mlp_bias"):
         raise UnsupportedArchitectureError(f"{name}: MLP biases (mlp_bias=true) are not supported")
     qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
+    head_dim = int(d.get("head_dim") or dim // n_heads)
+    prf = d.get("partial_rotary_factor") or (d.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0
+    rotary_dim = int(head_dim * float(prf))
+    if rotary_dim % 2 or rotary_dim <= 0:
+        raise ModelFormatError(f"{name}: partial_rotary_factor={prf} gives {rotary_dim} rotary channels of "
+                               f"{head_dim}; an even count is needed")
+    extra = dict(
+        qk_norm=model_type in ("qwen3", "gemma3"), post_norms=gemma, sub_norms=model_type == "bitnet",
+        embed_scale=float(dim ** 0.5) if gemma else 0.0,
+        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256) if gemma else 0.0,
+        rotary_dim=rotary_dim if rotary_dim < head_dim else 0,
+        sliding_window=window, sliding_layers=sliding_layers,
+        rope_local_theta=_local_rope_theta(d) if gemma and sliding_layers else 0.0,
+        final_logit_softcap=float(d.get("final_logit_softcapping") or 0.0),
+    )
     return ModelConfig(
         vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=int(d.get("num_key_value_heads") or n_heads), intermediate_size=inter,
-        head_dim=int(d.get("head_dim") or dim // n_heads), norm_eps=float(d.get("rms_norm_eps") or 1e-6),
+        head_dim=head_dim, norm_eps=float(d.get("rms_norm_eps") or 1e-6),
         rope_theta=theta, rope_scaling=rope_scaling,
-        max_seq_len=int(d.get("max_position_embeddings") or 2048),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        max_seq_len=max_pos,
+        tie_embeddings=bool(d.get("tie_word_embeddings", gemma)), qkv_bias=qkv_bias,
         activation=act, activation_param=act_param,
         bos_token_id=d.get("bos_token_id") if not isinstance(d.get("bos_token_id"), list) else d["bos_token_id"][0],
         eos_token_ids=merge_ids(_ids(d.get("eos_token_id")), extra_eos_ids),
-        arch=model_type.lower(), name=name,
+        arch=model_type.lower(), name=name, **extra,
     )
 
 
@@ -126,23 +219,33 @@ _LAYER_MAP = {
     "self_attn.v_proj.bias": "bv", "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
     "mlp.down_proj.weight": "w_down",
 }
+_LAYER_MAP.update({
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",  # Qwen3, Gemma 3
+    "self_attn.attn_sub_norm.weight": "attn_sub_norm", "mlp.ffn_sub_norm.weight": "ffn_sub_norm",  # BitNet
+    "self_attn.qkv_proj.weight": "wqkv", "mlp.gate_up_proj.weight": "w_gate_up",  # Phi-3: fused, split on load
+})
+# Gemma 3 names its four norms after their place: input (attn_norm), post-attention, pre- and post-FFN
+_GEMMA_LAYER_MAP = {**_LAYER_MAP, "post_attention_layernorm.weight": "post_attn_norm",
+                    "pre_feedforward_layernorm.weight": "ffn_norm", "post_feedforward_layernorm.weight": "post_ffn_norm"}
 _TOP_MAP = {
     "model.embed_tokens.weight": "tok_embeddings", "embed_tokens.weight": "tok_embeddings",
     "model.norm.weight": "norm", "norm.weight": "norm", "lm_head.weight": "lm_head",
 }
+_FUSED = ("wqkv", "w_gate_up")  # stored fused (Phi-3); HFFolderSource yields their row blocks under canonical names
 
 
-def hf_to_canonical(name: str) -> str | None:
-    """Canonical name of a transformers Llama/Mistral/Qwen2 parameter; None for buffers to skip;
-    raises for parameters the decoder has no place for."""
+def hf_to_canonical(name: str, arch: str = "llama") -> str | None:
+    """Canonical name of a transformers parameter of `arch`; None for buffers to skip; raises for parameters
+    the decoder has no place for. Phi-3's fused projections map to the pseudo-names layers.{i}.wqkv / w_gate_up."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
     if name in _TOP_MAP:
         return _TOP_MAP[name]
     m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
-    raise ModelFormatError(f"checkpoint tensor {name!r} has no place in a Llama-family decoder "
+    layer_map = _GEMMA_LAYER_MAP if arch == "gemma3" else _LAYER_MAP
+    if m and m.group(2) in layer_map:
+        return f"layers.{m.group(1)}.{layer_map[m.group(2)]}"
+    raise ModelFormatError(f"checkpoint tensor {name!r} has no place in a {arch} decoder "
                            "(o_proj/MLP biases and extra modules are not supported)")
 
 
@@ -164,26 +267,104 @@ def _generation_eos(folder: Path) -> list[int]:
         return []
 
 
-def safetensors_files(folder: Path) -> dict[str, list[str]]:
-    """file name -> tensor names, from the index json when there is one."""
-    from safetensors import safe_open
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
 
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor name -> dtype, shape, data_offsets), checked against the
+    file's size; ModelFormatError naming the file when it is truncated or not a safetensors file."""
+    path = Path(path)
+    redo = "re-download or re-save the checkpoint (save_pretrained(..., safe_serialization=True))"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFormatError(f"{path} is not a safetensors file ({size} bytes, too short for a header); {redo}")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ModelFormatError(f"{path} is corrupt or truncated: its header claims {n} bytes but the file holds "
+                                   f"{size}; {redo}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = info["data_offsets"]
+            if not 0 <= int(lo) <= int(hi):
+                raise ValueError(f"bad data offsets of {name!r}")
+            end = max(end, int(hi))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ModelFormatError(f"{path} is corrupt: its header is not a safetensors header ({exc}); {redo}") from None
+    if 8 + n + end > size:
+        raise ModelFormatError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file holds {size}; "
+                               f"{redo}")
+    return header
+
+
+def safetensors_files(folder: Path) -> dict[str, list[str]]:
+    """file name -> tensor names, from the index json when there is one. Every file's header is read and
+    checked here, when the folder is opened, so a corrupt or truncated file is named before any weight loads."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        wm = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            wm = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelFormatError(f"{index} is not a valid safetensors index ({exc}); re-download or re-save "
+                                   "the checkpoint") from None
         out: dict[str, list[str]] = {}
         for tname, fname in wm.items():
             out.setdefault(fname, []).append(tname)
-        for fname in out:
+        for fname, names in out.items():
             if not (folder / fname).is_file():
                 raise FileNotFoundError(f"model file not found: {folder / fname} (listed in {index.name}); "
                                         "the sharded checkpoint is incomplete")
+            missing = set(names) - set(read_safetensors_header(folder / fname))
+            if missing:
+                raise ModelFormatError(f"{folder / fname} lacks {len(missing)} tensors that {index.name} puts "
+                                       f"there (e.g. {sorted(missing)[0]!r}); the checkpoint is inconsistent: "
+                                       "re-download or re-save it")
         return out
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out[f.name] = list(h.keys())
+        out[f.name] = sorted(k for k in read_safetensors_header(f) if k != "__metadata__")
     return out
+
+
+def _fused_rows(cfg: ModelConfig, key: str) -> dict[str, tuple[int, int]]:
+    """Row blocks of Phi-3's fused projections: qkv_proj = [q; k; v], gate_up_proj = [gate; up]."""
+    if key == "wqkv":
+        q, kv = cfg.q_size, cfg.kv_size
+        return {"wq": (0, q), "wk": (q, q + kv), "wv": (q + kv, q + 2 * kv)}
+    inter = cfg.intermediate_size
+    return {"w_gate": (0, inter), "w_up": (inter, 2 * inter)}
+
+
+_NORMS = frozenset(("attn_norm", "ffn_norm", "norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"))
+
+
+def partial_rotary_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Channel order of one head that puts partial rotary in the decoder's rotate-half form (sparsedge.loading.base):
+    canonical channel j is transformers' channel order[j]; each half starts with its rotated half."""
+    R, D = rotary_dim, head_dim
+    P = (D - R) // 2
+    return torch.cat([torch.arange(0, R // 2), torch.arange(R, R + P), torch.arange(R // 2, R),
+                      torch.arange(R + P, D)])
+
+
+def _to_canonical(cfg: ModelConfig, key: str, t: torch.Tensor) -> torch.Tensor:
+    """A transformers tensor in the canonical convention: Gemma's RMSNorm weights w as the factor 1 + w (fp32);
+    with partial rotary, the q/k rows (and q/k norm weights) of each head reordered."""
+    if cfg.arch == "gemma3" and key in _NORMS:
+        t = t.float() + 1.0
+    if cfg.rotary_dim and key in ("wq", "wk", "bq", "bk", "q_norm", "k_norm"):
+        order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
+        D = cfg.head_dim
+        t = t.reshape(-1, D, *t.shape[1:])[:, order].reshape(t.shape)
+    return t
 
 
 class HFFolderSource(ModelSource):
@@ -195,12 +376,18 @@ class HFFolderSource(ModelSource):
                                    "with save_pretrained(..., safe_serialization=True)")
         raw = _folder_config(folder)
         cfg = hf_config_to_model_config(raw, name=folder.name, extra_eos_ids=_generation_eos(folder))
-        # canonical name -> (file, stored name)
-        self.locations: dict[str, tuple[str, str]] = {}
+        # canonical name -> (file, stored name), or (file, stored name, (first row, end row)) for a block of a fused one
+        self.locations: dict[str, tuple] = {}
         for fname, names in self.files.items():
             for tname in names:
-                cname = hf_to_canonical(tname)
-                if cname is not None:
+                cname = hf_to_canonical(tname, cfg.arch)
+                if cname is None:
+                    continue
+                prefix, _, key = cname.rpartition(".")
+                if key in _FUSED:
+                    for part, rows in _fused_rows(cfg, key).items():
+                        self.locations[f"{prefix}.{part}"] = (fname, tname, rows)
+                else:
                     self.locations[cname] = (fname, tname)
         if not cfg.tie_embeddings and "lm_head" not in self.locations:
             logger.warning("{}: no lm_head.weight and tie_word_embeddings=false; tying lm_head to the embedding",
@@ -239,10 +426,14 @@ class HFFolderSource(ModelSource):
         with ExitStack() as stack:
             handles = {}
             for cname in names:
-                fname, tname = self.locations[cname]
+                fname, tname, *rows = self.locations[cname]
                 if fname not in handles:
                     handles[fname] = stack.enter_context(safe_open(str(self.path / fname), framework="pt"))
-                yield cname, handles[fname].get_tensor(tname)
+                if rows:  # a row block of a fused tensor (Phi-3), read alone
+                    t = handles[fname].get_slice(tname)[rows[0][0]:rows[0][1]]
+                else:
+                    t = handles[fname].get_tensor(tname)
+                yield cname, _to_canonical(self.config, cname.rpartition(".")[2], t)
 
     def describe(self) -> str:
         return f"hf:{self.path}"
