@@ -152,11 +152,11 @@ def test_truncated_gguf_is_named_before_any_work(tiny, tmp_path):
 
 
 def test_unsupported_block_type_names_it_and_the_supported_ones(tmp_path):
-    path = tmp_path / "q5.gguf"
+    path = tmp_path / "q2k.gguf"
     w = hf_weights()
-    q = gguf.quants.quantize(np.ones((4, 64), np.float32), T.Q5_0)
-    write_gguf(path, w, {}, extra_tensor=("blk.0.extra.weight", q, q.shape, T.Q5_0))
-    with pytest.raises(ModelFormatError, match=r"Q5_0.*supported types: .*q4_1") as exc:
+    q = np.zeros((4, 84), np.uint8)  # four Q2_K blocks (256 values in 84 bytes each); Q5_0 loads (dequantized)
+    write_gguf(path, w, {}, extra_tensor=("blk.0.extra.weight", q, q.shape, T.Q2_K))
+    with pytest.raises(ModelFormatError, match=r"Q2_K.*supported types: .*q4_1.*q5_0") as exc:
         open_model(path)
     assert "blk.0.extra.weight" in str(exc.value)
 
@@ -226,3 +226,27 @@ def test_one_fingerprint_for_one_file_loaded_either_way(smollm2_native):
     assert fp == weights_fingerprint(deq.model)
     manifest = Path(__file__).resolve().parents[1] / "docs" / "results" / "delta_balanced70_perhead_manifest.json"
     assert json.loads(manifest.read_text())["model"]["fingerprint"] == fp
+
+
+def test_key_scale_folds_exactly_into_quantized_rows(smollm2_native):
+    """Delta attention's power-of-two q/k channel balancing on a quantized session: the fp16 block scales are
+    scaled, so logits are bit-identical and unfolding restores the bytes."""
+    from sparsedge.artifact import weights_fingerprint
+    from sparsedge.delta.balance import fold_key_scale
+
+    m, cfg = smollm2_native.model, smollm2_native.config
+    ids = smollm2_native.tokenizer.encode("The history of the city begins")
+    before = [layer.attention.wqkv.data.clone() for layer in m.layers]
+    fp = weights_fingerprint(m)
+    with torch.inference_mode():
+        a = prefill(m, ids, new_cache(m, 64), all_logits=True)
+    half = torch.exp2(torch.randint(-2, 3, (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim // 2)).float())
+    fold_key_scale(m, torch.cat([half, half], -1))
+    try:
+        assert not torch.equal(m.layers[0].attention.wqkv.data, before[0])
+        with torch.inference_mode():
+            b = prefill(m, ids, new_cache(m, 64), all_logits=True)
+        assert torch.equal(a, b) and weights_fingerprint(m) == fp
+    finally:
+        fold_key_scale(m, None)
+    assert all(torch.equal(layer.attention.wqkv.data, w) for layer, w in zip(m.layers, before))

@@ -14,6 +14,11 @@ import torch
 from sparsedge.quant import formats as qf
 
 
+# byte offsets of the fp16 fields (scale, and min where there is one) inside each block
+_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
+_FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass
 class QWeight:
     data: torch.Tensor  # uint8 [N, row_bytes]
@@ -54,6 +59,30 @@ class QWeight:
 
     def rows(self, index) -> "QWeight":
         return QWeight(self.data[index].contiguous(), self.qtype, self.K)
+
+    def scale_rows_(self, factors: torch.Tensor) -> "QWeight":
+        """Multiply row n by factors[n], a power of two, in place and exactly: every block format stores its
+        values as an fp16 scale (and min) times integers, so scaling the fp16 fields by 2^k scales the row.
+        Raises ValueError when a scaled field would leave fp16's exact range (overflow or subnormal loss)."""
+        f = torch.as_tensor(factors, dtype=torch.float32).reshape(-1)
+        if f.numel() != self.N or not torch.equal(torch.exp2(torch.round(torch.log2(f))), f):
+            raise ValueError(f"scale_rows_: need {self.N} power-of-two factors")
+        fmt = qf.get_format(self.qtype)
+        if not fmt.quantized:
+            vals = self.data.view(_FLOAT[self.qtype])
+            scaled = (vals.float() * f[:, None]).to(vals.dtype)
+            if not torch.equal(scaled.float() / f[:, None], vals.float()):
+                raise ValueError(f"scaling {self.qtype} rows by {f.min():g}..{f.max():g} is not exact")
+            vals.copy_(scaled)
+            return self
+        blocks = self.data.view(self.N, -1, fmt.type_size)
+        for off in _SCALE_OFFSETS[self.qtype]:
+            field = blocks[:, :, off:off + 2].contiguous().view(torch.float16)  # [N, blocks, 1]
+            scaled = (field.float() * f[:, None, None]).half()
+            if not torch.equal(scaled.float(), field.float() * f[:, None, None]):
+                raise ValueError(f"scaling {self.qtype} rows by {f.min():g}..{f.max():g} leaves fp16's exact range")
+            blocks[:, :, off:off + 2] = scaled.view(torch.uint8)
+        return self
 
     def dequantize(self) -> torch.Tensor:
         return qf.dequantize(self.data, self.qtype, self.K)
