@@ -49,18 +49,9 @@ at::Tensor workspace(const at::Tensor& like, int64_t bytes) {
   return at::empty({std::max<int64_t>(bytes, 256)}, like.options().dtype(at::kByte));
 }
 
-Act parse_activation(c10::string_view name, const char* op = "sparse_ffn") {
-  const std::string s(name.data(), name.size());
-  if (s == "silu") return Act::SiLU;
-  if (s == "gelu") return Act::GELU;
-  if (s == "gelu_tanh") return Act::GELU_Tanh;
-  if (s == "relu") return Act::ReLU;
-  if (s == "fatrelu") return Act::FATReLU;
-  if (s == "drelu") return Act::DReLU;
-  if (s == "relu2") return Act::ReLU2;
-  TORCH_CHECK(false, op, ": unknown FFN activation '", s,
-              "' (supported: silu, gelu, gelu_tanh, relu, fatrelu, drelu, relu2)");
-  return Act::SiLU;
+// unknown names throw std::invalid_argument (a ValueError in Python) listing the supported ones
+Act parse_activation(c10::string_view name) {
+  return sparsedge::parse_activation(std::string_view(name.data(), name.size()));
 }
 
 // ---- norm -------------------------------------------------------------------------------------
@@ -193,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_predict_q4_cuda(const at::Tensor& x_in, c
   SD_CHECK_SAME_DEVICE(op, x_in, thresh_in);
   TORCH_CHECK(x_in.dim() == 2, op, ": x must be [T, d], got ", x_in.sizes());
   c10::cuda::CUDAGuard guard(x_in.device());
-  const Act act = parse_activation(activation, op);
+  const Act act = parse_activation(activation);
   auto x = x_in.contiguous();
   const DType xt = dtype_of(op, "x", x.scalar_type());
   const int64_t T = x.size(0), d = x.size(1);
@@ -437,9 +428,9 @@ at::Tensor delta_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, 
   return out;
 }
 
-at::Tensor dense_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                int64_t start, double scale) {
-  const char* op = "dense_attention";
+at::Tensor attention_cuda(const char* op, const at::Tensor& q_in, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, int64_t start, double scale, int64_t window) {
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: no window), got ", window);
   SD_CHECK_CUDA(op, q_in);
   SD_CHECK_SAME_DEVICE(op, k_cache, q_in);
   SD_CHECK_SAME_DEVICE(op, v_cache, q_in);
@@ -460,8 +451,18 @@ at::Tensor dense_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
   auto ws = workspace(q, dense_attention_workspace_bytes(T, Hq, start));
   SD_CHECK_LAUNCH(op, dense_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                       static_cast<float*>(ws.data_ptr()), T, Hq, H, D, Tmax, start,
-                                      static_cast<float>(scale), dt, stream_of(q)));
+                                      static_cast<float>(scale), dt, stream_of(q), window));
   return out.to(q_in.scalar_type());
+}
+
+at::Tensor dense_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                int64_t start, double scale) {
+  return attention_cuda("dense_attention", q, k_cache, v_cache, start, scale, 0);
+}
+
+at::Tensor dense_attention_window_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       int64_t start, double scale, int64_t window) {
+  return attention_cuda("dense_attention_window", q, k_cache, v_cache, start, scale, window);
 }
 
 // Dense projections: cuBLAS through ATen is the right kernel on the GPU (the schema has them as ops
@@ -488,6 +489,7 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
   m.impl("delta_encode", &delta_encode_cuda);
   m.impl("delta_attention", &delta_attention_cuda);
   m.impl("dense_attention", &dense_attention_cuda);
+  m.impl("dense_attention_window", &dense_attention_window_cuda);
   m.impl("linear", &linear_cuda);
   m.impl("linear_t", &linear_t_cuda);
 }
@@ -498,5 +500,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsedge fused CUDA kernels (registered for the CUDA dispatch key of the sparsedge ops)";
   m.attr("OPS") = pybind11::make_tuple("rms_norm", "add_rms_norm", "rope", "ffn_predict", "ffn_predict_q4",
                                        "sparse_ffn_rows", "sparse_ffn", "delta_encode", "delta_attention",
-                                       "dense_attention", "linear", "linear_t");
+                                       "dense_attention", "dense_attention_window", "linear", "linear_t");
 }

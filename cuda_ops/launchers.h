@@ -8,12 +8,14 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "sparsedge/activations.h"
+
 namespace sparsedge::cuda {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Activation codes of sparse_ffn_rows (same order as sdk/sparsedge/ops/ffn.py FFN_ACTIVATIONS).
-enum class Act : int { SiLU = 0, GELU = 1, GELU_Tanh = 2, ReLU = 3, FATReLU = 4, DReLU = 5, ReLU2 = 6 };
+// FFN activation codes: the names and ids shared by every device (backends/include/sparsedge/activations.h).
+using Act = sparsedge::Activation;
 
 // ---- norm.cu -------------------------------------------------------------------------------
 // y = x * rsqrt(mean(x^2) + eps) * w over the last dim (rows x d). With residual != nullptr:
@@ -83,9 +85,10 @@ cudaError_t delta_attention(const DeltaAttnArgs& a, DType qt, DType ct, void* wo
 // ---- attention.cu --------------------------------------------------------------------------
 // Dense causal GQA attention: q [T, Hq, D] at positions start.. over k_cache/v_cache [H, Tmax, D] (all
 // dtype dt) -> out [T, Hq, D]. `scores` is an fp32 workspace of dense_attention_workspace_bytes().
+// window > 0: sliding window, the query at position p attends to keys max(0, p - window + 1)..p only.
 int64_t dense_attention_workspace_bytes(int64_t T, int64_t Hq, int64_t start);
 cudaError_t dense_attention(const void* q, const void* k_cache, const void* v_cache, void* out, float* scores,
                             int64_t T, int64_t Hq, int64_t H, int64_t D, int64_t Tmax, int64_t start, float scale,
-                            DType dt, cudaStream_t stream);
+                            DType dt, cudaStream_t stream, int64_t window = 0);
 
 }  // namespace sparsedge::cuda

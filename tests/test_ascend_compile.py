@@ -64,13 +64,15 @@ def test_binding_compiles_against_torch_npu_headers():
     inc = torch_npu_headers()
     torch_inc, _ = emu.torch_flags()
     binding = ROOT / "ascendc_ops" / "binding" / "torch_binding.cpp"
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in [binding, *(ROOT / "ascendc_ops" / "include").glob("*.h")])
+    headers = [*(ROOT / "ascendc_ops" / "include").glob("*.h"), emu.SHARED_INCLUDE / "sparsedge" / "activations.h"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in [binding, *headers])
                          + TORCH_NPU_VERSION.encode() + torch.__version__.encode()).hexdigest()[:16]
     stamp = emu.cache_dir() / f"compile-check-{key}.ok"
     if stamp.exists():
         return
     cmd = [cxx, "-std=c++20", "-fsyntax-only", "-fPIC", f"-I{inc}", f"-I{inc / 'third_party' / 'acl' / 'inc'}",
-           f"-I{ROOT / 'ascendc_ops' / 'include'}", "-DSPARSEDGE_SOC_VERSION=\"ascend310b4\"", *torch_inc, str(binding)]
+           f"-I{ROOT / 'ascendc_ops' / 'include'}", f"-I{emu.SHARED_INCLUDE}",
+           "-DSPARSEDGE_SOC_VERSION=\"ascend310b4\"", *torch_inc, str(binding)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
     stamp.write_text(" ".join(cmd))

@@ -1,11 +1,13 @@
 """Host tiling of the AscendC kernels (ascendc_ops/include/sparsedge_tiling.h), checked for 310B and 910B through
-ctypes on the same C++ functions the torch_npu binding calls."""
+ctypes on the same C++ functions the torch_npu binding calls; and the emulated kernels reserve exactly the Unified
+Buffer their tiling budgeted (their numerics are checked in tests/test_ops.py)."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 _spec = importlib.util.spec_from_file_location(
     "sparsedge_ascend_testutil", Path(__file__).resolve().parents[1] / "ascendc_ops" / "emulation" / "testutil.py")
@@ -129,3 +131,53 @@ def test_delta_attention_tiling(emu, chip, H, Hq, D, n):
 def test_delta_tiling_rejects(emu):
     assert emu.delta_encode_tiling("310B", 1, 1, 512, 8)[0] == 1     # D > 256: uint8 channel ids
     assert emu.delta_attn_tiling("310B", 3, 4, 64, 10, 8)[0] == 1    # Hq not a multiple of H
+
+
+# ------------------------------------------------------- the kernels reserve exactly what the tiling budgeted
+def _f16(g, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).half()
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("mode,T,d,r,I", [("fused", 1, 576, 32, 1536), ("fused", 3, 72, 20, 300),
+                                          ("rows", 2, 200, 8, 400), ("predict", 3, 96, 24, 700)])
+def test_ffn_kernels_reserve_the_tiled_ub(emu, chip, mode, T, d, r, I):
+    g = torch.Generator().manual_seed(0)
+    x, wg, wu, wd = _f16(g, T, d), _f16(g, I, d, scale=0.1), _f16(g, I, d, scale=0.1), _f16(g, I, d, scale=0.1)
+    kw = dict(p1=_f16(g, r, d, scale=0.1), p2=_f16(g, I, r, scale=0.3), bias=torch.randn(I, generator=g))
+    if mode == "rows":
+        kw = dict(idx=torch.arange(I, dtype=torch.int32).repeat(T, 1),
+                  count=torch.full((T,), I // 2, dtype=torch.int32))
+    res = emu.ffn(mode, x, wg, wu, wd, activation="silu", chip=chip, cores=4, **kw)
+    _, t = emu.ffn_tiling(chip, mode, T, d, r if mode != "rows" else 0, I, 4)
+    assert res["ub"] == (t["ubBytes"], t["redUbBytes"])
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("T,d,G,I", [(1, 256, 64, 700), (3, 96, 32, 300), (2, 160, 16, 130), (2, 512, 128, 200)])
+def test_q4_kernels_reserve_the_tiled_ub(emu, chip, T, d, G, I):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 256, (I, 2, d // 2), dtype=torch.uint8, generator=g)
+    res = emu.ffn_predict_q4(_f16(g, T, d), q, torch.rand(I, 2, d // G, generator=g) * 0.05, torch.zeros(I),
+                             chip=chip, cores=4)
+    _, t = emu.ffn_q4_tiling(chip, T, d, G, I, 4)
+    assert res["ub"] == (t["ubBytes"], t["concatUbBytes"])
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("H,Hq,D", [(2, 2, 64), (2, 8, 40), (1, 3, 128)])
+@pytest.mark.parametrize("start", [0, 89])
+def test_delta_kernels_reserve_the_tiled_ub(emu, chip, H, Hq, D, start):
+    g = torch.Generator().manual_seed(2)
+    Tmax, cap = 96, 96 * D
+    ref, values = torch.zeros(H, D), torch.zeros(H, cap, dtype=torch.half)
+    chan, offsets = torch.zeros(H, cap, dtype=torch.uint8), torch.zeros(H, Tmax + 1, dtype=torch.int32)
+    k = _f16(g, start + 1, H, D)
+    r = emu.delta_encode(k, ref, torch.full((H,), 0.5), values, chan, offsets, 0, chip=chip, cores=2)
+    assert r["status"][0] == 0
+    _, te = emu.delta_encode_tiling(chip, start + 1, H, D, 2)
+    assert r["ub"] == te["ubBytes"]
+    got = emu.delta_attention(_f16(g, 1, Hq, D), k[start:start + 1].contiguous(), _f16(g, H, Tmax, D), values, chan,
+                              offsets, _f16(g, H, 4, D), _f16(g, H, 8, D), start, 4, 8, D ** -0.5, chip=chip, cores=2)
+    _, t = emu.delta_attn_tiling(chip, H, Hq, D, start + 1, 2)
+    assert got["ub"] == t["ubBytes"]

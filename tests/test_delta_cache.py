@@ -8,11 +8,11 @@ import torch
 import sparsedge.backends.cpu  # noqa: F401
 from sparsedge.delta import DeltaConfig
 from sparsedge.delta.cache import DeltaLayerCache
+from sparsedge.testing.opcases import walk_keys
 from sparsedge.testing.synthetic import random_transformer, tiny_config
 from sparsedge.kv_cache import DenseLayerCache, KVCache
 
 from .conftest import greedy_decode, need_data, smollm2_gguf
-from .test_delta_kernels import walk_keys
 
 
 def _pair(Hq=8, H=2, D=64, T=96, seed=0):

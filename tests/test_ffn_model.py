@@ -27,7 +27,7 @@ def greedy(model, prompt, n):
     return generate.greedy(model, prompt, n)[0]
 
 
-@pytest.mark.parametrize("act", ["relu", "drelu", "relu2", "fatrelu"])
+@pytest.mark.parametrize("act", ["relu", "drelu", "relu2", "fatrelu", "gelu_tanh"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_all_keeping_predictors_reproduce_dense_greedy(tmp_path, act, per_token):
     cfg = tiny_config(act, activation_param=0.05 if act == "fatrelu" else 0.0)
@@ -45,6 +45,40 @@ def test_all_keeping_predictors_reproduce_dense_greedy(tmp_path, act, per_token)
     st = work.total(model.layers[0].ffn)
     assert st["ffn_neurons"] == (12 + len(prompt)) * cfg.intermediate_size
     assert st["ffn_predicted"] == st["ffn_neurons"] == st["ffn_gate_up_rows"]
+
+
+@pytest.mark.parametrize("act,tau", [("relu", 0.0), ("drelu", 0.0), ("relu2", 0.0), ("fatrelu", 0.0),
+                                     ("gelu_tanh", 0.0), ("gelu_tanh", 0.2)])
+def test_sparse_path_keeps_the_exact_zero_structure(act, tau):
+    """Through the sparse FFN path each activation zeroes exactly the neurons the dense FFN zeroes: with every
+    neuron predicted active, the kernel accumulates W_down rows for exactly the dense h's nonzeros (down_count), and
+    running only those neurons (an oracle active set, sparse_ffn_rows) gives the dense output. relu, drelu, relu2 and
+    fatrelu have exact zeros of their own; gelu_tanh has none (every neuron counts) unless a CATS threshold tau makes
+    them."""
+    cfg = tiny_config(act, activation_param=0.05 if act == "fatrelu" else 0.0)
+    model = random_transformer(cfg, seed=3)
+    dense = model.layers[1].ffn
+    dense.tau = tau
+    x = torch.randn(6, cfg.dim, generator=torch.Generator().manual_seed(0))
+    _, h = dense.hidden(x)
+    y_dense = dense(x)
+    nonzero = h != 0
+    I = cfg.intermediate_size
+    p = all_keeping_predictors(model)
+    y, count, down_count = torch.ops.sparsedge.sparse_ffn(x, p["layers.1.p1"], p["layers.1.p2"], p["layers.1.bias"], dense.w_gate,
+                                          dense.w_up, dense.w_down_t, act, cfg.activation_param, tau)
+    assert count.tolist() == [I] * 6
+    assert down_count.tolist() == nonzero.sum(-1).tolist()
+    if act == "gelu_tanh" and tau == 0.0:
+        assert nonzero.all()
+    else:
+        assert 0.1 * I < nonzero.sum() / 6 < 0.9 * I  # really sparse, really not empty
+    torch.testing.assert_close(y, y_dense, rtol=1e-5, atol=1e-5)
+    idx = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # the dense nonzeros first
+    y_oracle, dc = torch.ops.sparsedge.sparse_ffn_rows(x, idx, nonzero.sum(-1).to(torch.int32), dense.w_gate, dense.w_up,
+                                       dense.w_down_t, act, cfg.activation_param, tau)
+    assert dc.tolist() == nonzero.sum(-1).tolist()
+    torch.testing.assert_close(y_oracle, y_dense, rtol=1e-5, atol=1e-5)
 
 
 def tiny_calibration(activation: str, n_layers: int):

@@ -18,6 +18,7 @@
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 #include "torch_npu/csrc/framework/OpCommand.h"
 
+#include "sparsedge/activations.h"  // backends/include: the activation names every binding shares
 #include "sparsedge_launch.h"
 #include "sparsedge_tiling.h"
 
@@ -59,13 +60,9 @@ int dtype_of(const at::Tensor& x, int chipId) {
     return -1;
 }
 
-uint32_t activation_id(const std::string& a) {
-    static const char* names[] = {"silu", "gelu", "gelu_tanh", "relu", "fatrelu", "drelu", "relu2"};
-    for (uint32_t i = 0; i < 7; ++i)
-        if (a == names[i]) return i;
-    TORCH_CHECK(false, "sparsedge (npu): unknown FFN activation '", a, "'");
-    return 0;
-}
+// the kernels' activation ids are the shared enum's values (the emulation build static_asserts it); unknown names
+// throw std::invalid_argument (a ValueError in Python) listing the supported ones
+uint32_t activation_id(const std::string& a) { return uint32_t(sparsedge::parse_activation(a)); }
 
 void check_tiling(int rc, const char* what) {
     TORCH_CHECK(rc == SD_OK, "sparsedge (npu): ", what, " tiling failed (status ", rc,

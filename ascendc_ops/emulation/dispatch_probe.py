@@ -67,6 +67,11 @@ report["cases"]["ffn_predict"] = {
 y2r, dc2r = sparse_ffn_rows_ref(x, idr, cnr, wg, wu, wd, "fatrelu", 0.05, 0.0)
 report["cases"]["sparse_ffn_rows"] = {"log": log, "cmds": cmds, "err": err(y2, y2r), "count_ok": bool(torch.equal(dc2, dc2r)),
                                       "ptrs": {"idx": ptr(idr), "count": ptr(cnr)}}
+try:  # the binding parses activation names through backends/include/sparsedge/activations.h
+    call("sparse_ffn_rows", x, idr, cnr, wg, wu, wd, "swish", 0.0, 0.0)
+    report["cases"]["bad_activation"] = "no error"
+except (RuntimeError, ValueError) as e:
+    report["cases"]["bad_activation"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
 G4 = 32
 q4 = torch.randint(0, 256, (I, 2, 64 // 2), dtype=torch.uint8, generator=g)

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from sparsedge.activations import ACTIVATIONS
+
 ROOT = Path(__file__).resolve().parents[1]  # ascendc_ops/
+SHARED_INCLUDE = ROOT.parent / "backends" / "include"  # sparsedge/activations.h, shared by every C++ binding
 SOURCES = [
     ROOT / "emulation" / "kernel_operator.h",
     ROOT / "emulation" / "launch_emu.cpp",
@@ -26,11 +29,12 @@ SOURCES = [
     ROOT / "kernels" / "sparse_ffn.cpp",
     ROOT / "kernels" / "delta_attention.cpp",
     ROOT / "emulation" / "harness_selftest.cpp",
+    SHARED_INCLUDE / "sparsedge" / "activations.h",
 ]
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unused-function"]
 CHIPS = {"310B": 0, "910B": 1}
 DTYPES = {torch.float16: 0, torch.bfloat16: 1}
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "fatrelu": 4, "drelu": 5, "relu2": 6}
+ACT_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}  # the kernels' ids (static_assert'ed in launch_emu.cpp)
 MODES = {"fused": 0, "rows": 1, "predict": 2}
 
 
@@ -64,7 +68,8 @@ def build(out_name: str, sources: list[Path], flags: list[str], extra_hash: list
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         tmp_out = Path(tmp) / target.name
-        cmd = [cxx, *CXXFLAGS, *flags, "-I", str(ROOT / "emulation"), *map(str, sources), "-o", str(tmp_out)]
+        cmd = [cxx, *CXXFLAGS, *flags, "-I", str(ROOT / "emulation"), "-I", str(SHARED_INCLUDE), *map(str, sources),
+               "-o", str(tmp_out)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"emulation build failed: {' '.join(cmd)}\n{res.stderr[-6000:]}")
@@ -160,7 +165,7 @@ class Emu:
         bias32 = bias.float().contiguous() if bias is not None else None
         rc = self.lib.sd_emu_ffn(
             CHIPS[chip], DTYPES[x.dtype], MODES[mode], cores, _p(x), _p(p1), _p(p2), _p(bias32), _p(w_gate), _p(w_up),
-            _p(w_down_t), _p(idx), _p(count), T, d, r, I, ACTIVATIONS[activation], ctypes.c_float(act_param),
+            _p(w_down_t), _p(idx), _p(count), T, d, r, I, ACT_IDS[activation], ctypes.c_float(act_param),
             ctypes.c_float(tau), _p(y), _p(idx_out), _p(count_out), _p(down), ub)
         self._check(rc)
         return {"y": y, "idx": idx_out, "count": count_out, "down_count": down, "ub": (ub[0], ub[1])}
@@ -174,7 +179,7 @@ class Emu:
         ub = (ctypes.c_uint64 * 2)()
         q, scale, thresh = q.contiguous(), scale.float().contiguous(), thresh.float().contiguous()
         rc = self.lib.sd_emu_ffn_q4(CHIPS[chip], DTYPES[x.dtype], cores, _p(x), _p(q), _p(scale), _p(thresh), T, d, G,
-                                    I, ACTIVATIONS[activation], ctypes.c_float(act_param), _p(idx), _p(count), ub)
+                                    I, ACT_IDS[activation], ctypes.c_float(act_param), _p(idx), _p(count), ub)
         self._check(rc)
         return {"idx": idx, "count": count, "ub": (ub[0], ub[1])}
 
@@ -236,10 +241,11 @@ def build_fake_binding() -> Path:
     inc, libs = torch_flags()
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         tmp = Path(tmp)
-        common = ["-O1", "-fPIC", "-c", f"-I{FAKE_DIR}", f"-I{ROOT / 'include'}", f"-I{ROOT / 'emulation'}"]
+        common = ["-O1", "-fPIC", "-c", f"-I{FAKE_DIR}", f"-I{ROOT / 'include'}", f"-I{ROOT / 'emulation'}",
+                  f"-I{SHARED_INCLUDE}"]
         units = [
             (BINDING, ["-std=c++20", "-DSPARSEDGE_FAKE_NPU", *inc]),
-            (ROOT / "emulation" / "launch_emu.cpp", ["-std=c++17"]),
+            (ROOT / "emulation" / "launch_emu.cpp", ["-std=c++17", "-O2"]),  # the kernels: tests/test_ops.py runs them
             (ROOT / "host" / "sparsedge_tiling.cpp", ["-std=c++17"]),
             (extras, ["-std=c++20"]),
         ]

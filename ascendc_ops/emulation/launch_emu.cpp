@@ -13,6 +13,17 @@
 #include "../include/sparsedge_tiling.h"
 #include "../kernels/delta_attention.cpp"
 #include "../kernels/sparse_ffn.cpp"
+#include "sparsedge/activations.h"
+
+// the kernels' activation ids are the ids every binding parses names into (backends/include/sparsedge/activations.h)
+namespace sd_act_check {
+using A = sparsedge::Activation;
+static_assert(sparsedge::ACT_SILU == int(A::silu) && sparsedge::ACT_GELU == int(A::gelu) &&
+                  sparsedge::ACT_GELU_TANH == int(A::gelu_tanh) && sparsedge::ACT_RELU == int(A::relu) &&
+                  sparsedge::ACT_FATRELU == int(A::fatrelu) && sparsedge::ACT_DRELU == int(A::drelu) &&
+                  sparsedge::ACT_RELU2 == int(A::relu2) && sparsedge::kNumActivations == 7,
+              "ascendc_ops/kernels/sparse_ffn.cpp activation ids differ from sparsedge/activations.h");
+}  // namespace sd_act_check
 
 namespace {
 std::string g_log, g_err;

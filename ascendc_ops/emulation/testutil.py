@@ -1,4 +1,4 @@
-"""Shared helpers for tests/test_ascend_*.py (TEST HARNESS side)."""
+"""Shared helpers for tests/test_ascend_*.py and the NPU device of tests/test_ops.py (TEST HARNESS side)."""
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
-// Fused dense causal attention over the preallocated KV cache (GQA), the decode baseline.
+// Fused dense causal attention over the preallocated KV cache (GQA), the decode baseline, and its sliding-window
+// form (dense_attention_window: the query at position p attends to keys max(0, p - window + 1)..p only).
 // One pass per (token, query head): scores with a SIMD dot product, fp32 softmax, then P.V.
 // Work is split over (token, head) pairs; small problems run on the calling thread because an
 // OpenMP fork/join costs more than a 9-head x 64-key decode step.
@@ -42,8 +43,9 @@ void attend_one(const T* q, const T* k, const T* v, T* out, int64_t n_keys, int6
   for (int64_t i = 0; i < D; ++i) out[i] = from_f32<T>(acc[i] * inv);
 }
 
-at::Tensor dense_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                int64_t start, double scale) {
+at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          int64_t start, double scale, int64_t window) {
+  TORCH_CHECK(window >= 0, "dense_attention_window: window must be >= 0 (0: no window), got ", window);
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
               "dense_attention: q must be [T, Hq, D] and the caches [Hkv, Tmax, D]");
   SPARSEDGE_CHECK_CPU_CONTIG(k_cache);
@@ -56,7 +58,8 @@ at::Tensor dense_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cach
   TORCH_CHECK(start >= 0 && start + T <= Tmax, "dense_attention: positions exceed the cache capacity");
   const int64_t G = Hq / H;
   auto out = at::empty_like(q);
-  const int64_t work = (start + T) * D * T * Hq;
+  const int64_t keys = window > 0 ? std::min<int64_t>(start + T, window) : start + T;  // per query, at most
+  const int64_t work = keys * D * T * Hq;
   const int64_t grain = work < (1 << 16) ? T * Hq : 1;  // small: stay on this thread
   SPARSEDGE_DISPATCH_FLOATS(q.scalar_type(), "dense_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -64,11 +67,12 @@ at::Tensor dense_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cach
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, T * Hq, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<float> p(start + T);
+      std::vector<float> p(keys);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / Hq, hq = r % Hq, h = hq / G;
-        const int64_t base = h * Tmax * D;
-        attend_one<scalar_t>(qp + r * D, kp + base, vp + base, op + r * D, start + t + 1, D, D,
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, start + t + 1 - window) : 0;  // first key
+        const int64_t base = h * Tmax * D + lo * D;
+        attend_one<scalar_t>(qp + r * D, kp + base, vp + base, op + r * D, start + t + 1 - lo, D, D,
                              static_cast<float>(scale), p);
       }
     });
@@ -76,8 +80,21 @@ at::Tensor dense_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cach
   return out;
 }
 
+at::Tensor dense_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                int64_t start, double scale) {
+  return attention_impl(q, k_cache, v_cache, start, scale, 0);
+}
+
+at::Tensor dense_attention_window_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       int64_t start, double scale, int64_t window) {
+  return attention_impl(q, k_cache, v_cache, start, scale, window);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsedge, CPU, m) { m.impl("dense_attention", &dense_attention_impl); }
+TORCH_LIBRARY_IMPL(sparsedge, CPU, m) {
+  m.impl("dense_attention", &dense_attention_impl);
+  m.impl("dense_attention_window", &dense_attention_window_impl);
+}
 
 }  // namespace sparsedge::cpu

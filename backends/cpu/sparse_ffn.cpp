@@ -25,39 +25,31 @@
 #include <vector>
 
 #include "simd.h"
+#include "sparsedge/activations.h"
 
 namespace sparsedge::cpu {
 namespace {
 
-enum class Act { SiLU, GeLU, GeLUTanh, ReLU, FatReLU, DReLU, ReLU2 };
+using Act = sparsedge::Activation;  // names and ids: backends/include/sparsedge/activations.h
 
-Act parse_act(const std::string& s) {
-  if (s == "silu") return Act::SiLU;
-  if (s == "gelu") return Act::GeLU;
-  if (s == "gelu_tanh") return Act::GeLUTanh;
-  if (s == "relu") return Act::ReLU;
-  if (s == "fatrelu") return Act::FatReLU;
-  if (s == "drelu") return Act::DReLU;
-  if (s == "relu2") return Act::ReLU2;
-  TORCH_CHECK(false, "sparse_ffn: unknown activation '", s,
-              "' (supported: silu, gelu, gelu_tanh, relu, fatrelu, drelu, relu2)");
-}
+// unknown names throw std::invalid_argument (a ValueError in Python) listing the supported ones
+Act parse_act(c10::string_view s) { return sparsedge::parse_activation(std::string_view(s.data(), s.size())); }
 
 // h = act(g) * u with the schema's conventions; zero where |act(g)| < tau (tau > 0).
 inline float activate(Act act, float g, float u, float param, float tau) {
   float a;
   switch (act) {
-    case Act::SiLU: a = g / (1.f + std::exp(-g)); break;
-    case Act::GeLU: a = 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f)); break;
-    case Act::GeLUTanh: {
+    case Act::silu: a = g / (1.f + std::exp(-g)); break;
+    case Act::gelu: a = 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f)); break;
+    case Act::gelu_tanh: {
       const float k = 0.79788456080286536f;
       a = 0.5f * g * (1.f + std::tanh(k * (g + 0.044715f * g * g * g)));
       break;
     }
-    case Act::ReLU: a = g > 0.f ? g : 0.f; break;
-    case Act::FatReLU: a = g > param ? g : 0.f; break;
-    case Act::DReLU: a = g > 0.f ? g : 0.f; u = u > 0.f ? u : 0.f; break;
-    case Act::ReLU2: { const float r = g > 0.f ? g : 0.f; a = r * r; break; }
+    case Act::relu: a = g > 0.f ? g : 0.f; break;
+    case Act::fatrelu: a = g > param ? g : 0.f; break;
+    case Act::drelu: a = g > 0.f ? g : 0.f; u = u > 0.f ? u : 0.f; break;
+    case Act::relu2: { const float r = g > 0.f ? g : 0.f; a = r * r; break; }
     default: a = 0.f;
   }
   if (tau > 0.f && std::fabs(a) < tau) return 0.f;
@@ -352,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_predict_q4_impl(const at::Tensor& x_in, c
               "ffn_predict_q4: scale must be [I, 2, d/G] with an even group size G, got ", scale.sizes());
   TORCH_CHECK(thresh.numel() == I, "ffn_predict_q4: thresh must be [I]");
   const int64_t G = d / scale.size(2);
-  const Act act = parse_act(std::string(activation));
+  const Act act = parse_act(activation);
   auto idx = at::empty({T, I}, x.options().dtype(at::kInt));
   auto count = at::empty({T}, x.options().dtype(at::kInt));
   int32_t* ip = idx.data_ptr<int32_t>();
@@ -396,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_rows_impl(const at::Tensor& x_in, 
       TORCH_CHECK(ip[t * stride + k] >= 0 && ip[t * stride + k] < I, "sparse_ffn_rows: idx[", t, ", ", k,
                   "] = ", ip[t * stride + k], " out of range [0, ", I, ")");
   }
-  const Act act = parse_act(std::string(activation));
+  const Act act = parse_act(activation);
   auto y = at::empty({T, d}, x.options());
   auto down_count = at::empty({T}, x.options().dtype(at::kInt));
   int32_t* dp = down_count.data_ptr<int32_t>();
@@ -438,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_ffn_impl(
   TORCH_CHECK(p1.dim() == 2 && p1.size(1) == d, "sparse_ffn: p1 must be [r, d]");
   TORCH_CHECK(p2.dim() == 2 && p2.size(0) == I && p2.size(1) == r, "sparse_ffn: p2 must be [I, r]");
   TORCH_CHECK(bias.numel() == I, "sparse_ffn: bias must be [I]");
-  const Act act = parse_act(std::string(activation));
+  const Act act = parse_act(activation);
   auto y = at::empty({T, d}, x.options());
   auto count = at::empty({T}, x.options().dtype(at::kInt));
   auto down_count = at::empty({T}, x.options().dtype(at::kInt));

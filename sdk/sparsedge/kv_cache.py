@@ -2,7 +2,8 @@
 
 A cache is a list of per-layer caches with one method the attention calls:
     attend(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], start) -> out [T, Hq, D]
-which stores k, v at positions start..start+T-1 and attends causally over positions 0..start+T-1.
+which stores k, v at positions start..start+T-1 and attends causally over positions 0..start+T-1 (a layer with a
+sliding window W, SlidingLayerCache: over the last W positions of each query, its own included).
 The delta-buffer cache (sparsedge.delta) implements the same protocol.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ class DenseLayerCache:
         shape = (config.n_kv_heads, max_seq_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.attention_scale  # head_dim ** -0.5 unless the model says otherwise (Gemma)
         self.length = 0
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -40,6 +41,36 @@ class DenseLayerCache:
         return self.k_bytes()
 
 
+class SlidingLayerCache(DenseLayerCache):
+    """DenseLayerCache of a sliding-window layer: the query at position p attends to positions p-W+1..p only
+    (sparsedge::dense_attention_window once the context is longer than W; dense_attention before). Keeps every
+    position (so truncate stays exact); the attention reads at most W of them."""
+
+    def __init__(self, config: ModelConfig, max_seq_len: int, dtype: torch.dtype, device, window: int):
+        super().__init__(config, max_seq_len, dtype, device)
+        if window <= 0:
+            raise ValueError(f"sliding window must be > 0, got {window}")
+        self.window = int(window)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        T = q.shape[0]
+        n = start + T
+        self.k[:, start:n] = k.transpose(0, 1)
+        self.v[:, start:n] = v.transpose(0, 1)
+        self.length = n
+        if n <= self.window:
+            return torch.ops.sparsedge.dense_attention(q, self.k, self.v, start, self.scale)
+        return torch.ops.sparsedge.dense_attention_window(q, self.k, self.v, start, self.scale, self.window)
+
+
+def layer_cache(config: ModelConfig, layer: int, max_seq_len: int, dtype: torch.dtype, device) -> DenseLayerCache:
+    """The dense cache of one layer: sliding when the config gives the layer a window."""
+    w = config.window(layer)
+    if w:
+        return SlidingLayerCache(config, max_seq_len, dtype, device, w)
+    return DenseLayerCache(config, max_seq_len, dtype, device)
+
+
 class KVCache:
     def __init__(self, layers: list, max_seq_len: int):
         self.layers = layers
@@ -47,8 +78,7 @@ class KVCache:
 
     @classmethod
     def dense(cls, config: ModelConfig, max_seq_len: int, dtype: torch.dtype, device) -> "KVCache":
-        return cls([DenseLayerCache(config, max_seq_len, dtype, device) for _ in range(config.n_layers)],
-                   max_seq_len)
+        return cls([layer_cache(config, i, max_seq_len, dtype, device) for i in range(config.n_layers)], max_seq_len)
 
     def truncate(self, n: int) -> bool:
         """Forget positions >= n; False when a layer cannot (the caller then re-prefills)."""

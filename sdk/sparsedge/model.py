@@ -9,6 +9,10 @@ Every residual add is fused with the following RMSNorm (sparsedge::add_rms_norm)
 Every module counts its own work (sparsedge.stats: `stats()` / `reset_stats()`, weight bytes it read), with
 in-place int lists so the decode step pays no nn.Module attribute machinery for it.
 
+Models with pieces beyond Llama's (Qwen3, Gemma 3, Phi-3, BitNet; see sparsedge.config) use the subclasses
+ExtendedAttention / SubNormFFN and Transformer's general path, chosen once when the model is built; a Llama-family
+model runs exactly the lean code above them (Transformer.forward branches once per call).
+
 The two places sparsity plugs in:
   - `Block.ffn` is any module mapping x [T, d] -> [T, d]; DenseFFN here, SparseFFN in sparsedge.ffn.
   - attention hands q, k, v to its per-layer cache (`LayerCache.attend`), so the dense cache in
@@ -41,10 +45,18 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return ops.linear(x, w, b)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """[head_dim / 2] inverse frequencies, computed as transformers computes them. `local`: those of the sliding
+    layers (config.rope_local_theta, unscaled). Partial rotary (config.rotary_dim R < D): the first R/2 are RoPE's
+    over R channels, the rest 0 (cos 1, sin 0: those channels pass through; loaders put the rotated channels
+    first in each half of a head, see sparsedge.loading.base)."""
     D = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
-    rs = config.rope_scaling
+    R = config.rotary_dim or D
+    theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, R, 2, dtype=torch.int64).float() / R))
+    if R < D:
+        inv = torch.cat([inv, torch.zeros((D - R) // 2)])
+    rs = None if local and config.rope_local_theta else config.rope_scaling
     kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
     if kind in (None, "default"):
         return inv
@@ -62,10 +74,11 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: default, linear, llama3)")
 
 
-def rope_tables(config: ModelConfig, max_seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: ModelConfig, max_seq_len: int, device=None, local: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_seq_len, D/2] in fp32 (computed as transformers does, so parity is exact)."""
     t = torch.arange(max_seq_len, dtype=torch.float32)
-    freqs = torch.outer(t, rope_inv_freq(config))
+    freqs = torch.outer(t, rope_inv_freq(config, local))
     return freqs.cos().to(device), freqs.sin().to(device)
 
 
@@ -159,11 +172,68 @@ class Attention(nn.Module):
         return {"weight_bytes": self._n[0] * self.weight_bytes()}
 
 
+class ExtendedAttention(Attention):
+    """Attention with the pieces beyond Llama: per-head RMSNorm of q and of k before RoPE (`q_norm`, `k_norm`
+    [head_dim]; Qwen3, Gemma 3) and RMSNorm of the attention output before W_o (`sub_norm` [Hq D]; BitNet).
+    The attention scale and the sliding window live in the layer's cache (sparsedge.kv_cache)."""
+
+    def __init__(self, config: ModelConfig, wqkv, bqkv, wo, q_norm: torch.Tensor | None = None,
+                 k_norm: torch.Tensor | None = None, sub_norm: torch.Tensor | None = None):
+        super().__init__(config, wqkv, bqkv, wo)
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("q_norm and k_norm come together")
+        self.q_norm, self.k_norm, self.sub_norm = q_norm, k_norm, sub_norm
+        self.eps = config.norm_eps
+
+    def forward(self, x, cos, sin, layer_cache, start: int):
+        T = x.shape[0]
+        self._n[0] += 1
+        qkv = linear(x, self.wqkv, self.bqkv)
+        Hq, Hkv, D, nqk = self.n_heads, self.n_kv_heads, self.head_dim, self.q_size + self.kv_size
+        if self.q_norm is None:
+            qk = qkv[:, :nqk].reshape(T, Hq + Hkv, D)
+        else:
+            q = ops.rms_norm(qkv[:, : self.q_size].reshape(T, Hq, D), self.q_norm, self.eps)
+            k = ops.rms_norm(qkv[:, self.q_size:nqk].reshape(T, Hkv, D), self.k_norm, self.eps)
+            qk = torch.cat((q, k), 1)
+        qk = ops.rope(qk, cos, sin)
+        q, k = qk[:, :Hq], qk[:, Hq:]
+        v = qkv[:, nqk:].reshape(T, Hkv, D)
+        out = layer_cache.attend(q, k, v, start).reshape(T, self.q_size)
+        if self.sub_norm is not None:
+            out = ops.rms_norm(out, self.sub_norm, self.eps)
+        return linear(out, self.wo)
+
+    def weight_bytes(self) -> int:
+        return super().weight_bytes() + nbytes(self.q_norm) + nbytes(self.k_norm) + nbytes(self.sub_norm)
+
+
+class SubNormFFN(DenseFFN):
+    """DenseFFN with BitNet's RMSNorm of h = act(W_gate x) * (W_up x) before W_down (`sub_norm` [I]). `hidden`
+    returns the normalised h (a neuron whose h is zero stays zero), so forward and calibration see what W_down
+    reads. The sparse FFN path does not implement the norm (sparsedge.ffn refuses it)."""
+
+    def __init__(self, *args, sub_norm: torch.Tensor, eps: float, **kw):
+        super().__init__(*args, **kw)
+        self.sub_norm, self.eps = sub_norm, eps
+
+    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, h = super().hidden(x)
+        return g, ops.rms_norm(h, self.sub_norm, self.eps)
+
+    def weight_bytes(self) -> int:
+        return super().weight_bytes() + nbytes(self.sub_norm)
+
+
 class Block(nn.Module):
     def __init__(self, attn_norm, attention: Attention, ffn_norm, ffn: nn.Module):
         super().__init__()
         self.attn_norm, self.ffn_norm = attn_norm, ffn_norm
         self.attention, self.ffn = attention, ffn
+        # beyond Llama (set by the builder; Transformer's general path reads them): RMSNorm of the attention / FFN
+        # output before its residual add (Gemma 3), and whether the layer uses the sliding layers' RoPE tables
+        self.post_attn_norm = self.post_ffn_norm = None
+        self.local_rope = False
 
 
 class Transformer(nn.Module):
@@ -173,6 +243,12 @@ class Transformer(nn.Module):
         self.tok_embeddings, self.norm, self.lm_head = tok_embeddings, norm, lm_head
         self.layers = nn.ModuleList(layers)
         self.rope_cos = self.rope_sin = None
+        self.rope_local = None  # (cos, sin) of the sliding layers with their own RoPE base (Gemma 3)
+        # the general path is for what lives outside attention, FFN and cache (q/k norms, sub-norms, windows,
+        # partial rotary and the attention scale run in the lean path too)
+        self._plain = not (config.embed_scale or config.post_norms or config.final_logit_softcap
+                           or (config.rope_local_theta and config.sliding_layers))
+        self._embed_scale = None  # config.embed_scale as a tensor of the embeddings' dtype (made on first use)
         self.reset_stats()
 
     @property
@@ -186,12 +262,16 @@ class Transformer(nn.Module):
     def ensure_rope(self, max_seq_len: int) -> None:
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
             self.rope_cos, self.rope_sin = rope_tables(self.config, max_seq_len, self.device)
+            if self.config.rope_local_theta and self.config.sliding_layers:
+                self.rope_local = rope_tables(self.config, max_seq_len, self.device, local=True)
 
     def forward(self, tokens: torch.Tensor, start: int, cache, all_logits: bool = False,
                 hidden_hook=None) -> torch.Tensor:
         """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V] for the last token).
 
         `hidden_hook(layer_index, h)`, if given, sees each FFN input (used by calibration)."""
+        if not self._plain:
+            return self._forward_general(tokens, start, cache, all_logits, hidden_hook)
         T = tokens.shape[0]
         n = self._n
         n[0] += 1
@@ -214,10 +294,57 @@ class Transformer(nn.Module):
             h = h[-1:]
         return linear(h, self.lm_head)
 
+    def _embedding_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """config.embed_scale rounded to `dtype` first, as transformers' Gemma does (sqrt(3072) is 55.5 in bf16)."""
+        s = self._embed_scale
+        if s is None or s.dtype != dtype:
+            s = self._embed_scale = torch.tensor(self.config.embed_scale, dtype=torch.float32).to(dtype)
+        return s
+
+    def _forward_general(self, tokens, start: int, cache, all_logits: bool, hidden_hook) -> torch.Tensor:
+        """forward for models with pieces beyond Llama: scaled embeddings, per-layer RoPE tables, norms after
+        attention and FFN, final logit softcapping (the rest is in ExtendedAttention / SubNormFFN / the caches)."""
+        T = tokens.shape[0]
+        n = self._n
+        n[0] += 1
+        n[1] += T
+        cfg = self.config
+        cs = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        local = (self.rope_local[0][start:start + T], self.rope_local[1][start:start + T]) if self.rope_local else cs
+        eps = cfg.norm_eps
+        emb = self.tok_embeddings
+        residual = emb.rows(tokens).dequantize() if isinstance(emb, QWeight) else F.embedding(tokens, emb)
+        if cfg.embed_scale:
+            residual = residual * self._embedding_scale(residual.dtype)
+        h = ops.rms_norm(residual, self.layers[0].attn_norm, eps)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            cos, sin = local if layer.local_rope else cs
+            a = layer.attention(h, cos, sin, cache.layers[i], start)
+            if layer.post_attn_norm is not None:
+                a = ops.rms_norm(a, layer.post_attn_norm, eps)
+            h = ops.add_rms_norm(residual, a, layer.ffn_norm, eps)
+            if hidden_hook is not None:
+                hidden_hook(i, h)
+            f = layer.ffn(h)
+            if layer.post_ffn_norm is not None:
+                f = ops.rms_norm(f, layer.post_ffn_norm, eps)
+            next_norm = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
+            h = ops.add_rms_norm(residual, f, next_norm, eps)
+        if not all_logits:
+            h = h[-1:]
+        logits = linear(h, self.lm_head)
+        if cfg.final_logit_softcap:
+            c = cfg.final_logit_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits
+
     # --- accounting -------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """Bytes of the top-level weights one call reads: lm_head and the norms (embedding row excluded)."""
         norms = self.norm.numel() + sum(2 * layer.attn_norm.numel() for layer in self.layers)
+        norms += sum(t.numel() for layer in self.layers for t in (layer.post_attn_norm, layer.post_ffn_norm)
+                     if t is not None)
         return nbytes(self.lm_head) + norms * self.norm.element_size()
 
     def reset_stats(self) -> None:

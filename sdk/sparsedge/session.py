@@ -162,6 +162,9 @@ class Session:
 
         be = get_backend(backend)
         mode = check_weights(weights)
+        if mode is not None and predictors is not None:
+            raise ValueError(f"weights={weights!r} keeps quantized projections, but FFN predictors run on float "
+                             f"weights; drop weights= (the session then dequantizes) or drop predictors=")
         # inputs that can be checked without the weights are checked first (a model load can take minutes)
         from sparsedge.artifact import check_artifact
         if predictors is not None:
@@ -173,7 +176,10 @@ class Session:
         if ctx is None:
             ctx = max(2, min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
         if mode is None and dtype is None and getattr(src, "quantized", False):
-            mode = "native"
+            if predictors is None:
+                mode = "native"  # the file's own blocks: the fastest dense path
+            else:  # the sparse FFN kernels gather float rows: predictors need the dequantized weights
+                logger.info("FFN predictors run on float weights: dequantizing the quantized file to float32")
         dt = parse_dtype(dtype) or (torch.float32 if mode is not None else be.default_dtype())
         tm = build_transformer(src, be, dt, progress=progress, mode=mode)
         be.require("rms_norm", "add_rms_norm", "rope")

@@ -60,14 +60,23 @@ class LlamaCpp:
         self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
                          logits_all=logits_all, verbose=False)
 
+        self.n_vocab = self.llm.n_vocab()
+
+    def _last(self) -> np.ndarray:
+        """The last position's logits, read in place from the context (the binding keeps `scores` only with
+        logits_all)."""
+        import llama_cpp
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
+        return self._last()
 
     def step(self, token: int) -> np.ndarray:
         self.llm.eval([token])
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
+        return self._last()
 
     def all_logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()

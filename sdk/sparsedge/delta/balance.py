@@ -66,14 +66,18 @@ def fold_key_scale(model, key_scale) -> None:
         model.unscaled_fingerprint = weights_fingerprint(model)
     ratio = (new if new is not None else torch.ones(L, H, D)) / (old if old is not None else torch.ones(L, H, D))
     G = Hq // H
-    if any(not isinstance(layer.attention.wqkv, torch.Tensor) for layer in model.layers):
-        raise ValueError("this delta config folds a key scale into W_q/W_k, which needs float weights; the session "
-                         "keeps them quantized: load it with dtype='float32', or calibrate with --no-key-balance")
+    if new is not None and cfg.qk_norm:
+        raise ValueError("this delta config folds a key scale into W_q/W_k, but the model normalises q and k per head "
+                         "after the projection (qk_norm), which would undo it; calibrate with --no-key-balance")
     with torch.inference_mode():  # weights may be inference tensors (built under inference mode)
         for i, layer in enumerate(model.layers):
             r = ratio[i].reshape(-1)  # [H * D]
             rq = ratio[i].repeat_interleave(G, 0).reshape(-1)  # [Hq * D]
-            for t in (layer.attention.wqkv, layer.attention.bqkv):
+            w = layer.attention.wqkv
+            if not isinstance(w, torch.Tensor):  # quantized rows: scale their fp16 block scales (exact, 2^k)
+                _fold_quantized(w, 1.0 / rq, r, Hq * D, H * D)
+                w = None
+            for t in (w, layer.attention.bqkv):
                 if t is None:
                     continue
                 view = t.view(t.shape[0], -1)  # a bias [N] as [N, 1]
@@ -82,3 +86,14 @@ def fold_key_scale(model, key_scale) -> None:
     model.key_scale = new
     if new is None:
         model.unscaled_fingerprint = None
+
+
+def _fold_quantized(w, q_factor: torch.Tensor, k_factor: torch.Tensor, q_rows: int, k_rows: int) -> None:
+    """Scale the q rows of a quantized qkv projection (a QWeight, or a (q, k, v) tuple) by q_factor and its k
+    rows by k_factor, through QWeight.scale_rows_ (exact for power-of-two factors)."""
+    parts = list(w) if isinstance(w, tuple) else [w]
+    full = torch.cat([q_factor, k_factor, torch.ones(sum(p.N for p in parts) - q_rows - k_rows)])
+    start = 0
+    for p in parts:
+        p.scale_rows_(full[start:start + p.N])
+        start += p.N

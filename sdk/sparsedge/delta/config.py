@@ -135,11 +135,17 @@ class DeltaConfig:
 
     # --- cache --------------------------------------------------------------------------------
     def make_layer_cache(self, model_config, i: int, max_seq_len: int, dtype, device) -> DeltaLayerCache:
-        return DeltaLayerCache(model_config.n_kv_heads, model_config.head_dim, max_seq_len, dtype, device,
-                               self.theta[i], self.window, self.sinks, self.initial_density, self.growth, layer=i)
+        cache = DeltaLayerCache(model_config.n_kv_heads, model_config.head_dim, max_seq_len, dtype, device,
+                                self.theta[i], self.window, self.sinks, self.initial_density, self.growth, layer=i)
+        cache.scale = model_config.attention_scale  # head_dim ** -0.5 unless the model says otherwise (Gemma)
+        return cache
 
     def make_cache(self, model_config, max_seq_len: int, dtype, device):
         from sparsedge.kv_cache import KVCache
+        if model_config.sliding_layers:
+            raise ValueError(f"delta attention on sliding-window layers is not implemented ({model_config.name}: "
+                             f"layers {model_config.sliding_layers} attend to their last "
+                             f"{model_config.sliding_window} positions); run this model with the dense KV cache")
         if len(self.theta) != model_config.n_layers:
             raise ValueError(f"delta config has theta for {len(self.theta)} layers, model has {model_config.n_layers}")
         return KVCache([self.make_layer_cache(model_config, i, max_seq_len, dtype, device)

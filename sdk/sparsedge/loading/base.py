@@ -6,6 +6,13 @@ Canonical names and shapes (transformers' Llama "rotate-half" RoPE layout for wq
   layers.{i}.attn_norm [d]; wq [Hq*D, d]; wk [Hkv*D, d]; wv [Hkv*D, d];
   bq/bk/bv [Hq*D]/[Hkv*D]/[Hkv*D] (only when config.qkv_bias); wo [d, Hq*D];
   ffn_norm [d]; w_gate [I, d]; w_up [I, d]; w_down [d, I]
+and, for the pieces beyond Llama (sparsedge.config), only when the config has them:
+  q_norm, k_norm [D] (qk_norm); attn_sub_norm [Hq*D], ffn_sub_norm [I] (sub_norms);
+  post_attn_norm, post_ffn_norm [d] (post_norms).
+Every norm weight is the factor the normalised vector is multiplied by: Gemma's (1 + w) convention is folded in by
+the loader (llama.cpp's GGUF files store 1 + w already). Partial rotary (config.rotary_dim R < D): the R rotated
+channels of each q/k head are channels 0..R/2-1 and D/2..D/2+R/2-1 (each half of the head starts with its rotated
+half), so the decoder's rotate-half RoPE over all D channels, with cos 1 / sin 0 past R/2, is the model's.
 """
 from __future__ import annotations
 
@@ -24,7 +31,14 @@ class ModelFormatError(ValueError):
     """A model file or folder that exists but cannot be loaded as given."""
 
 
-LAYER_KEYS = ("attn_norm", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+LAYER_KEYS = ("attn_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "attn_sub_norm", "wo",
+              "post_attn_norm", "ffn_norm", "w_gate", "w_up", "ffn_sub_norm", "w_down", "post_ffn_norm")
+
+
+def extra_layer_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """The per-layer tensors beyond Llama's that `cfg` needs."""
+    return ((("q_norm", "k_norm") if cfg.qk_norm else ()) + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ())
+            + (("post_attn_norm", "post_ffn_norm") if cfg.post_norms else ()))
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -33,17 +47,25 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     per_layer = {
         "attn_norm": (d,), "wq": (q, d), "bq": (q,), "wk": (kv, d), "bk": (kv,), "wv": (kv, d), "bv": (kv,),
         "wo": (d, q), "ffn_norm": (d,), "w_gate": (inter, d), "w_up": (inter, d), "w_down": (d, inter),
+        "q_norm": (cfg.head_dim,), "k_norm": (cfg.head_dim,), "attn_sub_norm": (q,), "ffn_sub_norm": (inter,),
+        "post_attn_norm": (d,), "post_ffn_norm": (d,),
     }
+    extra = set(extra_layer_keys(cfg))
     out: dict[str, tuple[int, ...]] = {"tok_embeddings": (cfg.vocab_size, d)}
     for i in range(cfg.n_layers):
         for k in LAYER_KEYS:
             if k in ("bq", "bk", "bv") and not cfg.qkv_bias:
+                continue
+            if k in _EXTRA_KEYS and k not in extra:
                 continue
             out[f"layers.{i}.{k}"] = per_layer[k]
     out["norm"] = (d,)
     if not cfg.tie_embeddings:
         out["lm_head"] = (cfg.vocab_size, d)
     return out
+
+
+_EXTRA_KEYS = frozenset(("q_norm", "k_norm", "attn_sub_norm", "ffn_sub_norm", "post_attn_norm", "post_ffn_norm"))
 
 
 def canonical_order(names) -> list[str]:

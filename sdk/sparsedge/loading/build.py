@@ -13,7 +13,8 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from sparsedge.model import Attention, Block, DenseFFN, Transformer
+from sparsedge.loading.base import extra_layer_keys
+from sparsedge.model import Attention, Block, DenseFFN, ExtendedAttention, SubNormFFN, Transformer
 from sparsedge.quant import formats as qf
 from sparsedge.quant.qweight import QWeight
 
@@ -55,6 +56,28 @@ def _fuse(parts: list):
     return QWeight.cat(parts) or tuple(parts)
 
 
+# --- the pieces beyond Llama (sparsedge.config); a Llama-family config gets the plain modules -----------------
+def _attention(cfg, wqkv, bqkv, wo, p: dict, conv):
+    if not (cfg.qk_norm or cfg.sub_norms):
+        return Attention(cfg, wqkv, bqkv, wo)
+    qn, kn, sub = (conv(p[k], k) if k in p else None for k in ("q_norm", "k_norm", "attn_sub_norm"))
+    return ExtendedAttention(cfg, wqkv, bqkv, wo, q_norm=qn, k_norm=kn, sub_norm=sub)
+
+
+def _ffn_class(cfg, p: dict, conv):
+    if not cfg.sub_norms:
+        return DenseFFN
+    sub = conv(p["ffn_sub_norm"], "ffn_sub_norm")
+    return lambda *args, **kw: SubNormFFN(*args, sub_norm=sub, eps=cfg.norm_eps, **kw)
+
+
+def _block_extras(cfg, block: Block, i: int, p: dict, conv) -> None:
+    if cfg.post_norms:
+        block.post_attn_norm = conv(p["post_attn_norm"], "post_attn_norm")
+        block.post_ffn_norm = conv(p["post_ffn_norm"], "post_ffn_norm")
+    block.local_rope = bool(cfg.rope_local_theta) and i in cfg.sliding_layers
+
+
 def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True, mode: str | None = None
                       ) -> Transformer:
     cfg = source.config
@@ -62,7 +85,7 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
     pending: dict[int, dict] = defaultdict(dict)
     blocks: dict[int, Block] = {}
     top: dict = {}
-    need = set(_LAYER_KEYS) | ({"bq", "bk", "bv"} if cfg.qkv_bias else set())
+    need = set(_LAYER_KEYS) | ({"bq", "bk", "bv"} if cfg.qkv_bias else set()) | set(extra_layer_keys(cfg))
     t0 = time.perf_counter()
     n_expected = cfg.n_layers * len(need) + 2 + (0 if cfg.tie_embeddings else 1)
     bar = None
@@ -81,12 +104,14 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
             p = pending.pop(i)
             wqkv = _fuse([conv(p[k], k) for k in ("wq", "wk", "wv")])
             bqkv = conv(torch.cat([p["bq"], p["bk"], p["bv"]], 0), "bqkv") if cfg.qkv_bias else None
-            attn = Attention(cfg, wqkv, bqkv, conv(p["wo"], "wo"))
+            attn = _attention(cfg, wqkv, bqkv, conv(p["wo"], "wo"), p, conv)
+            ffn_cls = _ffn_class(cfg, p, conv)
             down = conv.transposed(p["w_down"], "w_down")
             gate_up = _fuse([conv(p["w_gate"], "w_gate"), conv(p["w_up"], "w_up")])
-            ffn = (DenseFFN(cfg, gate_up, None, w_down=down) if isinstance(down, QWeight)
-                   else DenseFFN(cfg, gate_up, down))
+            ffn = (ffn_cls(cfg, gate_up, None, w_down=down) if isinstance(down, QWeight)
+                   else ffn_cls(cfg, gate_up, down))
             blocks[i] = Block(conv(p["attn_norm"], "attn_norm"), attn, conv(p["ffn_norm"], "ffn_norm"), ffn)
+            _block_extras(cfg, blocks[i], i, p, conv)
             del p
     if bar is not None:
         bar.close()

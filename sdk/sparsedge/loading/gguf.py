@@ -2,9 +2,14 @@
 from the vocabulary in the file, weights as zero-copy views of the mapped file.
 
 Quantized tensors come out as QWeight (their own blocks, never dequantized here); F32/F16/BF16 ones as float
-views. llama.cpp stores W_q and W_k with the rows of each head interleaved for its adjacent-pair RoPE; they
-are put back in transformers' rotate-half order by a row permutation, which is exact on quantized rows
-(every block format quantizes rows independently).
+views. llama.cpp stores W_q and W_k of `llama` files with the rows of each head interleaved for its adjacent-pair
+RoPE; they are put back in transformers' rotate-half order by a row permutation, which is exact on quantized rows
+(every block format quantizes rows independently). Its other architectures (qwen2, qwen3, gemma3) keep
+transformers' order (NEOX RoPE), as transformers' own GGUF loader assumes. Gemma 3 files store each RMSNorm
+weight as 1 + w already, the decoder's convention; what llama.cpp hard-codes for Gemma 3 rather than writing it
+(the sliding-window pattern 6, the sliding layers' RoPE base 10000, the attention scale) is filled in as llama.cpp
+and transformers do. Tensors in a format qlinear does not run (sparsedge.quant.load_only: q5_0, q5_1) come out
+dequantized to fp32.
 """
 from __future__ import annotations
 
@@ -18,17 +23,21 @@ from loguru import logger
 from sparsedge.loading.base import ModelFormatError, ModelSource, canonical_order
 from sparsedge.loading.gguf_file import GGUFError, GGUFFile
 from sparsedge.loading.hf import hf_config_to_model_config, merge_ids
+from sparsedge.quant import load_only
 from sparsedge.quant.qweight import QWeight
 from sparsedge.tokenizer import Tokenizer
 
 # GGUF architectures this loader maps, and the transformers model_type each corresponds to
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+_PERMUTED_QK = ("llama",)  # architectures whose converter interleaves the q/k rows (LlamaModel.permute)
 
 _TOP = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _LAYER = {"attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
           "attn_output.weight": "wo", "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
           "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up",
-          "ffn_down.weight": "w_down"}
+          "ffn_down.weight": "w_down",
+          "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",  # qwen3, gemma3
+          "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_ffn_norm"}  # gemma3
 
 
 def unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
@@ -67,7 +76,9 @@ class GGUFSource(ModelSource):
         for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
             if get(key) is None:
                 raise ModelFormatError(f"{self.file.path}: GGUF metadata lacks {a}.{key}; the file is incomplete")
-        if get("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensors:
+        scaling = get("rope.scaling.type")
+        linear = scaling == "linear" and get("rope.scaling.factor") is not None
+        if (scaling not in (None, "none") and not linear) or "rope_freqs.weight" in tensors:
             raise ModelFormatError(f"{self.file.path}: RoPE scaling ({get('rope.scaling.type') or 'rope_freqs'}) in "
                                    f"a GGUF file is not supported yet; load the transformers checkpoint instead")
         tokens = m.get("tokenizer.ggml.tokens")
@@ -79,7 +90,8 @@ class GGUFSource(ModelSource):
             "intermediate_size": int(get("feed_forward_length")),
             "num_attention_heads": n_heads,
             "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
-            "vocab_size": int(get("vocab_size", len(tokens) if tokens is not None else 0)),
+            "vocab_size": int(get("vocab_size", len(tokens) if tokens is not None else
+                                  tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else 0)),
             "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(get("rope.freq_base", 10000.0)),
             "max_position_embeddings": int(get("context_length", 2048)),
@@ -91,6 +103,20 @@ class GGUFSource(ModelSource):
         key_len = get("attention.key_length")
         if key_len is not None and int(key_len) != d["hidden_size"] // n_heads:
             d["head_dim"] = int(key_len)
+        if linear:
+            d["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        if get("attention.sliding_window") is not None:
+            d["sliding_window"] = int(get("attention.sliding_window"))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key) is not None:
+                d[key] = float(get(key))
+        if a == "gemma3":
+            head_dim = int(key_len or d["hidden_size"] // n_heads)
+            # llama.cpp: the 62-layer 27B model scales by hidden / heads, the others by the head dim
+            d["query_pre_attn_scalar"] = (d["hidden_size"] // n_heads if d["num_hidden_layers"] == 62 else head_dim)
+            d["rope_local_base_freq"] = 10000.0
+            d["sliding_window_pattern"] = 6
+            d["hidden_activation"] = "gelu_pytorch_tanh"
         return d
 
     # --- tokenizer ------------------------------------------------------------------------------
@@ -148,10 +174,12 @@ class GGUFSource(ModelSource):
         for c in canonical_order(names):
             info = self.file.tensors[names[c]]
             t = self.file.tensor(names[c])
-            if info.qtype not in ("f32", "f16", "bf16"):
+            if info.qtype in load_only.FORMATS:
+                t = load_only.dequantize(t, info.qtype, info.shape[-1]).reshape(info.shape)
+            elif info.qtype not in ("f32", "f16", "bf16"):
                 t = QWeight(t, info.qtype, info.shape[-1])
             key = c.rsplit(".", 1)[-1]
-            if key in ("wq", "wk", "bq", "bk"):
+            if key in ("wq", "wk", "bq", "bk") and self.file.metadata.get("general.architecture") in _PERMUTED_QK:
                 heads = cfg.n_heads if key in ("wq", "bq") else cfg.n_kv_heads
                 idx = unpermute_rows(info.shape[0], heads)
                 t = t.rows(idx) if isinstance(t, QWeight) else t[idx]

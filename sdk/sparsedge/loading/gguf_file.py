@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sparsedge.loading.base import ModelFormatError
+from sparsedge.quant import load_only
 from sparsedge.quant.formats import SUPPORTED, UnsupportedQuantError, get_format, qtype_from_ggml
 
 
@@ -155,11 +156,16 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, ggml_type, offset in infos:
             try:
-                qtype = qtype_from_ggml(ggml_type)
-                fmt = get_format(qtype)
+                if ggml_type in load_only.BY_GGML:  # dequantized when read (sparsedge.quant.load_only)
+                    fmt = load_only.BY_GGML[ggml_type]
+                    qtype = fmt.name
+                else:
+                    qtype = qtype_from_ggml(ggml_type)
+                    fmt = get_format(qtype)
             except UnsupportedQuantError:
                 raise GGUFError(f"{self.path}: tensor {name!r} is stored as {_ggml_name(ggml_type)}, which sparsedge "
-                                f"cannot run; supported types: {', '.join(SUPPORTED)} (requantize the file with "
+                                f"cannot run; supported types: {', '.join(SUPPORTED + tuple(load_only.FORMATS))} "
+                                f"(requantize the file with "
                                 f"llama.cpp's llama-quantize to one of them)") from None
             k = shape[-1]
             if k % fmt.block:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsedge.ops.schema import define
+from sparsedge.ops.schema import FLOAT_DTYPES, Case, define, rows, sweep
 
 
 def delta_encode_ref(k, ref, theta, values, chan, offsets, start: int):
@@ -113,3 +113,44 @@ define("delta_attention(Tensor q, Tensor k, Tensor v_cache, Tensor values, Tenso
        delta_attention_ref,
        lambda q, k, v_cache, values, chan, offsets, sink_k, window_k, start, n_sink, window, scale:
        torch.empty_like(q))
+
+
+# ------------------------------------------------------------------------------------------------ parity cases
+# tests/test_ops.py runs each on every device against the reference; sparsedge.testing.opcases builds the inputs.
+# H KV heads of G query heads each; keys "walk": a random walk along the tokens (how real keys behave);
+# theta 1e9 / 100: every delta empty; a tuple: one theta per head. chunks: the T of each call, in order (a prefill,
+# decode steps, a prefill chunk at start > 0).
+_SINK_WINDOW = rows("n_sink window", (4, 16), (0, 0), (0, 8), (3, 0), (2, 200))
+_NPU_THETAS = [(0.0, 0.0, 0.0), (0.3, 0.15, 0.6), (1.0, 0.5, 2.0), (100.0, 50.0, 200.0)]
+
+CASES = [
+    # delta_encode: thetas x decode / prefill chunking; per-head thetas on an odd head size (D = 40)
+    *sweep("delta_encode", FLOAT_DTYPES, at=rows("H D", (3, 64)), theta=[0.0, 0.4, 1.5, 1e9],
+           chunks=[[1] * 6, [5, 1, 1], [8, 3]]),
+    *sweep("delta_encode", (torch.float16,), at=rows("H", (3,)), D=[64, 40], theta=_NPU_THETAS, chunks=[[50, 20]],
+           keys=["walk"], cores=[2]),
+    *[Case("delta_encode", dict(H=H, D=64, T=T, cap=cap, key_scale=ks), dtype, raises="capacity exceeded")
+      for H, T, cap, ks, dtype in [(2, 3, 100, 5.0, torch.float32), (2, 2, 70, 10.0, torch.float32),
+                                   (2, 10, 100, 1.0, torch.float16)]],
+    # delta_attention on an encoded cache: GQA 1..4, sinks, windows (1, wider than the context, none), a query
+    # chunk, long positions; decode at several positions of one cache
+    *sweep("delta_attention", FLOAT_DTYPES, theta=[0.0, 0.5, 1e9], at=rows(
+        "H G D start T n_sink window", (3, 1, 64, 40, 1, 4, 16), (3, 3, 64, 40, 1, 4, 16), (2, 4, 128, 100, 1, 4, 32),
+        (3, 3, 64, 0, 8, 4, 16), (3, 4, 64, 33, 5, 0, 8), (1, 3, 64, 20, 1, 0, 0), (2, 3, 64, 20, 3, 2, 1),
+        (3, 3, 64, 3, 2, 8, 4), (4, 4, 64, 600, 1, 4, 64))),
+    *sweep("delta_attention", (torch.float16,), at=rows("H G D", (2, 1, 64), (2, 4, 40), (1, 3, 128)),
+           sw=rows("n_sink window", (4, 16), (0, 8), (2, 0)), start=[(0, 3, 17, 89)], T=[1], theta=[0.5],
+           keys=["walk"], cores=[2]),
+    # encode + attend chunk after chunk (the Session's calls): every buffer bit-identical to the reference's
+    *sweep("delta_attention", (torch.float32, torch.bfloat16), at=rows("H G", (3, 1), (3, 3), (2, 4)),
+           sw=_SINK_WINDOW, theta=[0.0, 0.4, 1e9], D=[64], chunks=[[37, 1, 1, 20, 1, 1]]),
+    *sweep("delta_attention", (torch.float32, torch.float16), at=rows("H G D", (2, 2, 32), (2, 2, 128)),
+           sw=rows("n_sink window", (2, 4)), theta=[0.3], chunks=[[9, 1, 5]]),
+    # long-context decode on 2 CPU threads takes the split-K path (compared after the prefill)
+    *sweep("delta_attention", (torch.float32, torch.bfloat16), at=rows(
+        "H G n_sink window D", (3, 3, 4, 64, 64), (3, 1, 0, 0, 64), (1, 8, 2, 30, 48), (2, 4, 4, 16, 64)),
+        theta=[0.4], chunks=[[1100, 1, 1]], cores=[2], compare_from=[1]),
+    # theta = 0, no sinks, no window: every score through the deltas, still dense causal attention
+    Case("delta_attention", dict(H=2, G=4, D=64, n_sink=0, window=0, theta=0.0, chunks=[300], vs_dense=True)),
+    Case("delta_attention", dict(H=1, D=64, bad="offsets"), raises="outside the packed buffer", devices=("cpu",)),
+]

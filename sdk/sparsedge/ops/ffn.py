@@ -31,9 +31,8 @@ Gate/up dot products accumulate in fp32; y is returned in x's dtype.
 from __future__ import annotations
 
 import torch
-from sparsedge.activations import activate
-from sparsedge.ops.schema import define
-
+from sparsedge.activations import ACTIVATIONS, activate
+from sparsedge.ops.schema import FLOAT_DTYPES, Case, define, rows, sweep
 
 
 def ffn_predict_ref(x, p1, p2, bias):
@@ -131,3 +130,76 @@ define("sparse_ffn_rows(Tensor x, Tensor idx, Tensor count, Tensor w_gate, Tenso
 define("sparse_ffn(Tensor x, Tensor p1, Tensor p2, Tensor bias, Tensor w_gate, Tensor w_up, Tensor w_down_t, "
        "str activation, float act_param, float tau) -> (Tensor y, Tensor count, Tensor down_count)",
        sparse_ffn_ref, _fused_fake)
+
+
+# ------------------------------------------------------------------------------------------------ parity cases
+# tests/test_ops.py runs each on every device against the reference; sparsedge.testing.opcases builds the inputs.
+# density: share of neurons active (0 and 1 exactly); bias_std instead: a random per-neuron predictor bias.
+_F16 = (torch.float16,)
+_SHAPES = rows("d I r", (576, 1536, 32), (4096, 11008, 256), (200, 300, 24))  # SmolLM2, Llama-2-7B, unaligned odd
+_DENSITIES = [0.0, 0.05, 0.5, 1.0]
+_ACTS = rows("act act_param tau", *[(a, 0.0, 0.0) for a in ACTIVATIONS], ("fatrelu", 0.05, 0.0), ("silu", 0.0, 0.05),
+             ("gelu", 0.0, 0.02))
+_ACTS_TAU = rows("act act_param tau", ("silu", 0.0, 0.0), ("silu", 0.0, 0.15), ("gelu", 0.0, 0.1),
+                 ("gelu_tanh", 0.0, 0.0), ("relu", 0.0, 0.0), ("fatrelu", 0.1, 0.0), ("drelu", 0.0, 0.0),
+                 ("relu2", 0.0, 0.0))
+_ACTS_NPU = rows("act act_param tau", ("silu", 0.0, 0.0), ("silu", 0.0, 0.05), ("gelu", 0.0, 0.0),
+                 ("gelu_tanh", 0.0, 0.03), ("relu", 0.0, 0.0), ("fatrelu", 0.1, 0.0), ("drelu", 0.0, 0.0),
+                 ("relu2", 0.0, 0.0))
+
+
+def _big(p):  # Llama-7B rows beyond one decode token: the reference alone takes seconds
+    return p["d"] >= 4096 and (p["T"] > 1 or p["dtype"] == torch.bfloat16)
+
+
+CASES = [
+    # ffn_predict: shapes x densities x T; a d=64 layer from empty to full; random biases on 1, 3 and 8 cores
+    *sweep("ffn_predict", FLOAT_DTYPES, _big, T=[1, 3, 8], shape=_SHAPES, density=_DENSITIES),
+    *sweep("ffn_predict", (torch.float32, torch.bfloat16), at=rows("T d I r", (5, 64, 520, 16)),
+           density=[0.0, 0.1, 0.5, 0.9, 1.0], bias=["fp32"]),
+    *sweep("ffn_predict", _F16, at=rows("T d I r", (3, 96, 700, 24)), bias_std=[0.5], cores=[1, 3, 8]),
+    # sparse_ffn_rows: every activation (with tau / act_param), shapes x densities, a d=64 layer, 3 NPU cores
+    *sweep("sparse_ffn_rows", FLOAT_DTYPES, T=[1, 2, 8], at=rows("d I density", (576, 1536, 0.3)), act=_ACTS),
+    *sweep("sparse_ffn_rows", FLOAT_DTYPES, lambda p: p["d"] >= 4096,  # 3 x 45M random weights per case: -m slow
+           T=[1, 4, 8], shape=rows("d I", (576, 1536), (4096, 11008), (200, 300)), density=_DENSITIES, act=["relu"]),
+    *sweep("sparse_ffn_rows", (torch.float32, torch.bfloat16), at=rows("T d I", (5, 64, 520)),
+           density=[0.0, 0.1, 0.5, 0.9, 1.0], act=["relu"]),
+    *sweep("sparse_ffn_rows", _F16, at=rows("T d I", (2, 200, 400)), density=_DENSITIES,
+           act=rows("act tau", ("silu", 0.02)), cores=[3]),
+    Case("sparse_ffn_rows", dict(T=1, d=16, I=32, act="relu", bad="index"), raises="out of range", devices=("cpu",)),
+    Case("sparse_ffn_rows", dict(T=1, d=16, I=32, act="tanh"), raises="unknown FFN activation 'tanh'",
+         devices=("cpu", "cuda")),
+    Case("sparse_ffn_rows", dict(T=1, d=64, I=128, act="swish"), raises="activation", devices=("cpu", "cuda")),
+    # sparse_ffn (predictor + rows, fused): activations; shapes x densities; tokens, rows and widths off every
+    # SIMD/tile multiple (also checked thread- and batch-independent on CPU); fp32 predictors with bf16 weights
+    *sweep("sparse_ffn", FLOAT_DTYPES, at=rows("T d I r", (3, 72, 300, 20)), density=[0.5], act=_ACTS_TAU),
+    *sweep("sparse_ffn", (torch.float32,), T=[1, 2, 7], at=rows("d I", (8, 16), (576, 1536), (130, 1000)), r=[8],
+           density=[0.3], act=rows("act tau", ("silu", 0.05)), invariance=[True]),
+    Case("sparse_ffn", dict(T=2, d=32, I=64, r=8, density=0.5, act="relu", predictor="fp32"), torch.bfloat16,
+         devices=("cpu", "cuda")),
+    *sweep("sparse_ffn", FLOAT_DTYPES, T=[1, 8], shape=rows("d I r", (576, 1536, 32), (200, 300, 24)),
+           density=_DENSITIES, act=["drelu"]),
+    *sweep("sparse_ffn", _F16, at=rows("T d r I", (1, 576, 32, 1536), (3, 72, 20, 300)), density=_DENSITIES,
+           act=["relu"], cores=[4]),
+    *sweep("sparse_ffn", _F16, at=rows("T d r I", (2, 64, 16, 256)), density=[0.5], act=_ACTS_NPU, cores=[3]),
+    Case("sparse_ffn", dict(T=2, d=128, r=16, I=512, bias_std=0.2, act="silu", cores=5), torch.bfloat16),
+    Case("sparse_ffn", dict(T=1, d=4096, I=11008, r=256, density=0.1, act="relu"), torch.float16, slow=True),
+    # ffn_predict_q4: group sizes 16..2048 (96: not a power of two), rows off 32 / 128, activations, thresholds
+    # keeping none / half / all, 1..8 NPU cores, and 512 groups per row (d = 8192)
+    *sweep("ffn_predict_q4", FLOAT_DTYPES, T=[1, 3], at=rows("d I G", (576, 1536, 32), (576, 1536, 64),
+           (4096, 1024, 128), (384, 300, 128), (160, 77, 32), (576, 256, 96)), act=["silu", "gelu", "relu", "drelu"],
+           density=[0.5, 1.0, 0.0]),
+    *sweep("ffn_predict_q4", FLOAT_DTYPES, T=[1, 3], at=rows("d I G", (4096, 64, 2048)),
+           act=["silu", "gelu", "relu", "drelu"], density=[0.5, 1.0, 0.0], devices=("cpu", "cuda")),  # NPU: G <= 128
+    *sweep("ffn_predict_q4", (torch.float16, torch.bfloat16), at=rows("T d G I", (1, 256, 64, 700), (3, 96, 32, 300),
+           (2, 160, 16, 130), (2, 512, 128, 200)), density=[0.0, 0.5, 1.0], act=["silu"], cores=[4]),
+    *sweep("ffn_predict_q4", _F16, at=rows("T d G I", (2, 128, 32, 256)), density=[0.5],
+           act=rows("act act_param", ("silu", 0.0), ("gelu", 0.0), ("gelu_tanh", 0.0), ("relu", 0.0),
+                    ("fatrelu", 0.05), ("drelu", 0.0), ("relu2", 0.0)), cores=[3]),
+    *sweep("ffn_predict_q4", _F16, at=rows("T d G I", (1, 8192, 16, 100)), density=[0.5], act=["gelu"],
+           cores=[1, 3, 8]),
+    *[Case("ffn_predict_q4", dict(T=2, d=160, G=32, I=77, act=act, density=0.5, bad=bad), raises=msg,
+           devices=("cpu", "cuda"))
+      for bad, act, msg in [("q_dtype", "silu", "q must be uint8"), ("scale_shape", "silu", "scale must be"),
+                            ("thresh_shape", "silu", "thresh must be"), (None, "swish", "activation")]],
+]

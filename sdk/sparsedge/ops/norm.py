@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsedge.ops.schema import define
+from sparsedge.ops.schema import FLOAT_DTYPES, define, sweep
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,3 +36,11 @@ define("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) ->
        lambda residual, x, weight, eps: torch.empty_like(x))
 define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", rope_ref,
        lambda x, cos, sin: torch.empty_like(x))
+
+# parity cases (tests/test_ops.py): decode and prefill rows, SmolLM2 / Llama-7B widths, odd widths, an fp32 weight
+CASES = [
+    *sweep("rms_norm", FLOAT_DTYPES, shape=[(1, 576), (8, 576), (3, 4096), (2, 5, 64), (1, 7)]),
+    *sweep("rms_norm", (torch.float16, torch.bfloat16), shape=[(4, 576)], fp32_weight=[True], eps=[1e-6]),
+    *sweep("add_rms_norm", FLOAT_DTYPES, shape=[(1, 576), (8, 4096), (2, 3, 100)]),
+    *sweep("rope", FLOAT_DTYPES, shape=[(1, 9, 64), (8, 3, 64), (5, 32, 128), (2, 2, 6)]),  # [T, H, D]
+]

@@ -219,12 +219,22 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
         n = torch.where(nan, (n & 0xFFFF0000) | (64 << 16), n)  # quiet NaN, as ggml
         n = (n + (0x7FFF + ((n >> 16) & 1))) >> 16               # round to nearest even
         return n.to(torch.int32).to(torch.int16).view(torch.uint8).reshape(*lead, K * 2)
-    b = w.reshape(-1, K // QK, QK)
-    if fmt.name == "q8_0":
+    rows = w.reshape(-1, K)
+    out = torch.empty(rows.shape[0], fmt.row_bytes(K), dtype=torch.uint8, device=w.device)
+    step = max(1, (1 << 18) // K)  # rows per chunk, so the temporaries stay in cache
+    for i in range(0, rows.shape[0], step):
+        chunk = rows[i:i + step]
+        out[i:i + step] = _quantize_blocks(chunk.reshape(chunk.shape[0], K // QK, QK), fmt.name).reshape(chunk.shape[0], -1)
+    return out.reshape(*lead, fmt.row_bytes(K))
+
+
+def _quantize_blocks(b: torch.Tensor, name: str) -> torch.Tensor:
+    """float32 [M, nb, 32] -> uint8 [M, nb, type_size] (q8_0 / q4_0 / q4_1)."""
+    if name == "q8_0":
         d = b.abs().amax(-1, keepdim=True) / 127
         q = _roundf(b * _inv(d)).to(torch.int8).view(torch.uint8)
         out = torch.cat([_f16_bytes(d), q], dim=-1)
-    elif fmt.name == "q4_0":
+    elif name == "q4_0":
         mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))  # signed value of the first largest |w|
         d = mx / -8
         q = torch.trunc(b * _inv(d) + 8.5).clamp(0, 15).to(torch.uint8)
@@ -235,7 +245,7 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
         d = (mx - mn) / 15
         q = torch.trunc((b - mn) * _inv(d) + 0.5).clamp(0, 15).to(torch.uint8)
         out = torch.cat([_f16_bytes(d), _f16_bytes(mn), q[..., :16] | (q[..., 16:] << 4)], dim=-1)
-    return out.reshape(*lead, fmt.row_bytes(K))
+    return out
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

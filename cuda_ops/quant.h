@@ -1,0 +1,34 @@
+// Host-side launcher API of qlinear over GGUF block weights (sdk/sparsedge/ops/quant.py; layouts in
+// sdk/sparsedge/quant/formats.py). Plain C++, no torch headers: quant_binding.cpp does the torch glue.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+#include "launchers.h"
+
+namespace sparsedge::cuda {
+
+enum class QType : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q4_K = 6, Q6_K = 7 };
+
+struct QTypeInfo {
+  const char* name;
+  QType type;
+  int64_t block;  // elements per block
+  int64_t size;   // bytes per block
+};
+constexpr QTypeInfo kQTypes[] = {
+    {"f32", QType::F32, 1, 4},      {"f16", QType::F16, 1, 2},      {"bf16", QType::BF16, 1, 2},
+    {"q8_0", QType::Q8_0, 32, 34},  {"q4_0", QType::Q4_0, 32, 18},  {"q4_1", QType::Q4_1, 32, 20},
+    {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210},
+};
+
+// Bytes of workspace qlinear needs for T tokens of length K (int8 x and its per-32 scales / sums).
+int64_t qlinear_workspace_bytes(int64_t T, int64_t K);
+
+// y [T, N] fp32 = x [T, K] (dtype xt) W^T, W = w [N, K / block * size] raw block bytes (2-byte aligned rows).
+// Quantized types round x to int8 per block of 32 exactly as the CPU kernel does (d = amax / 127,
+// q = round-half-even(x * (127 / amax)), s = d * sum q, IEEE ops under --use_fast_math) and take __dp4a sums.
+cudaError_t qlinear(const void* x, const uint8_t* w, float* y, int64_t T, int64_t N, int64_t K, QType qt, DType xt,
+                    void* workspace, cudaStream_t stream);
+
+}  // namespace sparsedge::cuda

@@ -1,0 +1,50 @@
+"""GGUF block formats that load but do not run in their blocks: dequantized to fp32 when read (exact: the values
+are the file's), because `sparsedge::qlinear` has no kernel for them.
+
+llama.cpp falls back to these where a K-quant does not fit a row length (a Q4_K_M file of Gemma-3-270M, d = 640,
+stores its q/k/gate/up projections as Q5_0: 640 is not a multiple of Q4_K's 256-element super-block).
+
+  q5_0  32 elems, 22 B  d fp16 | qh u8[4] | qs u8[16]        q = (low nibble of qs[e] for e < 16, high nibble of
+                                                              qs[e - 16] above) | (bit e of qh, little-endian) << 4;
+                                                              value = d * (q - 16)
+  q5_1  32 elems, 24 B  d fp16 | m fp16 | qh u8[4] | qs u8[16]   q as q5_0; value = (d * q) + m
+
+dequantize() is bit-identical to the `gguf` package's numpy reference (tests/test_architectures.py checks it).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsedge.quant.formats import QFormat
+
+FORMATS: dict[str, QFormat] = {f.name: f for f in (QFormat("q5_0", 6, 32, 22), QFormat("q5_1", 7, 32, 24))}
+BY_GGML: dict[int, QFormat] = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def row_bytes(qtype: str, K: int) -> int:
+    fmt = FORMATS[qtype]
+    if K <= 0 or K % fmt.block:
+        raise ValueError(f"{qtype}: the row length K={K} must be a positive multiple of its block size {fmt.block}")
+    return K // fmt.block * fmt.type_size
+
+
+def dequantize(raw: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+    """raw uint8 [..., K / 32 * type_size] -> float32 [..., K]."""
+    fmt = FORMATS[qtype]
+    if raw.dtype != torch.uint8 or raw.shape[-1] != row_bytes(qtype, K):
+        raise ValueError(f"{qtype}: rows of K={K} take {row_bytes(qtype, K)} uint8 bytes, got {raw.dtype} "
+                         f"{list(raw.shape)}")
+    lead = raw.shape[:-1]
+    b = raw.reshape(-1, K // fmt.block, fmt.type_size)
+    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    o = 2 if qtype == "q5_0" else 4
+    qh = b[..., o:o + 4].contiguous().view(torch.int32)[..., 0].to(torch.int64) & 0xFFFFFFFF
+    bits = ((qh[..., None] >> torch.arange(32, device=raw.device)) & 1).to(torch.uint8)
+    qs = b[..., o + 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1) | (bits << 4)
+    if qtype == "q5_0":
+        out = d[..., None] * (q.to(torch.int8) - 16).float()
+    else:
+        m = b[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+        out = (d[..., None] * q.float()) + m[..., None]
+    return out.reshape(*lead, K)
