@@ -14,6 +14,8 @@ import types
 import pytest
 import torch
 
+from sparsedge.testing.opcases import walk_keys
+
 import sparsedge.delta.cache as cache_mod
 from sparsedge.backends import get_backend
 from sparsedge.delta.cache import DeltaLayerCache
@@ -22,12 +24,6 @@ from sparsedge.ops import reference
 get_backend("cpu")  # loads the fused CPU kernels when they were built (else the composite reference runs)
 
 HOST_READS = ("tolist", "item", "__int__", "__index__", "__float__", "__bool__", "cpu", "numpy", "to")
-
-
-def walk_keys(T, H, D, step=0.3, seed=0):
-    """Keys with temporal correlation: a Gaussian random walk along the token axis."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, H, D, generator=g) + (torch.randn(T, H, D, generator=g) * step).cumsum(0)
 
 
 def _inputs(T, Hq, H, D, seed=0, dtype=torch.float32):

@@ -151,11 +151,14 @@ def test_cli_defaults_pair_the_predictor_with_its_penalty_and_allocation():
     ffn_cli.add_arguments(p)
     v = ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4"]))
     assert (v.penalty, v.allocation) == ("fisher", "global")
-    v = ffn_cli.variant_from_args(p.parse_args([]))
-    assert (v.penalty, v.allocation) == ("full", "layer")
+    v = ffn_cli.variant_from_args(p.parse_args([]), "relu")  # auto on a relu model: svd
+    assert (v.predictor, v.penalty, v.allocation, v.s) == ("svd", "full", "layer", 0.8)
+    v = ffn_cli.variant_from_args(p.parse_args([]), "silu")  # auto on a SiLU model: the 4-bit predictor at 0.85
+    assert (v.predictor, v.penalty, v.allocation, v.s) == ("q4", "fisher", "global", 0.85)
+    assert ffn_cli.variant_from_args(p.parse_args(["--s", "0.7"]), "gelu_tanh").s == 0.7
     v = ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4", "--penalty", "full"]))
     assert (v.penalty, v.allocation) == ("full", "layer")
-    v = ffn_cli.variant_from_args(p.parse_args(["--penalty", "fisher", "--allocation", "layer"]))
+    v = ffn_cli.variant_from_args(p.parse_args(["--predictor", "svd", "--penalty", "fisher", "--allocation", "layer"]))
     assert (v.penalty, v.allocation) == ("fisher", "layer")
     assert ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4"])).rounding == "gptq"
     assert ffn_cli.variant_from_args(p.parse_args(["--predictor", "q4", "--q4-rounding", "nearest"])).rounding == "nearest"

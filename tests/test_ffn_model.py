@@ -174,7 +174,8 @@ def test_stories260k_calibrate_and_eval(tmp_path, stories_path):
     text = data_path(TINYSTORIES_SAMPLE)
     p = calibrate_parser()
     args = p.parse_args(["--model", str(stories_path), "--out", str(tmp_path / "art"), "--text", str(text),
-                         "--tokens", "2048", "--seq-len", "256", "--dtype", "float32", "--text-start", "0.5"])
+                         "--tokens", "2048", "--seq-len", "256", "--dtype", "float32", "--text-start", "0.5",
+                         "--predictor", "svd"])
     from loguru import logger
     msgs: list[str] = []
     logger.enable("sparsedge")
@@ -206,7 +207,7 @@ def test_ppl_budget_picks_the_sparsest_s_within_budget(tmp_path, stories_path):
     p = calibrate_parser()
     base = ["--model", str(stories_path), "--text", str(text), "--tokens", "1536", "--seq-len", "256",
             "--dtype", "float32", "--text-start", "0.5", "--budget-tokens", "256", "--s-grid", "0.2,0.5,0.9",
-            "--quantile-points", "64"]
+            "--quantile-points", "64", "--predictor", "svd"]
     summary = ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "art"), "--ppl-budget", "40"]))
     table = summary["budget_table"]
     assert [row["s"] for row in table] == [0.2, 0.5, 0.9]

@@ -250,7 +250,7 @@ def test_stories260k_q4_beats_the_gate_predictor(tmp_path, stories_path):
     p = calibrate_parser()
     summary = ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "q4"), "--predictor", "q4", "--q4-group", "32"]))
     assert summary["predictor"] == "q4" and summary["group"] == 32
-    ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "svd")]))
+    ffn_cli.run(p.parse_args(base + ["--out", str(tmp_path / "svd"), "--predictor", "svd"]))
     q = argparse.ArgumentParser()
     evaluate.add_ppl_arguments(q)
     ev = ["--model", str(stories_path), "--text", str(text), "--max-tokens", "512", "--seq-len", "256"]

@@ -211,7 +211,9 @@ def test_smollm2_native_perplexity_close_to_dequantized(smollm2_native, wikitext
     windows = token_windows(deq.tokenizer, read_text(wikitext_path), 512, 256)
     a = perplexity(smollm2_native, windows, progress=False)["ppl"]
     b = perplexity(deq, windows, progress=False)["ppl"]
-    assert abs(a / b - 1) < 0.01, (a, b)
+    # the fused kernels round activations to int8 per block of 32, as llama.cpp does (measured: +1.1% over the
+    # dequantized fp32 path on these tokens, while llama.cpp on the same file and windows is 0.2% below us)
+    assert abs(a / b - 1) < 0.02, (a, b)
 
 
 def test_one_fingerprint_for_one_file_loaded_either_way(smollm2_native):

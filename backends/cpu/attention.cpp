@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "threadpool.h"
 
 namespace sparsedge::cpu {
 namespace {
@@ -66,7 +67,7 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, con
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T * Hq, grain, [&](int64_t r0, int64_t r1) {
+    sparsedge::cpu::parallel_for(T * Hq, grain, [&](int64_t r0, int64_t r1) {
       std::vector<float> p(keys);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / Hq, hq = r % Hq, h = hq / G;

@@ -13,6 +13,7 @@
 //   3. softmax in fp32 (two passes: max, then exp + sum) and P.V over the dense V, fp32 accumulation.
 // Cache dtypes: fp32, bf16, fp16 (values, sink_k, window_k, v_cache share one dtype); q/k any float.
 #include "cpu_common.h"
+#include "threadpool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -125,7 +126,7 @@ template <typename T>
 void encode_heads(const float* k, float* ref, const float* theta, T* values, uint8_t* chan, int32_t* offsets,
                   int64_t T_, int64_t H, int64_t D, int64_t cap, int64_t off_stride, int64_t start,
                   int64_t* nnz, std::vector<int64_t>& overflow) {
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+  sparsedge::cpu::parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       float* rf = ref + h * D;
       T* vals = values + h * cap;
@@ -411,7 +412,7 @@ void attend_decode_split(const DeltaArgs<T>& a, int64_t chunks) {
       for (int64_t c = 0; c < D; ++c) qT[(h * D + c) * Rp + g] = a.q[(h * G + g) * D + c];
   const float ninf = -std::numeric_limits<float>::infinity();
   // 1. local prefix sums of the delta walk
-  at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
+  sparsedge::cpu::parallel_for(H * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(jd_max + 1, (c + 1) * per);
       if (j1 > j0) {
@@ -432,7 +433,7 @@ void attend_decode_split(const DeltaArgs<T>& a, int64_t chunks) {
     }
   }
   // 2. offsets, exact scores, chunk maxima
-  at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
+  sparsedge::cpu::parallel_for(H * chunks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> kbuf(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(nk, (c + 1) * per);
@@ -477,7 +478,7 @@ void attend_decode_split(const DeltaArgs<T>& a, int64_t chunks) {
   }
   // 3. exp, partial sums, partial P.V
   const __m256 scv = _mm256_set1_ps(a.scale);
-  at::parallel_for(0, H * chunks, 1, [&](int64_t i0, int64_t i1) {
+  sparsedge::cpu::parallel_for(H * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(nk, (c + 1) * per);
       float* Sh = Sbase + h * nk * Rp;
@@ -588,7 +589,7 @@ at::Tensor delta_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, 
       }
     }
 #endif
-    at::parallel_for(0, H * nblk, 1, [&](int64_t i0, int64_t i1) {
+    sparsedge::cpu::parallel_for(H * nblk, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t h = i % H, b = i / H;  // heads fastest: neighbouring tasks share no buffers
         attend_block<scalar_t>(a, h, b * Tb, std::min(T, (b + 1) * Tb));

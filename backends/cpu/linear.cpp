@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "threadpool.h"
 
 namespace sparsedge::cpu {
 namespace {
@@ -34,7 +35,7 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w, const c10::opti
   float* yp = y.data_ptr<float>();
   SPARSEDGE_DISPATCH_FLOATS(w.scalar_type(), "linear", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    sparsedge::cpu::parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const scalar_t* row = wp + n * K;
         const float b = bp ? bp[n] : 0.f;
@@ -60,7 +61,7 @@ at::Tensor linear_t_impl(const at::Tensor& x, const at::Tensor& w_t) {
   const int64_t n_stripes = (N + stripe - 1) / stripe;
   SPARSEDGE_DISPATCH_FLOATS(w_t.scalar_type(), "linear_t", [&] {
     const scalar_t* wp = w_t.data_ptr<scalar_t>();
-    at::parallel_for(0, n_stripes, 1, [&](int64_t s0, int64_t s1) {
+    sparsedge::cpu::parallel_for(n_stripes, 1, [&](int64_t s0, int64_t s1) {
       const int64_t c0 = s0 * stripe, len = std::min(N, s1 * stripe) - c0;
       for (int64_t t = 0; t < T; ++t)
         accumulate_rows(wp, N, [](int64_t k) { return k; }, xp + t * K, K, c0, c0 + len, yp + t * N + c0);

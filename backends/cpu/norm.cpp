@@ -2,13 +2,14 @@
 // One pass over each row instead of the 5-6 tensor ops of the composite reference; rows are
 // split over threads with ATen's OpenMP parallel_for.
 #include "cpu_common.h"
+#include "threadpool.h"
 
 namespace sparsedge::cpu {
 namespace {
 
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* y, T* residual, int64_t rows, int64_t d, double eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  sparsedge::cpu::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * d;
       T* yr = y + r * d;
@@ -74,7 +75,7 @@ at::Tensor rope_impl(const at::Tensor& x_in, const at::Tensor& cos_in, const at:
     scalar_t* yp = y.data_ptr<scalar_t>();
     const float* cp = c.data_ptr<float>();
     const float* sp = s.data_ptr<float>();
-    at::parallel_for(0, T * H, 64, [&](int64_t r0, int64_t r1) {
+    sparsedge::cpu::parallel_for(T * H, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / H;
         const scalar_t* xr = xp + r * D;

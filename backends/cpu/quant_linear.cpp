@@ -15,16 +15,22 @@
 // does the same integer sums and the same per-block fp32 operations.
 // f32 / f16 / bf16 rows take fp32 dot products of the widened row with x (no rounding of x).
 //
-// Work split: T = 1 (decode): rows in tiles of kDecodeRows (independent accumulator chains), tiles split
-// evenly over threads (at::parallel_for, each thread one contiguous run of rows, >= kMinBytes of weights
-// per thread). T > 1: rows in chunks of kChunkRows, chunks split over threads; inside a chunk every pass of
+// With AVX2, 8 consecutive 32-blocks are taken at once (group8): their fp16 scales converted with one
+// vcvtph2ps, d_w d_x and the offset / min terms computed as 8-lane vectors; q4_k decodes its 6-bit scales
+// and mins the same way. Weight rows are software-prefetched kPrefetch bytes ahead.
+//
+// Work split (threadpool.h's pool: a decode step runs hundreds of these short regions): T = 1 (decode): rows
+// in tiles of kDecodeRows (independent accumulator chains), tiles split evenly over threads (each thread one
+// contiguous run of rows, >= kMinBytes of weights per thread). T > 1: rows in chunks of kChunkRows, chunks split over threads; inside a chunk every pass of
 // up to 4 tokens x 2 rows walks the chunk's rows, which stay in L1, so weights come from memory once.
 #include <algorithm>
 #include <cctype>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "simd.h"
+#include "threadpool.h"
 
 namespace sparsedge::cpu {
 namespace {
@@ -34,10 +40,10 @@ constexpr int64_t kDecodeRows = 4;
 constexpr int64_t kChunkRows = 16;
 constexpr int64_t kMaxFloatTokens = 8;   // float formats: beyond this, at::linear on the widened weights
 constexpr int64_t kMinBytes = 16 * 1024; // weight bytes per thread below which fewer threads are used
-// Software prefetch distance along each weight row. Decode streams every weight from DRAM once per token;
-// the hardware prefetchers alone leave this CPU (Zen 5, 2 threads) at ~17 GB/s on a 62 MB Q8_0 matrix,
-// prefetching 1 KiB ahead of each row stream reaches ~30 GB/s.
-constexpr int64_t kPrefetch = 1024;
+// Software prefetch distance along each weight row (clamped to the thread's own rows). Decode streams every
+// weight from DRAM once per token; with the hardware prefetchers alone a 62 MB Q8_0 matrix ran at ~17 GB/s
+// on 2 threads of this CPU (Zen 5), prefetching 1-4 KiB ahead of each row stream at ~30-33 GB/s.
+constexpr int64_t kPrefetch = 4096;
 
 enum class QType { F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K };
 struct QInfo { const char* name; QType type; int64_t block, size; };
@@ -58,12 +64,12 @@ const QInfo& qinfo(const std::string& qtype) {
   return kTypes[0];  // unreachable
 }
 
-// prefetch the cache lines of [p, p + n) into L1
-inline void prefetch(const uint8_t* p, int64_t n) {
+// prefetch the cache lines of [p, p + n) below `end` (the end of this thread's rows)
+inline void prefetch(const uint8_t* p, int64_t n, const uint8_t* end) {
 #if defined(__GNUC__) || defined(__clang__)
-  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 3);
+  for (int64_t o = 0; o < n && p + o < end; o += 64) __builtin_prefetch(p + o, 0, 3);
 #else
-  (void)p, (void)n;
+  (void)p, (void)n, (void)end;
 #endif
 }
 
@@ -307,6 +313,7 @@ struct Q4_K {
     uint32_t u[4];
     scale_min(b + 4, u);
 #ifdef SPARSEDGE_AVX2
+    (void)ms;  // the mins fold into acc
     const __m128i sm = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
     const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
     const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
@@ -389,7 +396,8 @@ struct Q6_K {
 
 // R rows x C tokens: y[t0 + c, n0 + r] for rows n0.. of w, tokens t0..
 template <class F, int R, int C>
-void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N) {
+void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N,
+          const uint8_t* pf_end) {
   constexpr int64_t xb = F::kBlock / QK;  // x blocks per weight unit
   const int64_t units = X.K / F::kBlock;
   Acc acc[R][C];
@@ -408,14 +416,14 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
 #ifdef SPARSEDGE_AVX2
   if constexpr (F::kBlock == QK) {
     for (; u + 8 <= units; u += 8) {
-      for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, 8 * F::kBytes);
+      for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, 8 * F::kBytes, pf_end);
       for (int r = 0; r < R; ++r) F::template group8<C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r]);
       for (int c = 0; c < C; ++c) { xq[c] += 8 * QK; xd[c] += 8; xs[c] += 8; }
     }
   }
 #endif
   for (; u < units; ++u) {
-    for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, F::kBytes);
+    for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, F::kBytes, pf_end);
     for (int r = 0; r < R; ++r) F::template unit<C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r], ms[r]);
     for (int c = 0; c < C; ++c) { xq[c] += F::kBlock; xd[c] += xb; xs[c] += xb; }
   }
@@ -424,38 +432,46 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
 }
 
 template <class F, int R>
-void tile_c(int64_t C, const uint8_t* w, int64_t rb, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N) {
+void tile_c(int64_t C, const uint8_t* w, int64_t rb, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N,
+            const uint8_t* pf_end) {
   switch (C) {
-    case 1: return tile<F, R, 1>(w, rb, X, n0, t0, y, N);
-    case 2: return tile<F, R, 2>(w, rb, X, n0, t0, y, N);
-    case 3: return tile<F, R, 3>(w, rb, X, n0, t0, y, N);
-    default: return tile<F, R, 4>(w, rb, X, n0, t0, y, N);
+    case 1: return tile<F, R, 1>(w, rb, X, n0, t0, y, N, pf_end);
+    case 2: return tile<F, R, 2>(w, rb, X, n0, t0, y, N, pf_end);
+    case 3: return tile<F, R, 3>(w, rb, X, n0, t0, y, N, pf_end);
+    default: return tile<F, R, 4>(w, rb, X, n0, t0, y, N, pf_end);
   }
 }
 
-int64_t grain_for(int64_t unit_bytes) { return std::max<int64_t>(1, kMinBytes / std::max<int64_t>(unit_bytes, 1)); }
+// grain (in items of unit_bytes) that splits n items evenly over the threads, each getting >= kMinBytes
+int64_t even_grain(int64_t n, int64_t unit_bytes) {
+  const int64_t by_size = std::max<int64_t>(1, n * std::max<int64_t>(unit_bytes, 1) / kMinBytes);
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size));
+  return (n + nt - 1) / nt;
+}
 
 template <class F>
 void run_quant(const uint8_t* w, int64_t N, int64_t rb, const QAct& X, int64_t T, float* y) {
   if (T == 1) {
     const int64_t tiles = (N + kDecodeRows - 1) / kDecodeRows;
-    at::parallel_for(0, tiles, grain_for(kDecodeRows * rb), [&](int64_t a, int64_t b) {
+    parallel_for(tiles, even_grain(tiles, kDecodeRows * rb), [&](int64_t a, int64_t b) {
       const int64_t n1 = std::min(N, b * kDecodeRows);
       int64_t n = a * kDecodeRows;
-      for (; n + kDecodeRows <= n1; n += kDecodeRows) tile<F, kDecodeRows, 1>(w, rb, X, n, 0, y, N);
-      for (; n < n1; ++n) tile<F, 1, 1>(w, rb, X, n, 0, y, N);
+      const uint8_t* end = w + n1 * rb;
+      for (; n + kDecodeRows <= n1; n += kDecodeRows) tile<F, kDecodeRows, 1>(w, rb, X, n, 0, y, N, end);
+      for (; n < n1; ++n) tile<F, 1, 1>(w, rb, X, n, 0, y, N, end);
     });
     return;
   }
   const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
-  at::parallel_for(0, chunks, 1, [&](int64_t a, int64_t b) {
+  parallel_for(chunks, even_grain(chunks, kChunkRows * rb * T), [&](int64_t a, int64_t b) {
+    const uint8_t* end = w + std::min(N, b * kChunkRows) * rb;
     for (int64_t ch = a; ch < b; ++ch) {
       const int64_t r0 = ch * kChunkRows, r1 = std::min(N, r0 + kChunkRows);
       for (int64_t t = 0; t < T; t += 4) {
         const int64_t C = std::min<int64_t>(4, T - t);
         int64_t n = r0;
-        for (; n + 2 <= r1; n += 2) tile_c<F, 2>(C, w, rb, X, n, t, y, N);
-        if (n < r1) tile_c<F, 1>(C, w, rb, X, n, t, y, N);
+        for (; n + 2 <= r1; n += 2) tile_c<F, 2>(C, w, rb, X, n, t, y, N, end);
+        if (n < r1) tile_c<F, 1>(C, w, rb, X, n, t, y, N, end);
       }
     }
   });
@@ -464,7 +480,7 @@ void run_quant(const uint8_t* w, int64_t N, int64_t rb, const QAct& X, int64_t T
 template <typename W>
 void run_float(const uint8_t* wb, int64_t N, int64_t K, const float* x, int64_t T, float* y) {
   const W* w = reinterpret_cast<const W*>(wb);
-  at::parallel_for(0, N, grain_for(K * static_cast<int64_t>(sizeof(W))), [&](int64_t n0, int64_t n1) {
+  parallel_for(N, even_grain(N, K * static_cast<int64_t>(sizeof(W)) * T), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t t = 0; t < T; ++t) y[t * N + n] = dot(w + n * K, x + t * K, K);
   });
@@ -500,15 +516,18 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
     return y.to(x.scalar_type()).reshape(sizes);
   }
   const int64_t nb = K / QK;
-  auto q = at::empty({T, K}, x.options().dtype(at::kChar));
-  auto ds = at::empty({2, T, nb}, x.options().dtype(at::kFloat));
-  QAct X{q.data_ptr<int8_t>(), ds.data_ptr<float>(), ds.data_ptr<float>() + T * nb, K, nb};
+  // the rounded x lives in per-thread scratch reused across calls (decode calls are a few us each)
+  static thread_local std::vector<int8_t> q_buf;
+  static thread_local std::vector<float> ds_buf;
+  if (static_cast<int64_t>(q_buf.size()) < T * K) q_buf.resize(T * K);
+  if (static_cast<int64_t>(ds_buf.size()) < 2 * T * nb) ds_buf.resize(2 * T * nb);
+  QAct X{q_buf.data(), ds_buf.data(), ds_buf.data() + T * nb, K, nb};
   {
     const float* xp = xf.data_ptr<float>();
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* dp = ds.data_ptr<float>();
+    int8_t* qp = q_buf.data();
+    float* dp = ds_buf.data();
     float* sp = dp + T * nb;
-    at::parallel_for(0, T * nb, 2048, [&](int64_t i0, int64_t i1) {
+    parallel_for(T * nb, even_grain(T * nb, 4 * QK), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) quantize_block(xp + i * QK, qp + i * QK, dp + i, sp + i);
     });
   }

@@ -17,6 +17,7 @@
 // scalar tail doing the same fused multiply-adds; without AVX2 the scalar path is used.
 // Workspaces are O(I) floats per thread (thread_local, grown once); no weight-sized buffers.
 #include "cpu_common.h"
+#include "threadpool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -116,7 +117,7 @@ void load_x(const X* x, int64_t d, float* xf) {
 template <typename Active>
 int64_t compact_active(int64_t I, int64_t grain, int32_t* idx, int32_t* chunk_count, const Active& active) {
   const int64_t nchunks = (I + kPredChunk - 1) / kPredChunk;
-  at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+  sparsedge::cpu::parallel_for(nchunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = c * kPredChunk, i1 = std::min(I, i0 + kPredChunk);
       int32_t m = 0;
@@ -138,7 +139,7 @@ int64_t compact_active(int64_t I, int64_t grain, int32_t* idx, int32_t* chunk_co
 template <typename P>
 int64_t predict_token(const float* xf, const P* p1, const P* p2, const float* bias, int64_t d, int64_t r,
                       int64_t I, int32_t* idx, float* z, int32_t* chunk_count) {
-  at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t j0, int64_t j1) {
+  sparsedge::cpu::parallel_for(r, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) z[j] = dot(p1 + j * d, xf, d);
   });
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(kPredChunk * r, 1));
@@ -241,7 +242,7 @@ int64_t predict_q4_token(const float* xf, const uint8_t* q, const float* scale, 
 template <typename W>
 int64_t rows_token(const float* xf, const int32_t* idx, int64_t n, const W* wg, const W* wu, const W* wd,
                    int64_t d, Act act, float param, float tau, float* hv, int32_t* rows2, float* h2, float* y) {
-  at::parallel_for(0, n, 16, [&](int64_t k0, int64_t k1) {
+  sparsedge::cpu::parallel_for(n, 16, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i = idx[k];
       float g, u;
@@ -258,7 +259,7 @@ int64_t rows_token(const float* xf, const int32_t* idx, int64_t n, const W* wg, 
   }
   const int64_t units = (d + 7) / 8;  // column blocks are multiples of 8 so SIMD/tail splits never move
   const int64_t grain = std::max<int64_t>(8, 4096 / std::max<int64_t>(m, 1));
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+  sparsedge::cpu::parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t c0 = u0 * 8, c1 = std::min(d, u1 * 8);
     std::fill(y + c0, y + c1, 0.f);
     accumulate_rows(wd, d, [rows2](int64_t k) { return static_cast<int64_t>(rows2[k]); }, h2, m, c0, c1, y + c0);
@@ -284,7 +285,7 @@ void check_weights(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& 
 template <typename F>
 void for_tokens(int64_t T, const F& body) {
   if (T >= at::get_num_threads() && T > 1) {
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    sparsedge::cpu::parallel_for(T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) body(t);
     });
   } else {

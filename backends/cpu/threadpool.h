@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -34,7 +35,7 @@
 
 namespace sparsedge::cpu {
 
-class ThreadPool {
+class __attribute__((visibility("hidden"))) ThreadPool {
  public:
   using Fn = void (*)(void* ctx, int64_t begin, int64_t end);
 
@@ -64,9 +65,18 @@ class ThreadPool {
     generation_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
     in_job_ = true;
-    run_chunk(0);
+    std::exception_ptr err;
+    try {
+      run_chunk(0);
+    } catch (...) {
+      err = std::current_exception();
+    }
     in_job_ = false;
+    // always join the workers before returning or rethrowing: the next job must not start while they run
     wait_until([&] { return remaining_.load(std::memory_order_acquire) == 0; }, remaining_, master_sleeping_);
+    if (!err) err = worker_error_;
+    worker_error_ = nullptr;
+    if (err) std::rethrow_exception(err);
   }
 
  private:
@@ -106,12 +116,14 @@ class ThreadPool {
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) {
       const int tid = static_cast<int>(workers_.size()) + 1;
-      workers_.emplace_back([this, tid] { worker(tid); });
+      // the generation a new worker has "seen" is the one before the job about to be posted: read here, by
+      // the master, not when the thread happens to start (it could start after the post and miss the job)
+      const uint64_t seen = generation_.load(std::memory_order_acquire);
+      workers_.emplace_back([this, tid, seen] { worker(tid, seen); });
     }
   }
 
-  void worker(int tid) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void worker(int tid, uint64_t seen) {
     while (true) {
       auto t0 = std::chrono::steady_clock::now();
       uint64_t g;
@@ -127,7 +139,12 @@ class ThreadPool {
       if (stop_.load()) return;
       if (tid < active_) {
         in_job_ = true;
-        run_chunk(tid);
+        try {
+          run_chunk(tid);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mutex_);
+          if (!worker_error_) worker_error_ = std::current_exception();
+        }
         in_job_ = false;
         if (remaining_.fetch_sub(1, std::memory_order_seq_cst) == 1 && master_sleeping_.load(std::memory_order_seq_cst))
           remaining_.notify_one();
@@ -137,6 +154,8 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   std::mutex run_mutex_;
+  std::mutex error_mutex_;
+  std::exception_ptr worker_error_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> remaining_{0};
   std::atomic<int> sleepers_{0};
