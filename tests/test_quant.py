@@ -145,7 +145,7 @@ def _rounding_bound(x: torch.Tensor, w: torch.Tensor, qtype: str, K: int) -> tor
 
 
 @needs_fused
-@pytest.mark.parametrize("case", oq.CASES, ids=[f"{c.qtype}-N{c.N}-K{c.K}-T{c.T}-{str(c.dtype)[6:]}" for c in oq.CASES])
+@pytest.mark.parametrize("case", oq.QCASES, ids=[f"{c.qtype}-N{c.N}-K{c.K}-T{c.T}-{str(c.dtype)[6:]}" for c in oq.QCASES])
 def test_qlinear_fused_matches_reference(case):
     x, w = case_inputs(case, seed=case.N + case.K + case.T)
     y = torch.ops.sparsedge.qlinear(x, w, case.qtype, case.K)
@@ -228,7 +228,7 @@ def test_composite_reference_is_dequantize_then_matmul():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("case", oq.CASES, ids=[f"{c.qtype}-N{c.N}-K{c.K}-T{c.T}-{str(c.dtype)[6:]}" for c in oq.CASES])
+@pytest.mark.parametrize("case", oq.QCASES, ids=[f"{c.qtype}-N{c.N}-K{c.K}-T{c.T}-{str(c.dtype)[6:]}" for c in oq.QCASES])
 def test_qlinear_cuda_matches_reference(case):
     """cuda_ops/quant.cu: the same bounds as the CPU kernel (x rounded the same way, fp32 sums)."""
     get_backend("cuda")

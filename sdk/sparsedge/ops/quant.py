@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from sparsedge.ops.schema import define
+from sparsedge.ops.schema import Case, define
 from sparsedge.quant import formats as qf
 
 
@@ -61,7 +61,7 @@ class QCase(NamedTuple):
 
 # parity cases: every format, decode (T = 1) and multi-token (T up to 8, and one prefill-sized batch),
 # odd / tiny / tile-remainder N, the smallest K of each format and SmolLM2-135M's shapes
-CASES: list[QCase] = [
+QCASES: list[QCase] = [
     *[QCase(q, N, K, T) for q in ("q8_0", "q4_0", "q4_1")
       for (N, K, T) in ((1, 32, 1), (3, 64, 2), (7, 96, 1), (33, 576, 1), (33, 576, 5), (64, 1536, 3),
                         (130, 576, 8), (17, 256, 7), (96, 128, 40))],
@@ -73,3 +73,7 @@ CASES: list[QCase] = [
     QCase("q8_0", 31, 576, 1, torch.bfloat16),
     QCase("q4_k", 9, 256, 3, torch.bfloat16),
 ]
+
+# the same cases in the one op table (tests/test_ops.py runs them on every device; the NPU has no qlinear kernel)
+CASES = [Case("qlinear", {"qtype": c.qtype, "N": c.N, "K": c.K, "T": c.T}, c.dtype, devices=("cpu", "cuda"))
+         for c in QCASES]

@@ -648,3 +648,42 @@ def _delta_bad_offsets(c: Case) -> Program:
         return {"out": rt.op("delta_attention")(rt.to(q), rt.to(k), *(rt.to(i[n]) for n in (
             "v_cache", "values", "chan", "offsets", "sink_k", "window_k")), 0, 0, 0, D ** -0.5)}
     return Program(make, run, run_all_close(("out",)), D)
+
+
+@program("qlinear")
+def _qlinear(c: Case) -> Program:
+    """Fused kernels round x to int8 per block of 32 (as llama.cpp does): checked against the composite reference
+    within the exact bound of that rounding, sum_b (amax_b / 254) * sum_{e in b} |W_ne|, plus fp32 accumulation
+    (and the output rounding of bf16)."""
+    from sparsedge.ops.quant import QCase
+    from sparsedge.quant import formats as qf
+    from sparsedge.testing.quant import case_inputs
+
+    p = c.params
+    q = QCase(p["qtype"], p["N"], p["K"], p["T"], c.dtype)
+
+    def make():
+        x, w = case_inputs(q, seed=q.N + q.K + q.T)
+        return dict(x=x, w=w)
+
+    def run(rt, i):
+        y = rt.op("qlinear")(rt.to(i["x"]), rt.to(i["w"]), q.qtype, q.K)
+        if not rt.reference:
+            return {"y": y}
+        W = qf.dequantize(i["w"], q.qtype, q.K).double().abs()
+        x2 = i["x"].double()
+        mag = x2.abs() @ W.t()
+        bound = 2e-6 * mag
+        if qf.get_format(q.qtype).quantized:
+            half_step = x2.reshape(q.T, -1, qf.QK).abs().amax(-1) / 254
+            bound = bound + half_step.repeat_interleave(qf.QK, 1) @ W.t()
+        return {"y": y, "bound": bound}
+
+    def check(got, want, tol):
+        y, ref = got["y"], want["y"]
+        assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, y.dtype, ref.shape, ref.dtype)
+        out_round = ref.double().abs() * (2.0 ** -7 if c.dtype == torch.bfloat16 else 0.0)
+        err = (y.double() - ref.double()).abs()
+        excess = err - (want["bound"] + out_round + 1e-3 * tol.rtol * want["bound"].max())
+        assert torch.all(excess <= 0), f"qlinear {q}: max excess over the int8 rounding bound {excess.max():.3e}"
+    return Program(make, run, check, q.T * q.N * q.K)
