@@ -89,19 +89,11 @@ def main(argv=None) -> int:
         logger.error(str(exc))
         return 2
     except (ValueError, TypeError, OSError) as exc:  # bad input (ModelFormatError, ArtifactError: ValueErrors)
-        return report_error(exc, args.verbose)
+        from sparsedge.cli import report_error
+        return report_error(PROG, exc, args.verbose)
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
-
-
-def report_error(exc: BaseException, verbose: bool) -> int:
-    """One line `calibrate.py: error: ...` on stderr (the traceback too with -v); exit status 2."""
-    if verbose:
-        logger.opt(exception=exc).debug("traceback")
-    msg = " ".join(str(exc).split("\n")) or type(exc).__name__
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -33,11 +33,8 @@ def main(argv=None) -> int:
     try:
         result = evaluate.run_ppl(args)  # checks the text and artifact folders before loading the model
     except (ValueError, TypeError, OSError) as exc:  # bad input (ModelFormatError, ArtifactError: ValueErrors)
-        if args.verbose:
-            logger.opt(exception=exc).debug("traceback")
-        msg = " ".join(str(exc).split("\n")) or type(exc).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+        from sparsedge.cli import report_error
+        return report_error(PROG, exc, args.verbose)
     if args.json:
         print(json.dumps(result, default=str))
     else:

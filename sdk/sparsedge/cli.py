@@ -20,11 +20,28 @@ def summary_line(st) -> str:
             f"{st.prefill_tokens_per_s:.1f} tok/s, decode {st.decode_tokens_per_s:.1f} tok/s | stop: {st.stop_reason}")
 
 
+def check_artifact_flags(predictors, delta) -> None:
+    """--predictors / --delta folders (a --delta that is a theta number is no folder), before any model load."""
+    from sparsedge.artifact import check_artifact
+    from sparsedge.delta import delta_from_cli
+    if predictors is not None:
+        check_artifact(predictors, "ffn", "--predictors")
+    if delta is not None and not isinstance(delta_from_cli(delta), dict):
+        check_artifact(delta, "delta", "--delta")
+
+
+def report_error(prog: str, exc: BaseException, verbose: bool) -> int:
+    """The CLIs' bad-input answer: one line `<prog>: error: ...` on stderr (the traceback too with -v); status 2."""
+    if verbose:
+        logger.opt(exception=exc).debug("traceback")
+    msg = " ".join(str(exc).split("\n")) or type(exc).__name__
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def check_generate_args(args):
     """What `generate` can check before the model loads: the prompt, the sampling arguments, the artifact
     folders. Returns the SamplingParams."""
-    from sparsedge.artifact import check_artifact
-    from sparsedge.delta import delta_from_cli
     from sparsedge.sampling import SamplingParams
     from sparsedge.tokenizer import check_text
 
@@ -35,10 +52,7 @@ def check_generate_args(args):
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.predictors is not None:
-        check_artifact(args.predictors, "ffn", "--predictors")
-    if args.delta is not None and not isinstance(delta_from_cli(args.delta), dict):
-        check_artifact(args.delta, "delta", "--delta")
+    check_artifact_flags(args.predictors, args.delta)
     return params
 
 
@@ -163,11 +177,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # ModelFormatError, ArtifactError: ValueErrors
-        if args.verbose:
-            logger.opt(exception=exc).debug("traceback")
-        msg = " ".join(str(exc).split("\n")) or type(exc).__name__
-        print(f"sparsedge: error: {msg}", file=sys.stderr)
-        return 2
+        return report_error("sparsedge", exc, args.verbose)
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def perplexity(session, windows: list[list[int]], decode: bool = False, progress
 def check_ppl_args(args) -> str:
     """Everything `run_ppl` can check before loading the model (the text file, the artifact folders, the
     numbers); returns the text. Errors name the flag."""
-    from sparsedge.artifact import check_artifact
+    from sparsedge.cli import check_artifact_flags
 
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
@@ -180,10 +180,7 @@ def check_ppl_args(args) -> str:
     if not 0.0 <= getattr(args, "text_start", 0.0) < 1.0:
         raise ValueError(f"--text-start must be in [0, 1), got {args.text_start}")
     text = check_text_file(args.text, "--text", getattr(args, "text_start", 0.0))
-    if args.predictors is not None:
-        check_artifact(args.predictors, "ffn", "--predictors")
-    if args.delta is not None and not isinstance(delta_from_cli(args.delta), dict):
-        check_artifact(args.delta, "delta", "--delta")
+    check_artifact_flags(args.predictors, args.delta)
     return text
 
 

@@ -21,12 +21,16 @@ class DenseLayerCache:
         self.scale = config.attention_scale  # head_dim ** -0.5 unless the model says otherwise (Gemma)
         self.length = 0
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        T = q.shape[0]
-        n = start + T
+    def store(self, k: torch.Tensor, v: torch.Tensor, start: int) -> int:
+        """Write k, v [T, H, D] at positions start..; returns the new length."""
+        n = start + k.shape[0]
         self.k[:, start:n] = k.transpose(0, 1)
         self.v[:, start:n] = v.transpose(0, 1)
         self.length = n
+        return n
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        self.store(k, v, start)
         return torch.ops.sparsedge.dense_attention(q, self.k, self.v, start, self.scale)
 
     def truncate(self, n: int) -> bool:
@@ -53,11 +57,7 @@ class SlidingLayerCache(DenseLayerCache):
         self.window = int(window)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        T = q.shape[0]
-        n = start + T
-        self.k[:, start:n] = k.transpose(0, 1)
-        self.v[:, start:n] = v.transpose(0, 1)
-        self.length = n
+        n = self.store(k, v, start)
         if n <= self.window:
             return torch.ops.sparsedge.dense_attention(q, self.k, self.v, start, self.scale)
         return torch.ops.sparsedge.dense_attention_window(q, self.k, self.v, start, self.scale, self.window)

@@ -182,7 +182,7 @@ class Session:
                 logger.info("FFN predictors run on float weights: dequantizing the quantized file to float32")
         dt = parse_dtype(dtype) or (torch.float32 if mode is not None else be.default_dtype())
         tm = build_transformer(src, be, dt, progress=progress, mode=mode)
-        be.require("rms_norm", "add_rms_norm", "rope")
+        be.require("rms_norm", "add_rms_norm", "rope", *(("qlinear",) if mode is not None else ()))
         delta_cfg = None
         if predictors is not None:
             from sparsedge.ffn import attach_predictors
