@@ -62,7 +62,8 @@ class GGUFSource(ModelSource):
         cfg = hf_config_to_model_config(self._hf_config(arch), name=name or path.stem)
         super().__init__(path, cfg)
         self.tokenizer_path = tokenizer
-        self.quantized = any(i.qtype not in ("f32", "f16", "bf16") for i in self.file.tensors.values())
+        # anything but fp32 matrices runs in its stored format by default (f16/bf16 too: half the bytes of fp32)
+        self.quantized = any(i.qtype != "f32" and len(i.shape) == 2 for i in self.file.tensors.values())
         logger.debug("GGUF {} parsed in {:.2f} s", path, time.perf_counter() - t0)
 
     def _hf_config(self, arch: str) -> dict:
@@ -176,8 +177,8 @@ class GGUFSource(ModelSource):
             t = self.file.tensor(names[c])
             if info.qtype in load_only.FORMATS:
                 t = load_only.dequantize(t, info.qtype, info.shape[-1]).reshape(info.shape)
-            elif info.qtype not in ("f32", "f16", "bf16"):
-                t = QWeight(t, info.qtype, info.shape[-1])
+            elif info.qtype != "f32" and len(info.shape) == 2:  # f16/bf16 matrices too: qlinear reads them as stored
+                t = QWeight(t.reshape(info.shape[0], -1).view(torch.uint8), info.qtype, info.shape[-1])
             key = c.rsplit(".", 1)[-1]
             if key in ("wq", "wk", "bq", "bk") and self.file.metadata.get("general.architecture") in _PERMUTED_QK:
                 heads = cfg.n_heads if key in ("wq", "bq") else cfg.n_kv_heads
