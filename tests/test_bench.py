@@ -20,3 +20,15 @@ def test_attn_bench_cli_small():
     assert 0.3 < row["delta_density"] < 0.5  # keys calibrated to ~60% sparsity
     assert row["k_bytes_delta"] < row["k_bytes_dense"] and row["kernel_delta_us"] > 0
     assert row["output_rel_diff"] < 0.5
+
+
+def test_vs_llamacpp_skips_cleanly_without_llama_cpp(monkeypatch):
+    """Without llama-cpp-python the benchmark says how to install it and returns a skip, loading nothing."""
+    import importlib.util
+
+    from sparsedge.bench import llamacpp
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    res = llamacpp.run(type("A", (), {"model": "smollm2-135m"})())
+    assert "sparsedge[bench]" in res["skipped"] and res["benchmark"] == "vs_llamacpp"
