@@ -1,10 +1,13 @@
 // Fused dense causal attention over the preallocated KV cache (GQA), the decode baseline, and its sliding-window
 // form (dense_attention_window: the query at position p attends to keys max(0, p - window + 1)..p only).
-// One pass per (token, query head): scores with a SIMD dot product, fp32 softmax, then P.V.
-// Work is split over (token, head) pairs; small problems run on the calling thread because an
-// OpenMP fork/join costs more than a 9-head x 64-key decode step.
+// One pass per (token, KV head) for its whole GQA group: scores with SIMD dot products, fp32 softmax with a
+// vectorised exp, then P.V, each K/V row read once for the group. Small problems run on the calling thread
+// because a fork/join costs more than a 9-head x 64-key decode step.
 #include <cmath>
 #include <vector>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include "cpu_common.h"
 #include "threadpool.h"
@@ -12,36 +15,64 @@
 namespace sparsedge::cpu {
 namespace {
 
+// The G query heads of one KV head, for one query position: every K and V row is read once for the whole group
+// (GQA shares it), scores of the group kept side by side, softmax with a vectorised exp.
 template <typename T>
-void attend_one(const T* q, const T* k, const T* v, T* out, int64_t n_keys, int64_t D, int64_t row_stride,
-                float scale, std::vector<float>& p) {
-  float qf[512];
-  for (int64_t i = 0; i < D; ++i) qf[i] = to_f32(q[i]);
-  float m = -INFINITY;
+void attend_group(const T* q, const T* k, const T* v, T* out, int64_t G, int64_t n_keys, int64_t D,
+                  float scale, std::vector<float>& p) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kMaxG = 16;
+  float qf[kMaxG][512];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i) qf[g][i] = to_f32(q[g * D + i]) * scale;
+  float* sc = p.data();  // [G][n_keys]
+  float m[kMaxG];
+  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) {
-    const T* kj = k + j * row_stride;
-    float s = 0.f;
+    const T* kj = k + j * D;
+    float kf[512];
+    for (int64_t i = 0; i < D; ++i) kf[i] = to_f32(kj[i]);
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < D; ++i) s += qf[i] * to_f32(kj[i]);
-    s *= scale;
-    p[j] = s;
-    m = std::max(m, s);
+      for (int64_t i = 0; i < D; ++i) s += qf[g][i] * kf[i];
+      sc[g * n_keys + j] = s;
+      m[g] = std::max(m[g], s);
+    }
   }
-  float denom = 0.f;
-  for (int64_t j = 0; j < n_keys; ++j) {
-    p[j] = std::exp(p[j] - m);
-    denom += p[j];
+  float inv[kMaxG];
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = sc + g * n_keys;
+    const Vec mv(m[g]);
+    Vec sum(0.f);
+    int64_t j = 0;
+    for (; j + Vec::size() <= n_keys; j += Vec::size()) {
+      Vec e = (Vec::loadu(row + j) - mv).exp();
+      e.store(row + j);
+      sum = sum + e;
+    }
+    float denom = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum);
+    for (; j < n_keys; ++j) {
+      row[j] = std::exp(row[j] - m[g]);
+      denom += row[j];
+    }
+    inv[g] = 1.f / denom;
   }
-  float acc[512];
-  for (int64_t i = 0; i < D; ++i) acc[i] = 0.f;
+  float acc[kMaxG][512];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i) acc[g][i] = 0.f;
   for (int64_t j = 0; j < n_keys; ++j) {
-    const T* vj = v + j * row_stride;
-    const float w = p[j];
+    const T* vj = v + j * D;
+    float vf[512];
+    for (int64_t i = 0; i < D; ++i) vf[i] = to_f32(vj[i]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = sc[g * n_keys + j];
 #pragma omp simd
-    for (int64_t i = 0; i < D; ++i) acc[i] += w * to_f32(vj[i]);
+      for (int64_t i = 0; i < D; ++i) acc[g][i] += w * vf[i];
+    }
   }
-  const float inv = 1.f / denom;
-  for (int64_t i = 0; i < D; ++i) out[i] = from_f32<T>(acc[i] * inv);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = from_f32<T>(acc[g][i] * inv[g]);
 }
 
 at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -55,26 +86,28 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, con
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), H = k_cache.size(0), Tmax = k_cache.size(1);
   TORCH_CHECK(D <= 512 && k_cache.size(2) == D && v_cache.sizes() == k_cache.sizes(),
               "dense_attention: head_dim mismatch or > 512");
-  TORCH_CHECK(Hq % H == 0, "dense_attention: Hq must be a multiple of Hkv");
+  TORCH_CHECK(Hq % H == 0 && Hq / H <= 16, "dense_attention: Hq must be a multiple of Hkv, at most 16 of them");
   TORCH_CHECK(start >= 0 && start + T <= Tmax, "dense_attention: positions exceed the cache capacity");
   const int64_t G = Hq / H;
   auto out = at::empty_like(q);
   const int64_t keys = window > 0 ? std::min<int64_t>(start + T, window) : start + T;  // per query, at most
   const int64_t work = keys * D * T * Hq;
-  const int64_t grain = work < (1 << 16) ? T * Hq : 1;  // small: stay on this thread
+  const int64_t grain = work < (1 << 16) ? T * H : 1;  // small: stay on this thread
   SPARSEDGE_DISPATCH_FLOATS(q.scalar_type(), "dense_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    sparsedge::cpu::parallel_for(T * Hq, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<float> p(keys);
+    // one work item per (token, KV head): its G query heads share every K/V row read
+    sparsedge::cpu::parallel_for(T * H, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<float> p(G * keys);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t t = r / Hq, hq = r % Hq, h = hq / G;
+        const int64_t t = r / H, h = r % H;
         const int64_t lo = window > 0 ? std::max<int64_t>(0, start + t + 1 - window) : 0;  // first key
         const int64_t base = h * Tmax * D + lo * D;
-        attend_one<scalar_t>(qp + r * D, kp + base, vp + base, op + r * D, start + t + 1 - lo, D, D,
-                             static_cast<float>(scale), p);
+        const int64_t qrow = (t * Hq + h * G) * D;
+        attend_group<scalar_t>(qp + qrow, kp + base, vp + base, op + qrow, G, start + t + 1 - lo, D,
+                               static_cast<float>(scale), p);
       }
     });
   });
