@@ -98,15 +98,19 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, con
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    // one work item per (token, KV head): its G query heads share every K/V row read
-    sparsedge::cpu::parallel_for(T * H, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<float> p(G * keys);
+    // one work item per (token, KV head): its G query heads share every K/V row read. When that gives fewer
+    // items than twice the threads (decode: 3 KV heads on 2 threads would split 2:1), items are single query
+    // heads instead, so the threads stay balanced.
+    const int64_t sub = (grain > 1 || T * H >= 2 * at::get_num_threads()) ? G : 1;  // query heads per item
+    const int64_t per_t = Hq / sub;
+    sparsedge::cpu::parallel_for(T * per_t, grain > 1 ? T * per_t : 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> p(sub * keys);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t t = r / H, h = r % H;
+        const int64_t t = r / per_t, hq = (r % per_t) * sub, h = hq / G;
         const int64_t lo = window > 0 ? std::max<int64_t>(0, start + t + 1 - window) : 0;  // first key
         const int64_t base = h * Tmax * D + lo * D;
-        const int64_t qrow = (t * Hq + h * G) * D;
-        attend_group<scalar_t>(qp + qrow, kp + base, vp + base, op + qrow, G, start + t + 1 - lo, D,
+        const int64_t qrow = (t * Hq + hq) * D;
+        attend_group<scalar_t>(qp + qrow, kp + base, vp + base, op + qrow, sub, start + t + 1 - lo, D,
                                static_cast<float>(scale), p);
       }
     });
