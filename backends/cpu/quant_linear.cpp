@@ -21,8 +21,9 @@
 //
 // Work split (threadpool.h's pool: a decode step runs hundreds of these short regions): T = 1 (decode): rows
 // in tiles of kDecodeRows (independent accumulator chains), tiles split evenly over threads (each thread one
-// contiguous run of rows, >= kMinBytes of weights per thread). T > 1: rows in chunks of kChunkRows, chunks split over threads; inside a chunk every pass of
-// up to 4 tokens x 2 rows walks the chunk's rows, which stay in L1, so weights come from memory once.
+// contiguous run of rows, >= kMinBytes of weights per thread). T > 1: rows in chunks of kChunkRows, chunks
+// split over threads; inside a chunk every pass of up to 4 tokens x 2 rows walks the chunk's rows, which stay
+// in L1, so weights come from memory once.
 #include <algorithm>
 #include <cctype>
 #include <cstring>
