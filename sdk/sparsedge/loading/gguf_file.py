@@ -20,7 +20,7 @@ import torch
 
 from sparsedge.loading.base import ModelFormatError
 from sparsedge.quant import load_only
-from sparsedge.quant.formats import SUPPORTED, UnsupportedQuantError, get_format, qtype_from_ggml
+from sparsedge.quant.formats import FLOAT_DTYPES, SUPPORTED, UnsupportedQuantError, get_format, qtype_from_ggml
 
 
 class GGUFError(ModelFormatError):
@@ -32,7 +32,6 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
-_FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _ggml_name(t: int) -> str:
@@ -189,8 +188,8 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """F32/F16/BF16 tensors as float views in their shape; quantized ones as raw() bytes."""
         info = self.tensors[name]
-        if info.qtype in _FLOAT_TYPES:
-            return self.raw(name).view(_FLOAT_TYPES[info.qtype]).view(info.shape)
+        if info.qtype in FLOAT_DTYPES:
+            return self.raw(name).view(FLOAT_DTYPES[info.qtype]).view(info.shape)
         return self.raw(name)
 
     def close(self) -> None:

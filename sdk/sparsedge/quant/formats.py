@@ -68,6 +68,8 @@ FORMATS: dict[str, QFormat] = {f.name: f for f in (
     QFormat("q6_k", 14, QK_K, 210),
 )}
 SUPPORTED: tuple[str, ...] = tuple(FORMATS)
+# the unquantized formats as torch dtypes (their bytes viewed in place)
+FLOAT_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZABLE: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 _BY_GGML = {f.ggml_type: f for f in FORMATS.values()}
 

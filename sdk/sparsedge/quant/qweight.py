@@ -16,7 +16,6 @@ from sparsedge.quant import formats as qf
 
 # byte offsets of the fp16 fields (scale, and min where there is one) inside each block
 _SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
-_FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -69,7 +68,7 @@ class QWeight:
             raise ValueError(f"scale_rows_: need {self.N} power-of-two factors")
         fmt = qf.get_format(self.qtype)
         if not fmt.quantized:
-            vals = self.data.view(_FLOAT[self.qtype])
+            vals = self.data.view(qf.FLOAT_DTYPES[self.qtype])
             scaled = (vals.float() * f[:, None]).to(vals.dtype)
             if not torch.equal(scaled.float() / f[:, None], vals.float()):
                 raise ValueError(f"scaling {self.qtype} rows by {f.min():g}..{f.max():g} is not exact")

@@ -241,8 +241,8 @@ def _linear_t(c: Case) -> Program:
     return Program(make, run, run_all_close(("y",)), p["T"] * p["K"] * p["N"])
 
 
-@program("dense_attention")
-def _dense_attention(c: Case) -> Program:
+def _attention(c: Case, op: str, window: int | None) -> Program:
+    """dense_attention (window None) and dense_attention_window (window >= 0, 0: none): one input recipe."""
     p = c.params
     H, G, D, start, T = p["H"], p["G"], p["D"], p["start"], p["T"]
 
@@ -253,26 +253,20 @@ def _dense_attention(c: Case) -> Program:
                     v=randn(g, H, Tmax, D, dtype=c.dtype))
 
     def run(rt, i):
-        return {"out": rt.op("dense_attention")(rt.to(i["q"]), rt.to(i["k"]), rt.to(i["v"]), start, D ** -0.5)}
-    return Program(make, run, run_all_close(("out",)), 2 * T * H * G * D * (start + T))
+        args = (rt.to(i["q"]), rt.to(i["k"]), rt.to(i["v"]), start, D ** -0.5)
+        return {"out": rt.op(op)(*args) if window is None else rt.op(op)(*args, window)}
+    keys = min(start + T, window) if window else start + T
+    return Program(make, run, run_all_close(("out",)), 2 * T * H * G * D * keys)
+
+
+@program("dense_attention")
+def _dense_attention(c: Case) -> Program:
+    return _attention(c, "dense_attention", None)
 
 
 @program("dense_attention_window")
 def _dense_attention_window(c: Case) -> Program:
-    p = c.params
-    H, G, D, start, T, window = p["H"], p["G"], p["D"], p["start"], p["T"], p["window"]
-
-    def make():
-        g = generator(c)
-        Tmax = start + T + 5
-        return dict(q=randn(g, T, H * G, D, dtype=c.dtype), k=randn(g, H, Tmax, D, dtype=c.dtype),
-                    v=randn(g, H, Tmax, D, dtype=c.dtype))
-
-    def run(rt, i):
-        return {"out": rt.op("dense_attention_window")(rt.to(i["q"]), rt.to(i["k"]), rt.to(i["v"]), start,
-                                                       D ** -0.5, window)}
-    keys = min(start + T, window) if window else start + T
-    return Program(make, run, run_all_close(("out",)), 2 * T * H * G * D * keys)
+    return _attention(c, "dense_attention_window", c.params["window"])
 
 
 # ------------------------------------------------------------------------------------------------- FFN
