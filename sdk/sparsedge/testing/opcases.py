@@ -681,3 +681,65 @@ def _qlinear(c: Case) -> Program:
         excess = err - (want["bound"] + out_round + 1e-3 * tol.rtol * want["bound"].max())
         assert torch.all(excess <= 0), f"qlinear {q}: max excess over the int8 rounding bound {excess.max():.3e}"
     return Program(make, run, check, q.T * q.N * q.K)
+
+
+@program("qsparse_ffn")
+def _qsparse_ffn(c: Case) -> Program:
+    """Thresholds are placed at the requested kept fraction of the reference's |h| and moved away from every
+    token's |h| by 1e-3 relative, so fp32 accumulation cannot flip a decision; y is then checked within one int8
+    step of h per element (fused h is fp32, the reference's fp64: a value on a rounding boundary may round either
+    way) times |W_down|, plus fp32 accumulation."""
+    from sparsedge.ops.qffn import down_weights_t, hidden_ref
+    from sparsedge.quant import formats as qf
+    from sparsedge.quant.down_t import DownT
+    from sparsedge.quant.qweight import QWeight
+    from sparsedge.testing.quant import random_blocks
+
+    p = c.params
+    d, I, T, keep = p["d"], p["I"], p["T"], p["keep"]
+
+    def make():
+        g = generator(c)
+        x = randn(g, T, d)
+        x[:, :32] *= 4
+        if p["qtype"] in ("q8_0", "q4_0", "q4_1"):
+            wgu = qf.quantize(torch.randn(2 * I, d, generator=g) / d ** 0.5, p["qtype"])
+        else:
+            wgu = random_blocks(p["qtype"], 2 * I, d, g)
+        wd = QWeight(qf.quantize(torch.randn(d, I, generator=g) / I ** 0.5, p["down"]), p["down"], I)
+        down = DownT.from_qweight(wd)
+        h = hidden_ref(x.to(c.dtype), wgu, p["qtype"], I, p["act"], 0.1).abs()  # [T, I] float64
+        if keep >= 1.0:
+            thresh = torch.full((I,), -1.0)
+        elif keep <= 0.0:
+            thresh = h.amax(0).float() * 2 + 1
+        else:
+            jitter = torch.exp(0.3 * torch.randn(I, generator=g, dtype=torch.float64))  # per-neuron thresholds
+            thresh = (torch.quantile((h / jitter).reshape(-1), 1 - keep) * jitter).float()
+            for _ in range(8):  # away from every |h| of this neuron
+                near = ((h - thresh.double()).abs() <= 1e-3 * h.clamp_min(1e-12)).any(0)
+                if not near.any():
+                    break
+                thresh = torch.where(near, thresh * 1.01 + 1e-6, thresh)
+        return dict(x=x.to(c.dtype), w=wgu, codes=down.codes, scale=down.scale, minv=down.minv, thresh=thresh)
+
+    def run(rt, i):
+        y, count = rt.op("qsparse_ffn")(*(rt.to(i[k]) for k in ("x", "w")), p["qtype"],
+                                        *(rt.to(i[k]) for k in ("codes", "scale", "minv", "thresh")), p["act"], 0.1)
+        if not rt.reference:
+            return {"y": y, "count": count}
+        h = hidden_ref(i["x"], i["w"], p["qtype"], I, p["act"], 0.1)
+        hk = torch.where(h.abs() > i["thresh"].double(), h, torch.zeros_like(h))
+        step = hk.reshape(T, -1, qf.QK).abs().amax(-1) / 127
+        wabs = down_weights_t(i["codes"], i["scale"], i["minv"]).abs()
+        bound = step.repeat_interleave(qf.QK, 1) @ wabs + 1e-5 * (hk.abs() @ wabs) + 1e-6
+        return {"y": y, "count": count, "bound": bound}
+
+    def check(got, want, tol):
+        equal(got["count"], want["count"], "count")
+        y, ref = got["y"], want["y"]
+        assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, y.dtype, ref.shape, ref.dtype)
+        out_round = ref.double().abs() * (2.0 ** -7 if c.dtype == torch.bfloat16 else 0.0)
+        excess = (y.double() - ref.double()).abs() - want["bound"] - out_round
+        assert torch.all(excess <= 0), f"qsparse_ffn {p}: max excess over the bound {excess.max():.3e}"
+    return Program(make, run, check, T * I * d * 3)

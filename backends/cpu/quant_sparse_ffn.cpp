@@ -1,0 +1,247 @@
+// qsparse_ffn (sdk/sparsedge/ops/qffn.py): one FFN step over GGUF block weights that skips the down rows of
+// neurons whose exact |h| is below their threshold; W_down in the neuron-row layout of sparsedge.quant.down_t.
+//
+// One parallel region per token. Each thread takes a contiguous run of 32-neuron blocks and does everything
+// for them: gate and up rows (quant_blocks.h's tiles: x rounded to int8 once per call, integer dot products, the
+// same arithmetic as qlinear), h = act(g) u, the threshold, and the down rows of its kept neurons into its own
+// partial y; the caller then sums the threads' partial ys (d floats each). So a layer costs one fork/join.
+//
+// Down arithmetic (llama.cpp's for a dense W_down, restricted to kept neurons): the kept h of a block is
+// rounded to int8 (quantize_block: dh, qh, sh = dh sum qh; skipped neurons are 0); per output r the block
+// contributes  scale[b, r] dh sum_i code[i, r] qh_i + min[b, r] sh,  the integer sum exact in int32. With
+// AVX2 two kept neurons are taken at once: their codes interleaved byte by byte against (qh_i, qh_j), one
+// maddubs gives code_i qh_i + code_j qh_j per output in int16 (at most 2 * 128 * 127, no saturation), widened
+// into 32 int32 accumulators per 32 outputs. The next neurons' code rows are software-prefetched: they are
+// scattered rows the hardware prefetchers cannot predict.
+#include "act.h"
+#include "quant_blocks.h"
+
+namespace sparsedge::cpu {
+namespace {
+
+constexpr int64_t kPrefetchAhead = 2;  // pairs of kept neurons whose code rows are prefetched ahead
+
+inline void prefetch_row(const void* p, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
+#else
+  (void)p, (void)n;
+#endif
+}
+
+// acc[r] += code_i[r] qh_i + code_j[r] qh_j for r < d. FOUR: 4-bit codes (d/2 bytes, groups of 32 outputs, byte k
+// = output k low nibble, k + 16 high nibble); else int8 codes (d bytes).
+template <bool FOUR>
+inline void accumulate_pair(const uint8_t* ci, const uint8_t* cj, int8_t hi, int8_t hj, int64_t d, int32_t* acc) {
+#ifdef SPARSEDGE_AVX2
+  const __m256i m = _mm256_set1_epi16(static_cast<int16_t>((static_cast<uint16_t>(static_cast<uint8_t>(hj)) << 8) |
+                                                           static_cast<uint8_t>(hi)));
+  for (int64_t r = 0; r < d; r += 32) {
+    __m256i a, b;
+    if constexpr (FOUR) {
+      a = unpack16(ci + r / 2);  // outputs r .. r + 31 as bytes
+      b = unpack16(cj + r / 2);
+    } else {
+      a = load32(ci + r);
+      b = load32(cj + r);
+    }
+    const __m256i lo = _mm256_unpacklo_epi8(a, b);  // outputs r+0..7 | r+16..23, (i, j) byte pairs
+    const __m256i hi8 = _mm256_unpackhi_epi8(a, b);  // outputs r+8..15 | r+24..31
+    __m256i plo, phi;
+    if constexpr (FOUR) {
+      plo = _mm256_maddubs_epi16(lo, m);
+      phi = _mm256_maddubs_epi16(hi8, m);
+    } else {  // signed codes: |code| against qh carrying the code's sign
+      plo = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(m, lo));
+      phi = _mm256_maddubs_epi16(_mm256_sign_epi8(hi8, hi8), _mm256_sign_epi8(m, hi8));
+    }
+    auto add8 = [&](int64_t o, __m128i v16) {
+      __m256i* p = reinterpret_cast<__m256i*>(acc + r + o);
+      _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_cvtepi16_epi32(v16)));
+    };
+    add8(0, _mm256_castsi256_si128(plo));
+    add8(16, _mm256_extracti128_si256(plo, 1));
+    add8(8, _mm256_castsi256_si128(phi));
+    add8(24, _mm256_extracti128_si256(phi, 1));
+  }
+#else
+  for (int64_t r = 0; r < d; ++r) {
+    int32_t a, b;
+    if constexpr (FOUR) {
+      const int64_t g = r / 32, k = r % 32;
+      const int64_t byte = g * 16 + (k & 15);
+      a = k < 16 ? (ci[byte] & 15) : (ci[byte] >> 4);
+      b = k < 16 ? (cj[byte] & 15) : (cj[byte] >> 4);
+    } else {
+      a = static_cast<int8_t>(ci[r]);
+      b = static_cast<int8_t>(cj[r]);
+    }
+    acc[r] += a * hi + b * hj;
+  }
+#endif
+}
+
+// y[r] += acc[r] * scale[r] * dh + minv[r] * sh  (scale, minv: fp16 rows of the block; minv may be null)
+inline void finish_block(const int32_t* acc, const c10::Half* scale, const c10::Half* minv, float dh, float sh,
+                         int64_t d, float* y) {
+  int64_t r = 0;
+#ifdef SPARSEDGE_AVX2
+  const __m256 vdh = _mm256_set1_ps(dh), vsh = _mm256_set1_ps(sh);
+  for (; r + 8 <= d; r += 8) {
+    __m256 v = _mm256_loadu_ps(y + r);
+    if (minv) v = _mm256_fmadd_ps(load8(minv + r), vsh, v);
+    const __m256 s = _mm256_mul_ps(load8(scale + r), vdh);
+    _mm256_storeu_ps(y + r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                                reinterpret_cast<const __m256i*>(acc + r))), s, v));
+  }
+#endif
+  for (; r < d; ++r) {
+    float v = y[r];
+    if (minv) v = std::fma(static_cast<float>(minv[r]), sh, v);
+    y[r] = std::fma(static_cast<float>(acc[r]), static_cast<float>(scale[r]) * dh, v);
+  }
+}
+
+struct Down {
+  const uint8_t* codes;  // [I, row]
+  int64_t row;           // code bytes per neuron
+  const c10::Half* scale;  // [I/32, d]
+  const c10::Half* minv;   // [I/32, d] or null
+  bool four;
+};
+
+// gate rows [n0, n1) and up rows [I + n0, I + n1) of w into gu
+template <class F>
+void gate_up_rows(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_t n0, int64_t n1, float* gu) {
+  for (int64_t base : {int64_t{0}, I}) {
+    const uint8_t* end = w + (base + n1) * rb;
+    int64_t n = base + n0;
+    for (; n + kDecodeRows <= base + n1; n += kDecodeRows) tile<F, kDecodeRows, 1>(w, rb, X, n, 0, gu, 2 * I, end);
+    for (; n < base + n1; ++n) tile<F, 1, 1>(w, rb, X, n, 0, gu, 2 * I, end);
+  }
+}
+
+// blocks [b0, b1) of one token: gate/up, h, threshold, down rows of the kept neurons into y (d floats)
+template <class F>
+int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_t d, const Down& D,
+                   const float* thresh, Act act, float param, int64_t b0, int64_t b1, float* gu, float* y) {
+  gate_up_rows<F>(w, rb, X, I, b0 * QK, b1 * QK, gu);
+  static thread_local std::vector<int32_t> acc_buf;
+  if (static_cast<int64_t>(acc_buf.size()) < d) acc_buf.resize(d);
+  int32_t* acc = acc_buf.data();
+  int64_t kept_total = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    alignas(32) float h[QK];
+    alignas(32) int8_t qh[QK];
+    int32_t kept[QK];
+    int n = 0;
+    for (int k = 0; k < QK; ++k) {
+      const int64_t i = b * QK + k;
+      const float v = activate(act, gu[i], gu[I + i], param, 0.f);
+      const bool keep = std::fabs(v) > thresh[i];
+      h[k] = keep ? v : 0.f;
+      if (keep) kept[n++] = k;
+    }
+    if (n == 0) continue;
+    kept_total += n;
+    float dh, sh;
+    quantize_block(h, qh, &dh, &sh);
+    std::fill(acc, acc + d, 0);
+    const uint8_t* rows = D.codes + b * QK * D.row;
+    for (int p = 0; p < n; p += 2) {
+      for (int a = p + 2 * int{kPrefetchAhead}; a < std::min(n, p + 2 * int{kPrefetchAhead} + 2); ++a)
+        prefetch_row(rows + kept[a] * D.row, D.row);
+      const int ki = kept[p], kj = p + 1 < n ? kept[p + 1] : kept[p];
+      const int8_t hj = p + 1 < n ? qh[kj] : int8_t{0};
+      if (D.four) accumulate_pair<true>(rows + ki * D.row, rows + kj * D.row, qh[ki], hj, d, acc);
+      else accumulate_pair<false>(rows + ki * D.row, rows + kj * D.row, qh[ki], hj, d, acc);
+    }
+    finish_block(acc, D.scale + b * d, D.minv ? D.minv + b * d : nullptr, dh, sh, d, y);
+  }
+  return kept_total;
+}
+
+template <class F>
+void run(const uint8_t* w, int64_t rb, const QAct& X, int64_t T, int64_t I, int64_t d, const Down& D,
+         const float* thresh, Act act, float param, float* y, int32_t* count) {
+  const int64_t nblk = I / QK;
+  const int64_t grain = even_grain(nblk, 3 * QK * rb);  // one contiguous run of blocks per thread
+  const int64_t parts = (nblk + grain - 1) / grain;
+  std::vector<float> gu(2 * I), partial(parts * d);
+  std::vector<int64_t> kept(parts);
+  for (int64_t t = 0; t < T; ++t) {
+    const QAct Xt{X.q + t * X.K, X.d + t * X.nb, X.s + t * X.nb, X.K, X.nb};
+    std::fill(partial.begin(), partial.end(), 0.f);
+    parallel_for(nblk, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t part = b0 / grain;
+      kept[part] = ffn_blocks<F>(w, rb, Xt, I, d, D, thresh, act, param, b0, b1, gu.data(), partial.data() + part * d);
+    });
+    float* yt = y + t * d;
+    std::copy(partial.begin(), partial.begin() + d, yt);
+    int64_t c = kept[0];
+    for (int64_t p = 1; p < parts; ++p) {
+      c += kept[p];
+      for (int64_t r = 0; r < d; ++r) yt[r] += partial[p * d + r];
+    }
+    count[t] = static_cast<int32_t>(c);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> qsparse_ffn_impl(const at::Tensor& x, const at::Tensor& w, c10::string_view qtype_sv,
+                                                    const at::Tensor& codes, const at::Tensor& scale,
+                                                    const at::Tensor& minv, const at::Tensor& thresh,
+                                                    c10::string_view activation, double act_param) {
+  const QInfo& qt = qinfo(std::string(qtype_sv));
+  const Act act = parse_act(activation);
+  TORCH_CHECK_VALUE(qt.block > 1, "qsparse_ffn: gate/up format ", qt.name, " is not block-quantized");
+  TORCH_CHECK_VALUE(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "qsparse_ffn: x must be a float [T, d] tensor");
+  const int64_t T = x.size(0), d = x.size(1), I = thresh.numel();
+  TORCH_CHECK_VALUE(d > 0 && d % qt.block == 0 && d % QK == 0, "qsparse_ffn: d=", d, " must be a multiple of ",
+                    qt.block);
+  TORCH_CHECK_VALUE(thresh.dim() == 1 && thresh.scalar_type() == at::kFloat && I > 0 && I % QK == 0,
+                    "qsparse_ffn: thresh must be float32 [I], I a positive multiple of 32");
+  const int64_t rb = d / qt.block * qt.size;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(0) == 2 * I && w.size(1) == rb,
+                    "qsparse_ffn: w_gate_up must be uint8 [", 2 * I, ", ", rb, "], got ", w.sizes());
+  const bool four = codes.scalar_type() == at::kByte;
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == I && codes.size(1) == (four ? d / 2 : d) &&
+                        (four || codes.scalar_type() == at::kChar),
+                    "qsparse_ffn: down codes must be uint8 [I, d/2] or int8 [I, d], got ", codes.scalar_type(), " ",
+                    codes.sizes());
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == I / QK && scale.size(1) == d,
+                    "qsparse_ffn: down scale must be float16 [I/32, d]");
+  const bool has_min = minv.numel() > 0;
+  TORCH_CHECK_VALUE(!has_min || (minv.scalar_type() == at::kHalf && minv.dim() == 2 && minv.size(0) == I / QK &&
+                                 minv.size(1) == d),
+                    "qsparse_ffn: down min must be empty or float16 [I/32, d]");
+  TORCH_CHECK_VALUE(has_min || !four, "qsparse_ffn: 4-bit down codes need their mins");
+  auto wc = w.contiguous(), cc = codes.contiguous(), sc = scale.contiguous(), mc = minv.contiguous();
+  auto tc = thresh.contiguous();
+  auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty({T, d}, x.options().dtype(at::kFloat));
+  auto count = at::empty({T}, x.options().dtype(at::kInt));
+  if (T == 0) return {y.to(x.scalar_type()), count};
+  const QAct X = quantize_acts(xf.data_ptr<float>(), T, d);
+  const Down D{reinterpret_cast<const uint8_t*>(cc.data_ptr()), cc.size(1), sc.data_ptr<c10::Half>(),
+               has_min ? mc.data_ptr<c10::Half>() : nullptr, four};
+  const float* th = tc.data_ptr<float>();
+  const float p = static_cast<float>(act_param);
+  float* yp = y.data_ptr<float>();
+  int32_t* cp = count.data_ptr<int32_t>();
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  switch (qt.type) {
+    case QType::Q8_0: run<Q8_0>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
+    case QType::Q4_0: run<Q4_0>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
+    case QType::Q4_1: run<Q4_1>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
+    case QType::Q4_K: run<Q4_K>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
+    default: run<Q6_K>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
+  }
+  return {y.to(x.scalar_type()), count};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsedge, CPU, m) { m.impl("qsparse_ffn", &qsparse_ffn_impl); }
+
+}  // namespace sparsedge::cpu
