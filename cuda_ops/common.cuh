@@ -140,6 +140,29 @@ __device__ __forceinline__ T block_exclusive_scan(T v, T* scratch, T* total) {
   return scratch[warp] + inc - v;
 }
 
+// FFN activation with the schema's conventions (sdk/sparsedge/activations.py; the CPU kernels' act.h):
+// h = act(g) * u, zero where |act(g)| < tau (tau > 0). Shared by ffn.cu and qffn.cu.
+__device__ __forceinline__ float activate(float g, float u, Act act, float act_param, float tau) {
+  float a;
+  switch (act) {
+    case Act::silu: a = g / (1.f + __expf(-g)); break;
+    case Act::gelu: a = 0.5f * g * (1.f + erff(g * 0.70710678118654752f)); break;
+    case Act::gelu_tanh: {
+      const float k = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+      a = 0.5f * g * (1.f + tanhf(k));
+      break;
+    }
+    case Act::relu: case Act::drelu: a = fmaxf(g, 0.f); break;
+    case Act::fatrelu: a = g > act_param ? g : 0.f; break;
+    case Act::relu2: { const float rg = fmaxf(g, 0.f); a = rg * rg; break; }
+    default: a = 0.f;
+  }
+  if (act == Act::drelu) u = fmaxf(u, 0.f);
+  float h = a * u;
+  if (tau > 0.f && fabsf(a) < tau) h = 0.f;
+  return h;
+}
+
 // ---- launcher-side dtype dispatch ----------------------------------------------------------
 template <typename T> struct Tag { using type = T; };
 

@@ -3,7 +3,8 @@
 //   1. quantize_x_kernel   a warp per 32-block of x: amax (warp max), d = amax / 127, inv = 127 / amax,
 //                          q = round-half-even(x * inv), s = d * sum q -> int8 q [T, K], d / s [T, K / 32] in the
 //                          workspace; every float op is the IEEE one (__fdiv_rn, __fmul_rn) so the rounding is the
-//                          CPU kernel's and quant.quantize_activations', bit for bit, under --use_fast_math.
+//                          CPU kernel's and quant.quantize_activations', bit for bit, under --use_fast_math
+//                          (round_int8_32 in quant.cuh, which qsparse_ffn's h rounding shares).
 //   2. qlinear_kernel<Q>   grid (ceil(N / 8), ceil(T / 8)), 8 warps, a warp per weight row and up to 8 tokens per
 //                          block (each row read once per 8 tokens). Lanes take the row's 32-element sub-blocks
 //                          g = lane, lane + 32, ...; a sub-block's weights become 8 packed int8x4 words (nibbles
@@ -15,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "quant.cuh"
 #include "quant.h"
 
 namespace sparsedge::cuda {
@@ -46,16 +48,11 @@ __global__ void quantize_x_kernel(const TX* __restrict__ x, int8_t* __restrict__
   const int64_t b = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (b >= blocks) return;
   const int lane = threadIdx.x & 31;
-  const float v = to_f<TX>(x[b * kQK + lane]);
-  const float amax = warp_max(fabsf(v));
-  const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
-  const int qi = max(-127, min(127, __float2int_rn(__fmul_rn(v, inv))));
-  q[b * kQK + lane] = static_cast<int8_t>(qi);
-  const int sum = warp_sum(qi);
+  float db, sb;
+  q[b * kQK + lane] = static_cast<int8_t>(round_int8_32(to_f<TX>(x[b * kQK + lane]), db, sb));
   if (lane == 0) {
-    const float db = __fdiv_rn(amax, 127.f);
     d[b] = db;
-    s[b] = __fmul_rn(db, static_cast<float>(sum));
+    s[b] = sb;
   }
 }
 

@@ -31,4 +31,15 @@ int64_t qlinear_workspace_bytes(int64_t T, int64_t K);
 cudaError_t qlinear(const void* x, const uint8_t* w, float* y, int64_t T, int64_t N, int64_t K, QType qt, DType xt,
                     void* workspace, cudaStream_t stream);
 
+// qsparse_ffn (sdk/sparsedge/ops/qffn.py; qffn.cu): y [T, d] (dtype xt) and count [T] from x [T, d] (xt), w_gate_up
+// [2I, d / block * size] (qt, a block format; 2-byte aligned), W_down in sparsedge.quant.down_t's neuron-row layout:
+// codes uint8 [I, d / 2] (four_bit) or int8 [I, d], 16-byte aligned; scale / minv fp16 [I / 32, d], 8-byte aligned
+// (minv null for int8 codes), thresh [I] fp32. d and I multiples of 32. Workspace: qsparse_ffn_workspace_bytes()
+// for the same T, d, I and device (256-byte aligned).
+int64_t qsparse_ffn_workspace_bytes(int64_t T, int64_t d, int64_t I, int device);
+cudaError_t qsparse_ffn(const void* x, const uint8_t* w_gate_up, QType qt, const uint8_t* codes, bool four_bit,
+                        const void* scale, const void* minv, const float* thresh, void* y, int32_t* count, int64_t T,
+                        int64_t d, int64_t I, Act act, float act_param, DType xt, void* workspace, int device,
+                        cudaStream_t stream);
+
 }  // namespace sparsedge::cuda

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--text", required=True, help="calibration text file (keep it disjoint from evaluation text)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="float dtype to dequantize to (default: float32 for the svd/q4 "
+                   "predictors and delta; down keeps a quantized file in its own blocks)")
     p.add_argument("--delta", action="store_true", help="also calibrate delta-attention thresholds")
     p.add_argument("--no-ffn", action="store_true", help="skip the FFN predictors (with --delta)")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON last")

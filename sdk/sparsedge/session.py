@@ -162,13 +162,14 @@ class Session:
 
         be = get_backend(backend)
         mode = check_weights(weights)
-        if mode is not None and predictors is not None:
-            raise ValueError(f"weights={weights!r} keeps quantized projections, but FFN predictors run on float "
-                             f"weights; drop weights= (the session then dequantizes) or drop predictors=")
         # inputs that can be checked without the weights are checked first (a model load can take minutes)
         from sparsedge.artifact import check_artifact
+        ffn_kind = None  # "down" runs on quantized weights too; the predictor kinds need float rows
         if predictors is not None:
-            check_artifact(predictors, "ffn", "predictors")
+            ffn_kind = check_artifact(predictors, "ffn", "predictors")["sections"]["ffn"].get("kind", "predictor")
+        if mode is not None and predictors is not None and ffn_kind != "down":
+            raise ValueError(f"weights={weights!r} keeps quantized projections, but these FFN predictors run on float "
+                             f"weights; drop weights= (the session then dequantizes) or drop predictors=")
         if delta is not None and isinstance(delta, (str, os.PathLike)) and not _is_number(delta):
             check_artifact(delta, "delta", "delta")
         src = open_model(model, tokenizer=tokenizer)
@@ -176,7 +177,7 @@ class Session:
         if ctx is None:
             ctx = max(2, min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
         if mode is None and dtype is None and getattr(src, "quantized", False):
-            if predictors is None:
+            if predictors is None or ffn_kind == "down":
                 mode = "native"  # the file's own blocks: the fastest dense path
             else:  # the sparse FFN kernels gather float rows: predictors need the dequantized weights
                 logger.info("FFN predictors run on float weights: dequantizing the quantized file to float32")

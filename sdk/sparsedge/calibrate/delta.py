@@ -224,7 +224,7 @@ def run(args) -> dict:
     from sparsedge.session import Session
 
     t0 = time.perf_counter()
-    session = Session.load(args.model, dtype=getattr(args, "dtype", None), backend="cpu", progress=True)
+    session = Session.load(args.model, dtype=getattr(args, "dtype", None) or "float32", backend="cpu", progress=True)
     model = session.model
     cfg = model.config
     text = read_text(args.text, getattr(args, "text_start", 0.0))

@@ -19,11 +19,14 @@ from sparsedge.ffn import q4
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("FFN predictors")
-    g.add_argument("--predictor", choices=("auto", "svd", "q4"), default="auto",
-                   help="auto (default): the best the project knows for the model's activation, q4 for SiLU/GELU "
-                        "and svd for the ReLU family; svd: whitened low-rank gate predictor (docs/methods.md); q4: "
-                        "4-bit gate x up predictor (sdk/sparsedge/ffn/q4.py; SiLU/GELU models need it: the gate "
-                        "alone does not tell which neurons matter, svd costs +61%% perplexity at 39%% on SmolLM2)")
+    g.add_argument("--predictor", choices=("auto", "svd", "q4", "down"), default="auto",
+                   help="auto (default): the best the project knows for the model: down for a quantized SiLU/GELU "
+                        "model (a GGUF file, run in its own blocks), q4 for a float SiLU/GELU checkpoint, svd for "
+                        "the ReLU family; svd: whitened low-rank gate predictor (docs/methods.md); q4: 4-bit gate x "
+                        "up predictor (sdk/sparsedge/ffn/q4.py; the gate alone does not tell which SiLU neurons "
+                        "matter, svd costs +61%% perplexity at 39%% on SmolLM2); down: dense gate/up, W_down rows "
+                        "skipped by the exact |h| (sdk/sparsedge/ffn/downskip.py; no predictor bytes, for quantized "
+                        "weights, where a predictor reads as many bytes as it saves)")
     g.add_argument("--q4-group", type=int, default=q4.DEFAULT_GROUP,
                    help="q4: inputs per quantization scale (even, divides the width; default 64)")
     g.add_argument("--q4-rounding", choices=("gptq", "nearest"), default="gptq",
@@ -75,29 +78,35 @@ def add_arguments(p) -> None:
                    help="calibration tokens held out (not fitted) to measure perplexity with --ppl-budget")
 
 
-# the operating points measured best (docs/results/ffn.md): q4 at 0.85 is SmolLM2's ≥ 40% at ≤ +2% point
-DEFAULT_S = {"q4": 0.85, "svd": 0.8}
+# the operating points measured best (docs/results/ffn.md): q4 at 0.85 is SmolLM2's ≥ 40% at ≤ +2% point;
+# down at DOWN_S is its quantized session's point (docs/results/sparse_quant.md)
+DOWN_S = 0.5
+DEFAULT_S = {"q4": 0.85, "svd": 0.8, "down": DOWN_S}
 
 
-def resolve_predictor(predictor: str, activation: str | None) -> str:
-    """`auto` -> q4 for SiLU/GELU-family activations, svd for the ReLU family (exact zeros)."""
+def resolve_predictor(predictor: str, activation: str | None, quantized: bool = False) -> str:
+    """`auto` -> svd for the ReLU family (exact zeros); for SiLU/GELU: down when the session keeps quantized
+    weights (a quantized file loaded without --dtype), else q4."""
     if predictor != "auto":
         return predictor
     if activation is None:
         raise ValueError("--predictor auto needs the model's activation; resolve it once the config is read")
-    return "svd" if activation in RELU_FAMILY else "q4"
+    if activation in RELU_FAMILY:
+        return "svd"
+    return "down" if quantized else "q4"
 
 
-def variant_from_args(args, activation: str | None = None) -> Variant:
+def variant_from_args(args, activation: str | None = None, quantized: bool = False) -> Variant:
     """The calibration variant the flags ask for. `--predictor auto` is resolved from `activation` (the
-    model config's); without it the flags are checked as if q4 were chosen where that is stricter."""
+    model config's) and whether the session keeps quantized weights; without the activation the flags are
+    checked as if q4 were chosen where that is stricter."""
     predictor = args.predictor
     if predictor == "auto":
-        predictor = resolve_predictor(predictor, activation) if activation is not None else (
+        predictor = resolve_predictor(predictor, activation, quantized) if activation is not None else (
             "svd" if (args.rank is not None or args.no_whiten or args.bias_mode != "calibrated") else "q4")
-    if args.predictor == "q4" and (args.rank is not None or args.no_whiten or args.bias_mode != "calibrated"):
-        raise ValueError("--rank, --no-whiten and --bias-mode configure the SVD predictor; drop them with "
-                         "--predictor q4")
+    if args.predictor in ("q4", "down") and (args.rank is not None or args.no_whiten or args.bias_mode != "calibrated"):
+        raise ValueError(f"--rank, --no-whiten and --bias-mode configure the SVD predictor; drop them with "
+                         f"--predictor {args.predictor}")
     penalty = args.penalty or ("fisher" if predictor == "q4" else "full")
     check_fisher_sampling(getattr(args, "fisher_labels", "data"), getattr(args, "fisher_samples", 1))
     allocation = args.allocation or ("global" if penalty == "fisher" else "layer")
@@ -113,9 +122,21 @@ def cfg_activation_is_smooth(model) -> bool:
     return model.config.activation not in RELU_FAMILY
 
 
-def load_for_calibration(args):
+def load_for_calibration(args, predictor: str | None = None):
+    """The session calibration runs: the predictors' own kind of weights. down: as the file stores them (a
+    quantized file stays quantized, so the thresholds see the int8-rounded gate/up the kernel computes);
+    svd / q4: float32 unless --dtype says otherwise."""
     from sparsedge.session import Session
-    return Session.load(args.model, dtype=getattr(args, "dtype", None), backend="cpu", progress=True)
+    dtype = getattr(args, "dtype", None)
+    if predictor != "down":
+        dtype = dtype or "float32"
+    return Session.load(args.model, dtype=dtype, backend="cpu", progress=True)
+
+
+def session_quantized(args) -> bool:
+    """Whether a session for args.model without --dtype keeps quantized weights (from the file's header only)."""
+    from sparsedge.loading import open_model
+    return getattr(args, "dtype", None) is None and bool(getattr(open_model(args.model), "quantized", False))
 
 
 def prepare_data(session, args, grads: bool = False):
@@ -144,35 +165,91 @@ def choose_by_budget(session, xa, xb, base: Variant, s_grid: list[float], budget
                      grads: tuple[list, list] | None = None) -> tuple[dict, dict, list[dict]]:
     """Calibrate one variant per s (one SVD per layer serves all), measure each on the held-out windows through
     the per-token sparse path, return (tensors, meta, table) of the sparsest within budget."""
+    variants = [replace(base, s=s, name=f"s={s}") for s in s_grid]
+    results = calibrate_model(session.model, xa, xb, variants, n_points=n_points, grads=grads)
+    return pick_within_budget(session, s_grid, results, budget_pct, held)
+
+
+def pick_within_budget(session, s_grid: list[float], results: list[tuple[dict, dict]], budget_pct: float,
+                       held: list[list[int]], key: str = "ffn_sparsity") -> tuple[dict, dict, list[dict]]:
+    """Measure each candidate (tensors, meta) of s_grid on the held-out windows through the per-token sparse
+    path; (tensors, meta, table) of the one with the largest `key` sparsity within +budget_pct perplexity."""
     from sparsedge.evaluate import perplexity
     from sparsedge.ffn.module import attach_tensors, detach_predictors
 
     model = session.model
-    variants = [replace(base, s=s, name=f"s={s}") for s in s_grid]
-    results = calibrate_model(model, xa, xb, variants, n_points=n_points, grads=grads)
     dense = perplexity(session, held, progress=False)["ppl"]
     table = []
-    for v, (tensors, meta) in tqdm(list(zip(variants, results)), desc="held-out perplexity per s", unit="s"):
-        attach_tensors(model, tensors, meta["tau"], per_token=True)
+    for s, (tensors, meta) in tqdm(list(zip(s_grid, results)), desc="held-out perplexity per s", unit="s"):
+        attach_tensors(model, tensors, meta.get("tau"), per_token=True)
         try:
             r = perplexity(session, held, progress=False)
         finally:
             detach_predictors(model)
-        table.append({"s": v.s, "ppl": r["ppl"], "dense_ppl": dense, "ppl_increase_pct": 100 * (r["ppl"] / dense - 1),
-                      "ffn_sparsity": r["ffn_sparsity"]})
-        logger.info(f"s={v.s}: held-out ppl {r['ppl']:.3f} ({table[-1]['ppl_increase_pct']:+.2f}%), "
-                    f"FFN sparsity {r['ffn_sparsity']:.3f}")
+        table.append({"s": s, "ppl": r["ppl"], "dense_ppl": dense, "ppl_increase_pct": 100 * (r["ppl"] / dense - 1),
+                      "ffn_sparsity": r["ffn_sparsity"], "ffn_down_sparsity": r["ffn_down_sparsity"]})
+        logger.info(f"s={s}: held-out ppl {r['ppl']:.3f} ({table[-1]['ppl_increase_pct']:+.2f}%), "
+                    f"FFN sparsity {r['ffn_sparsity']:.3f}, down rows skipped {r['ffn_down_sparsity']:.3f}")
     ok = [i for i, row in enumerate(table) if row["ppl_increase_pct"] <= budget_pct]
     if not ok:
         best = min(table, key=lambda row: row["ppl_increase_pct"])
         raise BudgetError(f"no s in {s_grid} keeps the held-out perplexity within +{budget_pct}% (best: s={best['s']} "
-                          f"at {best['ppl_increase_pct']:+.2f}% for {100 * best['ffn_sparsity']:.1f}% FFN sparsity); "
+                          f"at {best['ppl_increase_pct']:+.2f}% for {100 * best[key]:.1f}% sparsity); "
                           f"nothing was written. Raise --ppl-budget, try smaller --s-grid values, on SiLU/GELU "
                           f"models --no-runtime-tau or a lower --tau-target (the runtime tau alone zeroes that "
                           f"fraction of h), or use a ReLU-family model (python -m sparsedge.calibrate.oracle shows this "
                           f"model's bound)")
-    i = max(ok, key=lambda j: table[j]["ffn_sparsity"])
+    i = max(ok, key=lambda j: table[j][key])
     return results[i][0], results[i][1], table
+
+
+def parse_grid(args) -> list[float]:
+    grid = [float(x) for x in args.s_grid.split(",") if x.strip()]
+    if not grid or any(not 0 < x <= 1.5 for x in grid):
+        raise ValueError(f"--s-grid must list s values in (0, 1.5], got {args.s_grid!r}")
+    return grid
+
+
+def run_down(args, session, v: Variant, t0: float) -> dict:
+    """--predictor down: per-layer cuts on the true contribution (sparsedge.calibrate.downskip); no predictor."""
+    from sparsedge.artifact import save_section
+    from sparsedge.calibrate import downskip
+
+    model = session.model
+    text = read_text(args.text, getattr(args, "text_start", 0.0))
+    windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len, require=True, flag="--tokens")
+    held: list = []
+    if args.ppl_budget is not None:
+        n_hold = max(1, -(-args.budget_tokens // args.seq_len))
+        if len(windows) < n_hold + 1:
+            raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
+                             f"tokens, {n_hold} to hold out; raise --tokens")
+        windows, held = windows[:-n_hold], windows[-n_hold:]
+    n_tok = sum(len(w) for w in windows)
+    logger.info(f"calibration text {args.text}: {n_tok} tokens in {len(windows)} windows"
+                + (f", {sum(len(w) for w in held)} held out for the perplexity budget" if held else ""))
+    hist, norms = downskip.collect_histograms(model, windows)
+    budget_table = None
+    if args.ppl_budget is not None:
+        grid = parse_grid(args)
+        tensors, meta, budget_table = pick_within_budget(
+            session, grid, [downskip.thresholds(hist, norms, s) for s in grid], args.ppl_budget, held,
+            key="ffn_down_sparsity")
+    else:
+        tensors, meta = downskip.thresholds(hist, norms, v.s)
+    quantized = any(getattr(layer.ffn, "quantized", False) for layer in model.layers)
+    meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
+                             "seq_len": args.seq_len, "weights": "quantized" if quantized else str(model.dtype)})
+    if budget_table is not None:
+        meta["settings"].update({"ppl_budget_pct": args.ppl_budget, "budget_table": budget_table})
+    out = save_section(args.out, model, SECTION, tensors, meta)
+    summary = {"out": str(out), "seconds": time.perf_counter() - t0, "predictor": "down", "s": meta["settings"]["s"],
+               **meta["mean"]}
+    if budget_table is not None:
+        summary["budget_table"] = budget_table
+    logger.info("FFN calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
+                                                  for k, x in summary.items()}))
+    return summary
 
 
 def run(args) -> dict:
@@ -182,12 +259,17 @@ def run(args) -> dict:
         raise SystemExit("--export powerinfer writes PowerInfer's low-rank predictor layout; it has no 4-bit "
                          "predictor, so use it with --predictor svd")
     t0 = time.perf_counter()
-    session = load_for_calibration(args)
-    model = session.model
-    v = variant_from_args(args, model.config.activation)
+    quantized = session_quantized(args)
+    from sparsedge.loading import open_model
+    v = variant_from_args(args, open_model(args.model).config.activation, quantized)
     if args.export and v.predictor != "svd":
-        raise SystemExit(f"--export powerinfer needs the svd predictor; --predictor auto chose {v.predictor} for this "
-                         f"{model.config.activation} model: pass --predictor svd to export")
+        raise SystemExit(f"--export powerinfer needs the svd predictor; --predictor auto chose {v.predictor}: pass "
+                         f"--predictor svd to export")
+    session = load_for_calibration(args, v.predictor)
+    model = session.model
+    if v.predictor == "down":
+        logger.info(f"FFN: down rows skipped by the exact |h| at s={v.s} (dense gate/up, no predictor)")
+        return run_down(args, session, v, t0)
     logger.info(f"FFN predictor: {v.predictor} at s={v.s} (penalty {v.penalty}, allocation {v.allocation})")
     windows, held, xa, xb, grads = prepare_data(session, args, grads=v.penalty == "fisher")
     n_tok = sum(len(w) for w in windows)
@@ -196,16 +278,13 @@ def run(args) -> dict:
                 + (f", {sum(len(w) for w in held)} held out for the perplexity budget" if held else ""))
     budget_table = None
     if args.ppl_budget is not None:
-        grid = [float(x) for x in args.s_grid.split(",") if x.strip()]
-        if not grid or any(not 0 < x <= 1.5 for x in grid):
-            raise ValueError(f"--s-grid must list s values in (0, 1.5], got {args.s_grid!r}")
-        tensors, meta, budget_table = choose_by_budget(session, xa, xb, v, grid, args.ppl_budget, held,
+        tensors, meta, budget_table = choose_by_budget(session, xa, xb, v, parse_grid(args), args.ppl_budget, held,
                                                        n_points=args.quantile_points, grads=grads)
         v = replace(v, s=meta["settings"]["s"])
     else:
         [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points, grads=grads)
     meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
-                             "seq_len": args.seq_len, "dtype": str(args.dtype), "chat_template": False})
+                             "seq_len": args.seq_len, "dtype": str(args.dtype or "float32"), "chat_template": False})
     if v.penalty == "fisher":
         meta["settings"].update({"fisher_labels": args.fisher_labels, "fisher_samples": args.fisher_samples})
     if budget_table is not None:

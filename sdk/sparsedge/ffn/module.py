@@ -144,7 +144,7 @@ class Q4SparseFFN(SparseFFN):
 def set_per_token(model, on: bool = True) -> None:
     """Run every SparseFFN of `model` per token in prefill too (what evaluation uses)."""
     for layer in model.layers:
-        if isinstance(layer.ffn, SparseFFN):
+        if hasattr(layer.ffn, "per_token"):
             layer.ffn.per_token = on
 
 
@@ -157,20 +157,26 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
     from sparsedge.backends import get_backend
 
     be = get_backend(backend) if backend is not None else None
-    if any(getattr(getattr(layer.ffn, "dense", layer.ffn), "quantized", False) for layer in model.layers):
-        raise ArtifactError(f"FFN predictors ({path}) run on float weights, and this session keeps its weights "
-                            f"quantized; load it with dtype='float32' (or --dtype float32) to use them")
     loaded = load_section(path, model, "ffn")
     if loaded is None:
         raise ArtifactError(f"artifact {path} has no 'ffn' section (it holds other calibration only); "
                             f"calibrate FFN predictors into it with tools/calibrate.py --out {path}")
     tensors, meta = loaded
+    kind = predictor_kind(tensors)
+    if kind != "down" and any(getattr(getattr(layer.ffn, "dense", layer.ffn), "quantized", False)
+                              for layer in model.layers):
+        raise ArtifactError(f"FFN predictors ({path}, {kind}) run on float weights, and this session keeps its "
+                            f"weights quantized; load it with dtype='float32' (or --dtype float32) to use them, or "
+                            f"calibrate the quantized path's artifact (tools/calibrate.py --predictor down)")
     try:
         attach_tensors(model, tensors, meta.get("tau"), be, per_token=per_token)
     except (KeyError, ValueError) as exc:
         raise ArtifactError(f"artifact {path}: {exc}; re-run tools/calibrate.py for this model") from None
     if be is not None:
-        if predictor_kind(tensors) == "q4":
+        if kind == "down":
+            quantized = any(getattr(layer.ffn.dense, "quantized", False) for layer in model.layers)
+            be.require(*(("qsparse_ffn",) if quantized else ("linear_t",)))
+        elif kind == "q4":
             be.require("ffn_predict_q4", "sparse_ffn_rows")
         else:
             be.require("ffn_predict", "sparse_ffn_rows", "sparse_ffn")
@@ -178,7 +184,9 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
 
 
 def predictor_kind(tensors: dict) -> str:
-    """"q4" when the FFN tensors hold 4-bit gate/up predictors, else "svd"."""
+    """"down" for down-row thresholds (DownSkipFFN), "q4" for 4-bit gate/up predictors, else "svd"."""
+    if "layers.0.down_thresh" in tensors:
+        return "down"
     return "q4" if "layers.0.q" in tensors else "svd"
 
 
@@ -188,7 +196,7 @@ def attach_tensors(model, tensors: dict, taus=None, backend=None, per_token: boo
     taus = taus or [0.0] * model.config.n_layers
     wdtype = model.dtype
     kind = predictor_kind(tensors)
-    names = ("q", "scale", "thresh") if kind == "q4" else ("p1", "p2", "bias")
+    names = {"q4": ("q", "scale", "thresh"), "down": ("down_thresh",), "svd": ("p1", "p2", "bias")}[kind]
     for i, layer in enumerate(model.layers):
         keys = [f"layers.{i}.{k}" for k in names]
         missing = [k for k in keys if k not in tensors]
@@ -198,7 +206,13 @@ def attach_tensors(model, tensors: dict, taus=None, backend=None, per_token: boo
         if backend is not None:
             place = backend.place
         else:
-            place = lambda t, dt: t.to(device=dense.w_down_t.device, dtype=dt).contiguous()  # noqa: E731
+            dev = dense.w_down_t.device if dense.w_down_t is not None else dense.w_down.device
+            place = lambda t, dt: t.to(device=dev, dtype=dt).contiguous()  # noqa: E731
+        if kind == "down":
+            from sparsedge.ffn.downskip import DownSkipFFN
+            layer.ffn = DownSkipFFN(dense, place(tensors[keys[0]], torch.float32), per_token=per_token,
+                                    layer_index=i)
+            continue
         a, b, c = (tensors[k] for k in keys)
         if kind == "q4":
             layer.ffn = Q4SparseFFN(dense, place(a, torch.uint8), place(b, torch.float32), place(c, torch.float32),
