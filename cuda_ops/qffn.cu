@@ -45,7 +45,9 @@ constexpr int kMaxSplits = 32;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kMaxGridZ = 65535;
 
-__device__ __forceinline__ float half_lo(uint32_t w) { return __half2float(__ushort_as_half(static_cast<unsigned short>(w))); }
+__device__ __forceinline__ float half_lo(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w)));
+}
 __device__ __forceinline__ float half_hi(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
@@ -166,7 +168,8 @@ __global__ void __launch_bounds__(kWarps * 32)
           uint2 w[kBatch];
 #pragma unroll
           for (int j = 0; j < kBatch; ++j)
-            w[j] = active && j < n ? __ldg(reinterpret_cast<const uint2*>(base + nrow[j] * row_bytes)) : make_uint2(0u, 0u);
+            w[j] = active && j < n ? __ldg(reinterpret_cast<const uint2*>(base + nrow[j] * row_bytes))
+                                   : make_uint2(0u, 0u);
 #pragma unroll
           for (int j = 0; j < kBatch; j += 4) {
             if (j < n) {
