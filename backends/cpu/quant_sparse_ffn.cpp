@@ -19,7 +19,7 @@
 namespace sparsedge::cpu {
 namespace {
 
-constexpr int64_t kPrefetchAhead = 2;  // pairs of kept neurons whose code rows are prefetched ahead
+constexpr int64_t kPrefetchRows = 16;  // kept neurons whose code rows are prefetched ahead
 
 inline void prefetch_row(const void* p, int64_t n) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -122,44 +122,57 @@ void gate_up_rows(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_
   }
 }
 
-// blocks [b0, b1) of one token: gate/up, h, threshold, down rows of the kept neurons into y (d floats)
+// blocks [b0, b1) of one token: gate/up, h, threshold, down rows of the kept neurons into y (d floats).
+// h and the kept lists of all the thread's blocks come first, so the down loop can prefetch code rows
+// kPrefetchRows kept neurons ahead across block boundaries (a kept row is 4.5 cache lines at SmolLM2's width;
+// DRAM latency, not arithmetic, bounds a loop that waits for each).
 template <class F>
 int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_t d, const Down& D,
                    const float* thresh, Act act, float param, int64_t b0, int64_t b1, float* gu, float* y) {
   gate_up_rows<F>(w, rb, X, I, b0 * QK, b1 * QK, gu);
-  static thread_local std::vector<int32_t> acc_buf;
+  const int64_t nb = b1 - b0;
+  static thread_local std::vector<int32_t> acc_buf, kept_buf, start_buf;
+  static thread_local std::vector<int8_t> qh_buf;
+  static thread_local std::vector<float> dh_buf;
   if (static_cast<int64_t>(acc_buf.size()) < d) acc_buf.resize(d);
+  if (static_cast<int64_t>(kept_buf.size()) < nb * QK) kept_buf.resize(nb * QK), qh_buf.resize(nb * QK);
+  if (static_cast<int64_t>(start_buf.size()) < nb + 1) start_buf.resize(nb + 1), dh_buf.resize(2 * nb);
   int32_t* acc = acc_buf.data();
-  int64_t kept_total = 0;
+  int32_t* kept = kept_buf.data();  // neuron ids (absolute), block after block
+  int32_t* start = start_buf.data();
+  int8_t* qh = qh_buf.data();  // per block, 32 rounded h
+  float* dhs = dh_buf.data();
+  int64_t n = 0;
   for (int64_t b = b0; b < b1; ++b) {
     alignas(32) float h[QK];
-    alignas(32) int8_t qh[QK];
-    int32_t kept[QK];
-    int n = 0;
+    start[b - b0] = static_cast<int32_t>(n);
     for (int k = 0; k < QK; ++k) {
       const int64_t i = b * QK + k;
       const float v = activate(act, gu[i], gu[I + i], param, 0.f);
       const bool keep = std::fabs(v) > thresh[i];
       h[k] = keep ? v : 0.f;
-      if (keep) kept[n++] = k;
+      if (keep) kept[n++] = static_cast<int32_t>(i);
     }
-    if (n == 0) continue;
-    kept_total += n;
-    float dh, sh;
-    quantize_block(h, qh, &dh, &sh);
-    std::fill(acc, acc + d, 0);
-    const uint8_t* rows = D.codes + b * QK * D.row;
-    for (int p = 0; p < n; p += 2) {
-      for (int a = p + 2 * int{kPrefetchAhead}; a < std::min(n, p + 2 * int{kPrefetchAhead} + 2); ++a)
-        prefetch_row(rows + kept[a] * D.row, D.row);
-      const int ki = kept[p], kj = p + 1 < n ? kept[p + 1] : kept[p];
-      const int8_t hj = p + 1 < n ? qh[kj] : int8_t{0};
-      if (D.four) accumulate_pair<true>(rows + ki * D.row, rows + kj * D.row, qh[ki], hj, d, acc);
-      else accumulate_pair<false>(rows + ki * D.row, rows + kj * D.row, qh[ki], hj, d, acc);
-    }
-    finish_block(acc, D.scale + b * d, D.minv ? D.minv + b * d : nullptr, dh, sh, d, y);
+    if (static_cast<int64_t>(start[b - b0]) < n) quantize_block(h, qh + (b - b0) * QK, dhs + 2 * (b - b0), dhs + 2 * (b - b0) + 1);
   }
-  return kept_total;
+  start[nb] = static_cast<int32_t>(n);
+  for (int64_t a = 0; a < std::min<int64_t>(n, kPrefetchRows); ++a) prefetch_row(D.codes + kept[a] * D.row, D.row);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t p0 = start[b - b0], p1 = start[b - b0 + 1];
+    if (p0 == p1) continue;
+    const int8_t* q = qh + (b - b0) * QK;
+    std::fill(acc, acc + d, 0);
+    for (int64_t p = p0; p < p1; p += 2) {
+      for (int64_t a = p + kPrefetchRows; a < std::min<int64_t>(n, p + kPrefetchRows + 2); ++a)
+        prefetch_row(D.codes + kept[a] * D.row, D.row);
+      const int64_t i = kept[p], j = p + 1 < p1 ? kept[p + 1] : kept[p];
+      const int8_t hj = p + 1 < p1 ? q[j - b * QK] : int8_t{0};
+      if (D.four) accumulate_pair<true>(D.codes + i * D.row, D.codes + j * D.row, q[i - b * QK], hj, d, acc);
+      else accumulate_pair<false>(D.codes + i * D.row, D.codes + j * D.row, q[i - b * QK], hj, d, acc);
+    }
+    finish_block(acc, D.scale + b * d, D.minv ? D.minv + b * d : nullptr, dhs[2 * (b - b0)], dhs[2 * (b - b0) + 1], d, y);
+  }
+  return n;
 }
 
 template <class F>

@@ -85,27 +85,20 @@ class DownSkipFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 or self.per_token:
             y, kept = self.sparse(x)
-            self._n[0] += x.shape[0]
-            self._pending.append(kept)
-            if len(self._pending) >= 512:
-                self._fold()
+            self._acc[0] += x.shape[0]
+            self._acc[1] += kept.sum(dtype=torch.int64).cpu()
             return y
         return self.dense(x)
 
     # --- statistics -------------------------------------------------------------------------
-    def _fold(self) -> None:
-        if self._pending:
-            self._kept += int(torch.cat(self._pending).sum(dtype=torch.int64))
-            self._pending = []
-
     def reset_stats(self) -> None:
-        self._n = [0]
-        self._pending: list = []
-        self._kept = 0
+        # [tokens, kept down rows], a CPU tensor: sparsedge.fused_step's C++ loop adds to it in place
+        if getattr(self, "_acc", None) is None:
+            self._acc = torch.zeros(2, dtype=torch.int64)
+        self._acc.zero_()
 
     def stats(self) -> dict:
-        self._fold()
-        tokens, kept = self._n[0], self._kept
+        tokens, kept = (int(v) for v in self._acc.tolist())
         if self.down_t is not None:  # codes of the kept rows; every block's scales (a block is rarely all skipped)
             gate_up = nbytes(self.dense.w_gate_up)
             down = kept * self.down_t.row_bytes() + tokens * (self.I // 32) * self.down_t.block_bytes()

@@ -1,0 +1,158 @@
+// DecodePlan: the decoder's layer loop for one token, in C++ (sdk/sparsedge/fused_step.py builds and runs it).
+//
+// Why: at SmolLM2's size a decode step is ~120 short kernels (a 576-wide layer's projections take 10-40 us each)
+// and the Python between them (slicing, reshapes, the cache write, op dispatch: ~15 calls per layer) cost about
+// 1 ms of a 6 ms token. This loop calls the same sparsedge ops through the dispatcher, in the same order and on the
+// same views as sparsedge.model's plain path does, so its logits are bit-identical to it (tests/test_fused_step.py);
+// it only removes the interpreter. What the plan does not cover (other attention or FFN classes, windows, delta
+// caches, hooks) stays on the Python path, which fused_step.plan_for decides.
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sparsedge::cpu {
+namespace {
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+struct Ops {
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t)> qlinear =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t)>("sparsedge::qlinear");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)> linear =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>("sparsedge::linear");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> linear_t =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&)>("sparsedge::linear_t");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)> rope =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("sparsedge::rope");
+  c10::TypedOperatorHandle<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double)> add_rms_norm =
+      op<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("sparsedge::add_rms_norm");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>
+      attention = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+          "sparsedge::dense_attention");
+  using QSparse = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, c10::string_view, double);
+  c10::TypedOperatorHandle<QSparse> qsparse_ffn = op<QSparse>("sparsedge::qsparse_ffn");
+};
+
+// a projection as sparsedge.model.linear runs it: qlinear (+ bias after) for block weights, linear(x, w, b) else
+struct Proj {
+  at::Tensor w, bias;
+  std::string qtype;  // "" for a float weight
+  int64_t K = 0;
+  at::Tensor operator()(const Ops& o, const at::Tensor& x) const {
+    if (qtype.empty()) return o.linear.call(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    at::Tensor y = o.qlinear.call(x, w, qtype, K);
+    return bias.defined() ? y + bias : y;
+  }
+};
+
+struct Layer {
+  Proj qkv, o, gate_up, down;
+  bool down_t = false;  // float W_downᵀ (linear_t) instead of a W_down projection
+  at::Tensor ffn_norm, next_norm, k_cache, v_cache;
+  double scale = 1.0;
+  int64_t I = 0;
+  std::string act;
+  // DownSkipFFN on block weights: qsparse_ffn's inputs, and its int64 [tokens, kept] statistics counter
+  bool skip = false;
+  at::Tensor codes, dscale, dmin, thresh, counter;
+  double act_param = 0.0;
+};
+
+class DecodePlan {
+ public:
+  DecodePlan(int64_t hq, int64_t hkv, int64_t head_dim, double eps) : hq_(hq), hkv_(hkv), d_(head_dim), eps_(eps) {}
+
+  void add_attention(at::Tensor wqkv, std::string qkv_qtype, int64_t qkv_k, std::optional<at::Tensor> bqkv,
+                     at::Tensor wo, std::string o_qtype, int64_t o_k, at::Tensor k_cache, at::Tensor v_cache,
+                     double scale, at::Tensor ffn_norm, at::Tensor next_norm) {
+    Layer l;
+    l.qkv = Proj{wqkv, bqkv.value_or(at::Tensor()), qkv_qtype, qkv_k};
+    l.o = Proj{wo, at::Tensor(), o_qtype, o_k};
+    l.k_cache = k_cache, l.v_cache = v_cache, l.scale = scale, l.ffn_norm = ffn_norm, l.next_norm = next_norm;
+    layers_.push_back(std::move(l));
+  }
+  void set_dense_ffn(at::Tensor w_gate_up, std::string gu_qtype, int64_t gu_k, at::Tensor w_down, std::string down_qtype,
+                     int64_t down_k, bool down_t, int64_t I, std::string act) {
+    Layer& l = layers_.back();
+    l.gate_up = Proj{w_gate_up, at::Tensor(), gu_qtype, gu_k};
+    l.down = Proj{w_down, at::Tensor(), down_qtype, down_k};
+    l.down_t = down_t, l.I = I, l.act = act;
+  }
+  void set_skip_ffn(at::Tensor w_gate_up, std::string gu_qtype, at::Tensor codes, at::Tensor dscale, at::Tensor dmin,
+                    at::Tensor thresh, std::string act, double act_param, at::Tensor counter) {
+    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 2 && counter.is_contiguous());
+    Layer& l = layers_.back();
+    l.skip = true;
+    l.gate_up = Proj{w_gate_up, at::Tensor(), gu_qtype, 0};
+    l.codes = codes, l.dscale = dscale, l.dmin = dmin, l.thresh = thresh, l.act = act, l.act_param = act_param;
+    l.counter = counter;
+  }
+
+  // h: the first layer's normed input [1, dim]; residual [1, dim] (updated in place); cos/sin: the model's tables.
+  // Returns the last layer's output after the final norm.
+  at::Tensor run(at::Tensor h, at::Tensor residual, const at::Tensor& cos_t, const at::Tensor& sin_t, int64_t start) {
+    const Ops& o = ops();
+    const at::Tensor cos = cos_t.slice(0, start, start + 1), sin = sin_t.slice(0, start, start + 1);
+    const int64_t qs = hq_ * d_, kvs = hkv_ * d_;
+    for (Layer& l : layers_) {
+      const at::Tensor qkv = l.qkv(o, h);
+      at::Tensor qk = o.rope.call(qkv.slice(1, 0, qs + kvs).reshape({1, hq_ + hkv_, d_}), cos, sin);
+      const at::Tensor q = qk.slice(1, 0, hq_), k = qk.slice(1, hq_);
+      const at::Tensor v = qkv.slice(1, qs + kvs).reshape({1, hkv_, d_});
+      l.k_cache.slice(1, start, start + 1).copy_(k.transpose(0, 1));
+      l.v_cache.slice(1, start, start + 1).copy_(v.transpose(0, 1));
+      const at::Tensor out = o.attention.call(q, l.k_cache, l.v_cache, start, l.scale);
+      const at::Tensor a = l.o(o, out.reshape({1, qs}));
+      h = o.add_rms_norm.call(residual, a, l.ffn_norm, eps_);
+      at::Tensor f;
+      if (l.skip) {
+        auto [y, kept] = o.qsparse_ffn.call(h, l.gate_up.w, l.gate_up.qtype, l.codes, l.dscale, l.dmin, l.thresh,
+                                            l.act, l.act_param);
+        int64_t* c = l.counter.data_ptr<int64_t>();
+        c[0] += 1;
+        c[1] += kept.data_ptr<int32_t>()[0];
+        f = y;
+      } else {
+        const at::Tensor gu = l.gate_up(o, h);
+        const at::Tensor g = gu.slice(1, 0, l.I), u = gu.slice(1, l.I);
+        at::Tensor hh;
+        if (l.act == "silu") hh = at::silu(g) * u;
+        else hh = at::gelu(g, l.act == "gelu_tanh" ? "tanh" : "none") * u;
+        f = l.down_t ? o.linear_t.call(hh, l.down.w) : l.down(o, hh);
+      }
+      h = o.add_rms_norm.call(residual, f, l.next_norm, eps_);
+    }
+    return h;
+  }
+
+ private:
+  static const Ops& ops() {
+    static const Ops o;  // looked up once, after sparsedge.ops defined the schema
+    return o;
+  }
+  std::vector<Layer> layers_;
+  int64_t hq_, hkv_, d_;
+  double eps_;
+};
+
+}  // namespace
+
+void register_decode_loop(pybind11::module& m) {
+  pybind11::class_<DecodePlan>(m, "DecodePlan")
+      .def(pybind11::init<int64_t, int64_t, int64_t, double>())
+      .def("add_attention", &DecodePlan::add_attention)
+      .def("set_dense_ffn", &DecodePlan::set_dense_ffn)
+      .def("set_skip_ffn", &DecodePlan::set_skip_ffn)
+      .def("run", &DecodePlan::run);
+}
+
+}  // namespace sparsedge::cpu

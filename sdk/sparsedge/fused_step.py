@@ -1,0 +1,120 @@
+"""One decode step with the layer loop in C++ (backends/cpu/decode_loop.cpp), for the models where it applies.
+
+sparsedge.generate.decode_one_token asks `plan_for(model, cache)`; when it returns a plan, the step is the
+embedding and first norm here, the layers in C++ (the same sparsedge ops in the same order as
+sparsedge.model.Transformer's plain path, so the logits are bit-identical), then the LM head here. The plan
+covers: the plain decoder path, `Attention` with one weight per projection (a float tensor or one QWeight),
+dense caches without a window, and FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or
+a `DownSkipFFN` on block weights. Anything else (predictor FFNs, q/k norms, windows, delta caches, CUDA/NPU)
+returns None and runs the Python path. Plans are cached on the cache object and rebuilt when the model's
+modules change (predictors attached or removed).
+
+Statistics: the C++ loop skips the modules' Python counters, so `run` adds them afterwards (a DownSkipFFN's
+kept-row counter is a tensor the loop updates itself).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from sparsedge.kv_cache import DenseLayerCache, KVCache
+from sparsedge.quant.qweight import QWeight
+
+ops = torch.ops.sparsedge
+_MODULE = None
+# False: always the Python path (benchmarks compare the two; SPARSEDGE_FUSED_STEP=0 sets it at import)
+enabled = os.environ.get("SPARSEDGE_FUSED_STEP", "1") != "0"
+
+
+def _kernels():
+    global _MODULE
+    if _MODULE is None:
+        try:
+            from sparsedge.backends import _cpu_kernels
+            _MODULE = _cpu_kernels if hasattr(_cpu_kernels, "DecodePlan") else False
+        except ImportError:
+            _MODULE = False
+    return _MODULE
+
+
+def _proj(w):
+    """(tensor, qtype, K) of a projection the C++ loop can run, else None."""
+    if isinstance(w, QWeight):
+        return w.data, w.qtype, w.K
+    if isinstance(w, torch.Tensor):
+        return w, "", 0
+    return None
+
+
+def _key(model, cache) -> tuple:
+    return (id(model), *(id(layer.ffn) for layer in model.layers), *(id(lc) for lc in cache.layers))
+
+
+def _build(model, cache):
+    from sparsedge.ffn.downskip import DownSkipFFN
+    from sparsedge.model import Attention, DenseFFN
+
+    mod = _kernels()
+    cfg = model.config
+    if not mod or model.device.type != "cpu" or not model._plain or type(cache) is not KVCache:
+        return None
+    plan = mod.DecodePlan(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, float(cfg.norm_eps))
+    n = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        att, ffn, lc = layer.attention, layer.ffn, cache.layers[i]
+        if type(att) is not Attention or type(lc) is not DenseLayerCache:
+            return None
+        qkv, o = _proj(att.wqkv), _proj(att.wo)
+        if qkv is None or o is None or (att.bqkv is not None and att.bqkv.dtype != model.dtype):
+            return None
+        next_norm = model.layers[i + 1].attn_norm if i + 1 < n else model.norm
+        plan.add_attention(*qkv, att.bqkv, *o, lc.k, lc.v, float(lc.scale), layer.ffn_norm, next_norm)
+        if type(ffn) is DenseFFN:
+            gu = _proj(ffn.w_gate_up)
+            down = _proj(ffn.w_down) if ffn.quantized else (ffn.w_down_t, "", 0)
+            smooth_fp32 = ffn.activation in ("gelu", "gelu_tanh") and model.dtype == torch.float32
+            if gu is None or down is None or ffn.tau != 0.0 or not (ffn.activation == "silu" or smooth_fp32):
+                return None
+            plan.set_dense_ffn(*gu, *down, not ffn.quantized, ffn.I, ffn.activation)
+        elif type(ffn) is DownSkipFFN and ffn.down_t is not None:
+            w = ffn.dense.w_gate_up
+            plan.set_skip_ffn(w.data, w.qtype, *ffn.down_t.tensors(), ffn.thresh, ffn.dense.activation,
+                              float(ffn.dense.act_param), ffn._acc)
+        else:
+            return None
+    return plan
+
+
+def plan_for(model, cache):
+    """The C++ layer loop for (model, cache), or None where the Python path must run."""
+    if not enabled:
+        return None
+    key = _key(model, cache)
+    cached = getattr(cache, "_fused_plan", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _build(model, cache)
+    cache._fused_plan = (key, plan)
+    return plan
+
+
+def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
+    """logits [1, V] of the next token; what Transformer.forward(token, pos, cache) computes."""
+    from sparsedge.model import DenseFFN, linear
+
+    emb = model.tok_embeddings
+    residual = emb.rows(token).dequantize() if isinstance(emb, QWeight) else F.embedding(token, emb)
+    h = ops.rms_norm(residual, model.layers[0].attn_norm, model.config.norm_eps)
+    h = plan.run(h, residual, model.rope_cos, model.rope_sin, pos)
+    # the counters the Python path keeps
+    model._n[0] += 1
+    model._n[1] += 1
+    for layer, lc in zip(model.layers, cache.layers):
+        layer.attention._n[0] += 1
+        lc.length = pos + 1
+        if type(layer.ffn) is DenseFFN:
+            layer.ffn._n[0] += 1
+            layer.ffn._n[1] += 1
+    return linear(h, model.lm_head)

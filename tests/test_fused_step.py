@@ -1,0 +1,94 @@
+"""sparsedge.fused_step: the C++ layer loop of a decode step gives the Python path's logits bit for bit (same ops,
+same order), keeps the same statistics, and is used only where it applies."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsedge import Session, fused_step
+from sparsedge import stats as work
+from sparsedge.backends import get_backend
+from sparsedge.ffn.module import attach_tensors, detach_predictors
+from sparsedge.generate import decode_one_token, new_cache, prefill
+from sparsedge.loading import open_model
+from sparsedge.loading.build import build_transformer
+
+from .conftest import smollm2_gguf
+from .test_downskip import FFN_Q4
+from .test_gguf_native import hf_weights, write_gguf
+
+CPU = get_backend("cpu")
+
+
+def both_paths(model, ids, n, make_cache):
+    """(logits per step, stats) of n greedy decode steps with the plan, then without (same model)."""
+    out = []
+    for enabled in (True, False):
+        fused_step.enabled = enabled
+        try:
+            work.reset(model)
+            cache = make_cache()
+            steps = []
+            with torch.inference_mode():
+                logits = prefill(model, ids, cache)
+                pos = len(ids)
+                for _ in range(n):
+                    logits = decode_one_token(model, int(logits.argmax()), pos, cache)
+                    steps.append(logits)
+                    pos += 1
+            assert (fused_step.plan_for(model, cache) is not None) == enabled
+            out.append((steps, work.read(model), cache))
+        finally:
+            fused_step.enabled = True
+    return out
+
+
+def assert_same(a, b):
+    (la, sa, ca), (lb, sb, cb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(la, lb))
+    assert sa == sb
+    assert [lc.length for lc in ca.layers] == [lc.length for lc in cb.layers]
+    assert all(torch.equal(x.k, y.k) and torch.equal(x.v, y.v) for x, y in zip(ca.layers, cb.layers))
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fused") / "tiny-q4_1.gguf"
+    write_gguf(path, hf_weights(seed=5), FFN_Q4)
+    return path
+
+
+def test_quantized_dense_and_down_skip_are_bit_identical(tiny_q4):
+    m = build_transformer(open_model(tiny_q4), CPU, torch.float32, progress=False, mode="native")
+    ids = list(range(3, 20))
+    mk = lambda: new_cache(m, 64)  # noqa: E731
+    assert_same(*both_paths(m, ids, 12, mk))
+    I = m.config.intermediate_size
+    attach_tensors(m, {f"layers.{i}.down_thresh": torch.full((I,), 0.02) for i in range(m.config.n_layers)})
+    a, b = both_paths(m, ids, 12, mk)
+    assert_same(a, b)
+    assert 0 < a[1].ffn_down_sparsity < 1  # the loop counted kept rows, and some were skipped
+    detach_predictors(m)
+
+
+def test_float_model_is_bit_identical(stories_path):
+    s = Session.load(stories_path, backend="cpu", progress=False)
+    assert_same(*both_paths(s.model, s.tokenizer.encode("Once upon a time"), 10, lambda: s.new_cache(64)))
+
+
+def test_smollm2_native_is_bit_identical():
+    smollm2_gguf()
+    s = Session.load("smollm2-135m", backend="cpu", progress=False, max_seq_len=128)
+    assert_same(*both_paths(s.model, s.tokenizer.encode("The capital of France is"), 6, lambda: s.new_cache(64)))
+
+
+def test_plan_is_not_used_where_it_does_not_apply(stories_path, tiny_q4):
+    s = Session.load(stories_path, backend="cpu", progress=False, delta=0.5)
+    assert fused_step.plan_for(s.model, s.new_cache(32)) is None  # delta cache
+    m = build_transformer(open_model(tiny_q4), CPU, torch.float32, progress=False, mode="native")
+    cache = new_cache(m, 32)
+    plan = fused_step.plan_for(m, cache)
+    assert plan is not None and fused_step.plan_for(m, cache) is plan  # cached
+    I = m.config.intermediate_size
+    attach_tensors(m, {f"layers.{i}.down_thresh": torch.zeros(I) for i in range(m.config.n_layers)})
+    assert fused_step.plan_for(m, cache) not in (None, plan)  # rebuilt for the new FFN modules
