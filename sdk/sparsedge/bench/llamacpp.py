@@ -43,6 +43,11 @@ def add_arguments(p) -> None:
     p.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared between the engines")
     p.add_argument("--weights", default=None, help="our weights mode (default: the file's own blocks)")
     p.add_argument("--png", default=None, help="write a bar chart here")
+    p.add_argument("--predictors", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also run sparsedge with this FFN artifact (repeatable; e.g. down=art/), same file, "
+                        "interleaved with the others; its perplexity is measured through the per-token sparse path")
+    p.add_argument("--python-loop", action="store_true",
+                   help="also run the dense session with the layer loop in Python (sparsedge.fused_step disabled)")
 
 
 def llama_cpp_missing() -> str | None:
@@ -96,8 +101,14 @@ def _time_llama(eng: LlamaCpp, prompt: list[int], n: int) -> tuple[float, float,
     return t1 - t0, time.perf_counter() - t1, out
 
 
-def _time_ours(session, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-    r = session.generate(prompt, max_new_tokens=n, ignore_eos=True)
+def _time_ours(target, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    from sparsedge import fused_step
+    session, fused = target
+    fused_step.enabled = fused
+    try:
+        r = session.generate(prompt, max_new_tokens=n, ignore_eos=True)
+    finally:
+        fused_step.enabled = True
     st = r.stats
     # decode_s covers n - 1 steps (the first new token comes from the prefill's logits)
     return st.prefill_s, st.decode_s * n / max(n - 1, 1), r.token_ids
@@ -141,17 +152,26 @@ def run(args) -> dict:
     n_ctx = len(prompt) + max(args.new_tokens, args.agree_tokens) + 8
     eng = LlamaCpp(str(path), threads, max(n_ctx, args.seq_len + 8))
     bytes_per_token = session.model.dense_weight_bytes_per_token()
-    # warm-up both (page cache, thread pools, our first-call setup)
-    _time_llama(eng, prompt, 4)
-    _time_ours(session, prompt, 4)
-    rows = {"llama.cpp": {"prefill": [], "decode": []}, "sparsedge": {"prefill": [], "decode": []}}
+    engines = [("llama.cpp", _time_llama, eng), ("sparsedge", _time_ours, (session, True))]
+    if args.python_loop:
+        engines.append(("sparsedge python loop", _time_ours, (session, False)))
+    sparse_sessions = {}
+    for spec in args.predictors:
+        name, _, folder = spec.rpartition("=")
+        name = f"sparsedge+{name or Path(folder).name}"
+        sparse_sessions[name] = Session.load(str(path), weights=args.weights, predictors=folder, backend="cpu",
+                                             progress=False)
+        engines.append((name, _time_ours, (sparse_sessions[name], True)))
+    for _, fn, target in engines:  # warm-up (page cache, thread pools, first-call setup)
+        fn(target, prompt, 4)
+    rows = {name: {"prefill": [], "decode": []} for name, _, _ in engines}
     for r in range(args.rounds):
-        for name, fn, target in (("llama.cpp", _time_llama, eng), ("sparsedge", _time_ours, session)):
+        for name, fn, target in engines:
             pf, dc, _ = fn(target, prompt, args.new_tokens)
             rows[name]["prefill"].append(pf)
             rows[name]["decode"].append(dc)
-        logger.info(f"round {r + 1}/{args.rounds}: decode llama.cpp {args.new_tokens / rows['llama.cpp']['decode'][-1]:.1f}"
-                    f" tok/s, sparsedge {args.new_tokens / rows['sparsedge']['decode'][-1]:.1f} tok/s")
+        logger.info(f"round {r + 1}/{args.rounds}: decode " + ", ".join(
+            f"{name} {args.new_tokens / rows[name]['decode'][-1]:.1f}" for name in rows) + " tok/s")
     res = {"benchmark": "vs_llamacpp", "model": str(path), "threads": threads, "rounds": args.rounds,
            "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "llama_cpp_path": "llama-cpp-python eval",
            "weights": args.weights or "native", "weight_bytes_per_token": bytes_per_token, "engines": {}}
@@ -166,7 +186,7 @@ def run(args) -> dict:
     res["prefill_ratio_median"] = ours["prefill"]["median_tokens_per_s"] / theirs["prefill"]["median_tokens_per_s"]
     # greedy agreement from the same prompt
     _, _, a = _time_llama(eng, prompt, args.agree_tokens)
-    _, _, b = _time_ours(session, prompt, args.agree_tokens)
+    _, _, b = _time_ours((session, True), prompt, args.agree_tokens)
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     res["greedy_agreement"] = {"tokens": args.agree_tokens, "identical_prefix": same}
     if args.ppl_text:
@@ -176,6 +196,15 @@ def run(args) -> dict:
         res["perplexity"] = {"tokens": sum(len(w) - 1 for w in windows), "llama.cpp": _ppl_llama(eng_ppl, windows),
                              "sparsedge": perplexity(session, windows, progress=False)["ppl"]}
         res["perplexity"]["ratio"] = res["perplexity"]["sparsedge"] / res["perplexity"]["llama.cpp"]
+        for name, sp in sparse_sessions.items():
+            r = perplexity(sp, windows, progress=False)
+            res["perplexity"][name] = r["ppl"]
+            res["perplexity"][f"{name} vs sparsedge"] = r["ppl"] / res["perplexity"]["sparsedge"]
+            res["engines"][name]["ffn_down_sparsity"] = r["ffn_down_sparsity"]
+    for name in rows:
+        if name != "llama.cpp":
+            res["engines"][name]["decode_ratio_median"] = (res["engines"][name]["decode"]["median_tokens_per_s"]
+                                                           / theirs["decode"]["median_tokens_per_s"])
     res["environment"] = environment("cpu")
     if args.png:
         plot(res, args.png)
@@ -194,7 +223,8 @@ def plot(res: dict, path) -> None:
         names = list(res["engines"])
         med = [res["engines"][n][phase]["median_tokens_per_s"] for n in names]
         best = [res["engines"][n][phase]["best_tokens_per_s"] for n in names]
-        ax.bar(names, med, color=["#888", "#2a7"], label="median")
+        ax.bar(names, med, color=["#888"] + ["#2a7", "#7a2", "#27a", "#a72", "#a27"][: len(names) - 1], label="median")
+        ax.tick_params(axis="x", labelsize=6, rotation=20)
         ax.scatter(names, best, color="k", zorder=3, s=12, label="best")
         ax.set_title(f"{phase} tok/s ({res['threads']} threads)", fontsize=9)
         ax.legend(fontsize=7)
