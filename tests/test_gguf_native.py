@@ -252,3 +252,10 @@ def test_key_scale_folds_exactly_into_quantized_rows(smollm2_native):
     finally:
         fold_key_scale(m, None)
     assert all(torch.equal(layer.attention.wqkv.data, w) for layer, w in zip(m.layers, before))
+
+
+def test_alias_and_path_name_the_same_model():
+    """An artifact calibrated with `--model smollm2-135m` fits the session loaded from the file's path (the config
+    name is part of the weights' fingerprint)."""
+    path = smollm2_gguf()
+    assert open_model(str(path)).config.name == open_model("smollm2-135m").config.name == "smollm2-135m"

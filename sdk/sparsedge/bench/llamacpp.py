@@ -188,7 +188,8 @@ def run(args) -> dict:
     _, _, a = _time_llama(eng, prompt, args.agree_tokens)
     _, _, b = _time_ours((session, True), prompt, args.agree_tokens)
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    res["greedy_agreement"] = {"tokens": args.agree_tokens, "identical_prefix": same}
+    res["greedy_agreement"] = {"tokens": args.agree_tokens, "identical_prefix": same,
+                               "same_position": sum(x == y for x, y in zip(a, b))}
     if args.ppl_text:
         from sparsedge.evaluate import perplexity, token_windows
         windows = token_windows(tok, read_text(args.ppl_text), args.ppl_tokens, args.seq_len)

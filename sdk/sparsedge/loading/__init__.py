@@ -75,6 +75,19 @@ def _folder_kind(folder: Path) -> tuple[str, Path]:
         "one .gguf file, or a llama2.c .bin checkpoint; pass the model file's path instead")
 
 
+def _alias_of(path: Path) -> str | None:
+    """The alias whose package holds `path` (so the file loaded by path is named, and fingerprinted, as by alias)."""
+    import importlib.util
+    for alias, pkg in ALIASES.items():
+        if alias in _ASSEMBLED:
+            continue
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.submodule_search_locations and \
+                path.resolve().parent == Path(spec.submodule_search_locations[0]).resolve():
+            return alias
+    return None
+
+
 def open_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ModelSource:
     """Open a model for loading (reads its config, checks the tokenizer can be found)."""
     name = None
@@ -107,7 +120,7 @@ def open_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = N
     if kind == "hf":
         return HFFolderSource(target, tokenizer=tok)
     if kind == "gguf":
-        return GGUFSource(target, tokenizer=tok, name=name)
+        return GGUFSource(target, tokenizer=tok, name=name or _alias_of(target))
     return Llama2cSource(target, tokenizer_path=tok, name=name)
 
 
