@@ -15,7 +15,7 @@ import torch
 from loguru import logger
 
 SUBCOMMANDS = {"decode": "sparsedge.bench.decode", "ffn": "sparsedge.bench.ffn", "attn": "sparsedge.bench.attn",
-               "vs-llamacpp": "sparsedge.bench.llamacpp"}
+               "vs-llamacpp": "sparsedge.bench.llamacpp", "long": "sparsedge.bench.longctx"}
 
 
 def main(argv=None) -> int:
