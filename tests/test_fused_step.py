@@ -82,9 +82,21 @@ def test_smollm2_native_is_bit_identical():
     assert_same(*both_paths(s.model, s.tokenizer.encode("The capital of France is"), 6, lambda: s.new_cache(64)))
 
 
+def test_delta_cache_is_bit_identical(stories_path):
+    """Delta attention's cache runs its own attend() (called back from the C++ loop): same logits, same statistics."""
+    s = Session.load(stories_path, backend="cpu", progress=False, delta={"theta": 0.5, "window": 8, "sinks": 2})
+    a, b = both_paths(s.model, s.tokenizer.encode("Once upon a time"), 16, lambda: s.new_cache(64))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
+
+
 def test_plan_is_not_used_where_it_does_not_apply(stories_path, tiny_q4):
-    s = Session.load(stories_path, backend="cpu", progress=False, delta=0.5)
-    assert fused_step.plan_for(s.model, s.new_cache(32)) is None  # delta cache
+    s = Session.load(stories_path, backend="cpu", progress=False)
+    from sparsedge.ffn.module import attach_tensors as attach
+    I, d, L = s.model.config.intermediate_size, s.model.config.dim, s.model.config.n_layers
+    attach(s.model, {k: v for i in range(L) for k, v in {f"layers.{i}.p1": torch.zeros(4, d),
+                                                         f"layers.{i}.p2": torch.zeros(I, 4),
+                                                         f"layers.{i}.bias": torch.ones(I)}.items()})
+    assert fused_step.plan_for(s.model, s.new_cache(32)) is None  # predictor FFNs run in Python
     m = build_transformer(open_model(tiny_q4), CPU, torch.float32, progress=False, mode="native")
     cache = new_cache(m, 32)
     plan = fused_step.plan_for(m, cache)

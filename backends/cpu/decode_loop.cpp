@@ -59,6 +59,7 @@ struct Layer {
   bool down_t = false;  // float W_downᵀ (linear_t) instead of a W_down projection
   at::Tensor ffn_norm, next_norm, k_cache, v_cache;
   double scale = 1.0;
+  pybind11::object attend;  // a cache's attend(q, k, v, start) for caches other than the dense one (delta, windows)
   int64_t I = 0;
   std::string act;
   // DownSkipFFN on block weights: qsparse_ffn's inputs, and its int64 [tokens, kept] statistics counter
@@ -73,8 +74,9 @@ class DecodePlan {
 
   void add_attention(at::Tensor wqkv, std::string qkv_qtype, int64_t qkv_k, std::optional<at::Tensor> bqkv,
                      at::Tensor wo, std::string o_qtype, int64_t o_k, at::Tensor k_cache, at::Tensor v_cache,
-                     double scale, at::Tensor ffn_norm, at::Tensor next_norm) {
+                     double scale, at::Tensor ffn_norm, at::Tensor next_norm, pybind11::object attend) {
     Layer l;
+    l.attend = attend;
     l.qkv = Proj{wqkv, bqkv.value_or(at::Tensor()), qkv_qtype, qkv_k};
     l.o = Proj{wo, at::Tensor(), o_qtype, o_k};
     l.k_cache = k_cache, l.v_cache = v_cache, l.scale = scale, l.ffn_norm = ffn_norm, l.next_norm = next_norm;
@@ -108,9 +110,14 @@ class DecodePlan {
       at::Tensor qk = o.rope.call(qkv.slice(1, 0, qs + kvs).reshape({1, hq_ + hkv_, d_}), cos, sin);
       const at::Tensor q = qk.slice(1, 0, hq_), k = qk.slice(1, hq_);
       const at::Tensor v = qkv.slice(1, qs + kvs).reshape({1, hkv_, d_});
-      l.k_cache.slice(1, start, start + 1).copy_(k.transpose(0, 1));
-      l.v_cache.slice(1, start, start + 1).copy_(v.transpose(0, 1));
-      const at::Tensor out = o.attention.call(q, l.k_cache, l.v_cache, start, l.scale);
+      at::Tensor out;
+      if (!l.attend.is_none()) {  // the cache's own step (its bookkeeping stays in Python)
+        out = l.attend(q, k, v, start).cast<at::Tensor>();
+      } else {
+        l.k_cache.slice(1, start, start + 1).copy_(k.transpose(0, 1));
+        l.v_cache.slice(1, start, start + 1).copy_(v.transpose(0, 1));
+        out = o.attention.call(q, l.k_cache, l.v_cache, start, l.scale);
+      }
       const at::Tensor a = l.o(o, out.reshape({1, qs}));
       h = o.add_rms_norm.call(residual, a, l.ffn_norm, eps_);
       at::Tensor f;

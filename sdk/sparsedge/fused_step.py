@@ -4,8 +4,9 @@ sparsedge.generate.decode_one_token asks `plan_for(model, cache)`; when it retur
 embedding and first norm here, the layers in C++ (the same sparsedge ops in the same order as
 sparsedge.model.Transformer's plain path, so the logits are bit-identical), then the LM head here. The plan
 covers: the plain decoder path, `Attention` with one weight per projection (a float tensor or one QWeight),
-dense caches without a window, and FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or
-a `DownSkipFFN` on block weights. Anything else (predictor FFNs, q/k norms, windows, delta caches, CUDA/NPU)
+any cache (the dense one in C++; the delta and windowed caches through their own `attend`, called back from the
+loop, so their Python bookkeeping stays the one implementation), and FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or
+a `DownSkipFFN` on block weights. Anything else (predictor FFNs, q/k norms, Gemma's extra norms, CUDA/NPU)
 returns None and runs the Python path. Plans are cached on the cache object and rebuilt when the model's
 modules change (predictors attached or removed).
 
@@ -19,11 +20,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from sparsedge.kv_cache import DenseLayerCache, KVCache
+from sparsedge.kv_cache import DenseLayerCache
 from sparsedge.quant.qweight import QWeight
 
 ops = torch.ops.sparsedge
 _MODULE = None
+_NONE = torch.empty(0)
 # False: always the Python path (benchmarks compare the two; SPARSEDGE_FUSED_STEP=0 sets it at import)
 enabled = os.environ.get("SPARSEDGE_FUSED_STEP", "1") != "0"
 
@@ -58,19 +60,21 @@ def _build(model, cache):
 
     mod = _kernels()
     cfg = model.config
-    if not mod or model.device.type != "cpu" or not model._plain or type(cache) is not KVCache:
+    if not mod or model.device.type != "cpu" or not model._plain:
         return None
     plan = mod.DecodePlan(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, float(cfg.norm_eps))
     n = len(model.layers)
     for i, layer in enumerate(model.layers):
         att, ffn, lc = layer.attention, layer.ffn, cache.layers[i]
-        if type(att) is not Attention or type(lc) is not DenseLayerCache:
+        if type(att) is not Attention or not hasattr(lc, "attend"):
             return None
+        dense_cache = type(lc) is DenseLayerCache  # else its attend() runs, called back from the C++ loop
         qkv, o = _proj(att.wqkv), _proj(att.wo)
         if qkv is None or o is None or (att.bqkv is not None and att.bqkv.dtype != model.dtype):
             return None
         next_norm = model.layers[i + 1].attn_norm if i + 1 < n else model.norm
-        plan.add_attention(*qkv, att.bqkv, *o, lc.k, lc.v, float(lc.scale), layer.ffn_norm, next_norm)
+        plan.add_attention(*qkv, att.bqkv, *o, *((lc.k, lc.v) if dense_cache else (_NONE, _NONE)),
+                           float(getattr(lc, "scale", 1.0)), layer.ffn_norm, next_norm, None if dense_cache else lc.attend)
         if type(ffn) is DenseFFN:
             gu = _proj(ffn.w_gate_up)
             down = _proj(ffn.w_down) if ffn.quantized else (ffn.w_down_t, "", 0)
@@ -113,7 +117,8 @@ def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
     model._n[1] += 1
     for layer, lc in zip(model.layers, cache.layers):
         layer.attention._n[0] += 1
-        lc.length = pos + 1
+        if type(lc) is DenseLayerCache:  # the other caches keep their own length in attend()
+            lc.length = pos + 1
         if type(layer.ffn) is DenseFFN:
             layer.ffn._n[0] += 1
             layer.ffn._n[1] += 1
