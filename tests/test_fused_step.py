@@ -2,22 +2,16 @@
 same order), keeps the same statistics, and is used only where it applies."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sparsedge import Session, fused_step
 from sparsedge import stats as work
-from sparsedge.backends import get_backend
 from sparsedge.ffn.module import attach_tensors, detach_predictors
 from sparsedge.generate import decode_one_token, new_cache, prefill
-from sparsedge.loading import open_model
-from sparsedge.loading.build import build_transformer
 
 from .conftest import smollm2_gguf
-from .test_downskip import FFN_Q4
-from .test_gguf_native import hf_weights, write_gguf
+from .test_downskip import native, tiny_q4  # noqa: F401 (a fixture)
 
-CPU = get_backend("cpu")
 
 
 def both_paths(model, ids, n, make_cache):
@@ -51,15 +45,8 @@ def assert_same(a, b):
     assert all(torch.equal(x.k, y.k) and torch.equal(x.v, y.v) for x, y in zip(ca.layers, cb.layers))
 
 
-@pytest.fixture(scope="module")
-def tiny_q4(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fused") / "tiny-q4_1.gguf"
-    write_gguf(path, hf_weights(seed=5), FFN_Q4)
-    return path
-
-
 def test_quantized_dense_and_down_skip_are_bit_identical(tiny_q4):
-    m = build_transformer(open_model(tiny_q4), CPU, torch.float32, progress=False, mode="native")
+    m = native(tiny_q4)
     ids = list(range(3, 20))
     mk = lambda: new_cache(m, 64)  # noqa: E731
     assert_same(*both_paths(m, ids, 12, mk))
@@ -97,7 +84,7 @@ def test_plan_is_not_used_where_it_does_not_apply(stories_path, tiny_q4):
                                                          f"layers.{i}.p2": torch.zeros(I, 4),
                                                          f"layers.{i}.bias": torch.ones(I)}.items()})
     assert fused_step.plan_for(s.model, s.new_cache(32)) is None  # predictor FFNs run in Python
-    m = build_transformer(open_model(tiny_q4), CPU, torch.float32, progress=False, mode="native")
+    m = native(tiny_q4)
     cache = new_cache(m, 32)
     plan = fused_step.plan_for(m, cache)
     assert plan is not None and fused_step.plan_for(m, cache) is plan  # cached

@@ -33,14 +33,19 @@ namespace {
 
 // both gate and up rows against the same x (x is loaded once)
 template <typename T>
-inline void dot2(const T* a, const T* b, const float* x, int64_t n, float* oa, float* ob) {
+inline void dot2(const T* a, const T* b, const float* x, int64_t n, float* oa, float* ob,
+                 const T* next_a = nullptr, const T* next_b = nullptr) {
   int64_t i = 0;
   float sa = 0.f, sb = 0.f;
 #ifdef SPARSEDGE_AVX2
   if constexpr (kSimd<T>) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    const T* pa = next_a ? next_a : a;  // the next rows, prefetched in step (see accumulate_rows)
+    const T* pb = next_b ? next_b : b;
     for (; i + 16 <= n; i += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(pa + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pb + i), _MM_HINT_T0);
       const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
       a0 = _mm256_fmadd_ps(load8(a + i), x0, a0);
       b0 = _mm256_fmadd_ps(load8(b + i), x0, b0);
@@ -218,9 +223,9 @@ int64_t rows_token(const float* xf, const int32_t* idx, int64_t n, const W* wg, 
                    int64_t d, Act act, float param, float tau, float* hv, int32_t* rows2, float* h2, float* y) {
   sparsedge::cpu::parallel_for(n, 16, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t i = idx[k];
+      const int64_t i = idx[k], nx = k + 1 < k1 ? idx[k + 1] : i;
       float g, u;
-      dot2(wg + i * d, wu + i * d, xf, d, &g, &u);
+      dot2(wg + i * d, wu + i * d, xf, d, &g, &u, wg + nx * d, wu + nx * d);
       hv[k] = activate(act, g, u, param, tau);
     }
   });

@@ -107,7 +107,6 @@ def main(argv=None) -> int:
     """python -m sparsedge.calibrate.downskip --model M --text CALIB --eval NAME=FILE ... --s-grid 0.3,0.4,0.5"""
     import argparse
     import json
-    import sys
     from pathlib import Path
 
     from loguru import logger
