@@ -189,3 +189,37 @@ def test_reference_with_every_neuron_kept_is_the_dense_ffn():
     assert count.tolist() == [I] * 3
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-6)
     assert torch.equal(dequantized(wd), dt.dequantize().t())
+
+
+def test_svd_predictors_run_on_quantized_relu_weights(tmp_path):
+    """The relu family's SVD predictor on block weights (ffn_predict + qsparse_ffn_rows): an all-keeping predictor
+    gives the dense quantized tokens; a cutting one skips rows and still runs."""
+    from sparsedge.ffn.module import SparseFFN
+    path = tmp_path / "relu.gguf"
+    write_gguf(path, hf_weights(seed=4), {**FFN_Q4, "ffn_gate": T.Q4_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_0})
+    m = native(path)
+    cfg = m.config
+    m.config = cfg.replace(activation="relu")
+    for layer in m.layers:
+        layer.ffn.activation = "relu"
+    ids = list(range(3, 25))
+    dense_tokens, dense_logits = greedy(m, ids, 12)
+    I, d = cfg.intermediate_size, cfg.dim
+    keep_all = {k: v for i in range(LAYERS) for k, v in {f"layers.{i}.p1": torch.zeros(4, d),
+                                                         f"layers.{i}.p2": torch.zeros(I, 4),
+                                                         f"layers.{i}.bias": torch.ones(I)}.items()}
+    attach_tensors(m, keep_all)
+    assert isinstance(m.layers[0].ffn, SparseFFN) and m.layers[0].ffn.down_t is not None
+    tokens, logits = greedy(m, ids, 12)
+    assert tokens == dense_tokens
+    assert torch.allclose(logits, dense_logits, rtol=0, atol=1e-4 * float(dense_logits.abs().max()))
+    st = m.layers[0].ffn.stats()
+    assert 0 < st["ffn_down_rows"] <= st["ffn_gate_up_rows"] == st["ffn_neurons"]  # relu zeros skip down rows
+    detach_predictors(m)
+    g = torch.Generator().manual_seed(0)
+    half = {k: (torch.randn(v.shape, generator=g) if k.endswith(("p1", "p2")) else torch.zeros(I))
+            for k, v in keep_all.items()}
+    attach_tensors(m, half)
+    greedy(m, ids, 4)
+    st = m.layers[1].ffn.stats()
+    assert 0 < st["ffn_gate_up_rows"] < st["ffn_neurons"]

@@ -1,5 +1,7 @@
 // qsparse_ffn (sdk/sparsedge/ops/qffn.py): one FFN step over GGUF block weights that skips the down rows of
 // neurons whose exact |h| is below their threshold; W_down in the neuron-row layout of sparsedge.quant.down_t.
+// qsparse_ffn_rows: the same for a predicted list of neurons (sparsedge::ffn_predict's), whose gate/up rows
+// alone are read (the relu family's SVD predictor on quantized weights).
 //
 // One parallel region per token. Each thread takes a contiguous run of 32-neuron blocks and does everything
 // for them: gate and up rows (quant_blocks.h's tiles: x rounded to int8 once per call, integer dot products, the
@@ -113,6 +115,12 @@ struct Down {
   bool four;
 };
 
+// an ascending list of neurons to compute (sparsedge::ffn_predict's output for one token), or none
+struct Rows {
+  const int32_t* idx = nullptr;
+  int64_t n = 0;
+};
+
 // gate rows [n0, n1) and up rows [I + n0, I + n1) of w into gu
 template <class F>
 void gate_up_rows(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_t n0, int64_t n1, float* gu) {
@@ -130,8 +138,24 @@ void gate_up_rows(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_
 // DRAM latency, not arithmetic, bounds a loop that waits for each).
 template <class F>
 int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64_t d, const Down& D,
-                   const float* thresh, Act act, float param, int64_t b0, int64_t b1, float* gu, float* y) {
-  gate_up_rows<F>(w, rb, X, I, b0 * QK, b1 * QK, gu);
+                   const float* thresh, const Rows& list, Act act, float param, int64_t b0, int64_t b1, float* gu,
+                   float* y) {
+  if (list.idx == nullptr) {
+    gate_up_rows<F>(w, rb, X, I, b0 * QK, b1 * QK, gu);
+  } else {  // the listed neurons of these blocks only; the others are 0 (their gate and up are never read)
+    const int32_t* lo = std::lower_bound(list.idx, list.idx + list.n, static_cast<int32_t>(b0 * QK));
+    const int32_t* hi = std::lower_bound(lo, list.idx + list.n, static_cast<int32_t>(b1 * QK));
+    std::fill(gu + b0 * QK, gu + b1 * QK, 0.f);
+    std::fill(gu + I + b0 * QK, gu + I + b1 * QK, 0.f);
+    for (const int32_t* p = lo; p < hi; ++p) {
+      if (p + 1 < hi) {  // the next listed rows: scattered, so prefetched by hand
+        prefetch_row(w + p[1] * rb, rb);
+        prefetch_row(w + (I + p[1]) * rb, rb);
+      }
+      tile<F, 1, 1>(w, rb, X, *p, 0, gu, 2 * I, w + (*p + 1) * rb);
+      tile<F, 1, 1>(w, rb, X, I + *p, 0, gu, 2 * I, w + (I + *p + 1) * rb);
+    }
+  }
   const int64_t nb = b1 - b0;
   static thread_local std::vector<int32_t> acc_buf, kept_buf, start_buf;
   static thread_local std::vector<int8_t> qh_buf;
@@ -159,7 +183,7 @@ int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64
     }
     for (int k = 0; k < QK; ++k) {
       const int64_t i = b * QK + k;
-      const bool keep = std::fabs(h[k]) > thresh[i];
+      const bool keep = list.idx ? h[k] != 0.f : std::fabs(h[k]) > thresh[i];  // listed: every nonzero h
       if (!keep) h[k] = 0.f;
       else kept[n++] = static_cast<int32_t>(i);
     }
@@ -187,7 +211,8 @@ int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64
 
 template <class F>
 void run(const uint8_t* w, int64_t rb, const QAct& X, int64_t T, int64_t I, int64_t d, const Down& D,
-         const float* thresh, Act act, float param, float* y, int32_t* count) {
+         const float* thresh, const int32_t* idx, const int32_t* idx_count, Act act, float param, float* y,
+         int32_t* count) {
   const int64_t nblk = I / QK;
   const int64_t grain = even_grain(nblk, 3 * QK * rb);  // one contiguous run of blocks per thread
   const int64_t parts = (nblk + grain - 1) / grain;
@@ -198,7 +223,8 @@ void run(const uint8_t* w, int64_t rb, const QAct& X, int64_t T, int64_t I, int6
     std::fill(partial.begin(), partial.end(), 0.f);
     parallel_for(nblk, grain, [&](int64_t b0, int64_t b1) {
       const int64_t part = b0 / grain;
-      kept[part] = ffn_blocks<F>(w, rb, Xt, I, d, D, thresh, act, param, b0, b1, gu.data(), partial.data() + part * d);
+      const Rows list = idx ? Rows{idx + t * I, idx_count[t]} : Rows{};
+      kept[part] = ffn_blocks<F>(w, rb, Xt, I, d, D, thresh, list, act, param, b0, b1, gu.data(), partial.data() + part * d);
     });
     float* yt = y + t * d;
     std::copy(partial.begin(), partial.begin() + d, yt);
@@ -211,60 +237,94 @@ void run(const uint8_t* w, int64_t rb, const QAct& X, int64_t T, int64_t I, int6
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> qsparse_ffn_impl(const at::Tensor& x, const at::Tensor& w, c10::string_view qtype_sv,
-                                                    const at::Tensor& codes, const at::Tensor& scale,
-                                                    const at::Tensor& minv, const at::Tensor& thresh,
-                                                    c10::string_view activation, double act_param) {
+// qsparse_ffn (thresh: every neuron computed, |h| > thresh kept) and qsparse_ffn_rows (idx/count: the listed
+// neurons computed, every nonzero h kept): one implementation
+std::tuple<at::Tensor, at::Tensor> qffn(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                        c10::string_view qtype_sv, const at::Tensor& codes, const at::Tensor& scale,
+                                        const at::Tensor& minv, const at::Tensor* thresh, const at::Tensor* idx,
+                                        const at::Tensor* idx_count, c10::string_view activation, double act_param) {
   const QInfo& qt = qinfo(std::string(qtype_sv));
   const Act act = parse_act(activation);
-  TORCH_CHECK_VALUE(qt.block > 1, "qsparse_ffn: gate/up format ", qt.name, " is not block-quantized");
-  TORCH_CHECK_VALUE(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "qsparse_ffn: x must be a float [T, d] tensor");
-  const int64_t T = x.size(0), d = x.size(1), I = thresh.numel();
-  TORCH_CHECK_VALUE(d > 0 && d % qt.block == 0 && d % QK == 0, "qsparse_ffn: d=", d, " must be a multiple of ",
-                    qt.block);
-  TORCH_CHECK_VALUE(thresh.dim() == 1 && thresh.scalar_type() == at::kFloat && I > 0 && I % QK == 0,
-                    "qsparse_ffn: thresh must be float32 [I], I a positive multiple of 32");
+  TORCH_CHECK_VALUE(qt.block > 1, op, ": gate/up format ", qt.name, " is not block-quantized");
+  TORCH_CHECK_VALUE(x.dim() == 2 && at::isFloatingType(x.scalar_type()), op, ": x must be a float [T, d] tensor");
+  const int64_t T = x.size(0), d = x.size(1), I = thresh ? thresh->numel() : codes.size(0);
+  TORCH_CHECK_VALUE(d > 0 && d % qt.block == 0 && d % QK == 0, op, ": d=", d, " must be a multiple of ", qt.block);
+  if (thresh) {
+    TORCH_CHECK_VALUE(thresh->dim() == 1 && thresh->scalar_type() == at::kFloat && I > 0 && I % QK == 0, op,
+                      ": thresh must be float32 [I], I a positive multiple of 32");
+  } else {
+    TORCH_CHECK_VALUE(I > 0 && I % QK == 0 && idx->dim() == 2 && idx->size(0) == T && idx->size(1) == I &&
+                          idx->scalar_type() == at::kInt && idx_count->numel() == T &&
+                          idx_count->scalar_type() == at::kInt,
+                      op, ": idx must be int32 [T, I] and count int32 [T] (sparsedge::ffn_predict's output), I a "
+                      "positive multiple of 32");
+  }
   const int64_t rb = d / qt.block * qt.size;
   TORCH_CHECK_VALUE(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(0) == 2 * I && w.size(1) == rb,
-                    "qsparse_ffn: w_gate_up must be uint8 [", 2 * I, ", ", rb, "], got ", w.sizes());
+                    op, ": w_gate_up must be uint8 [", 2 * I, ", ", rb, "], got ", w.sizes());
   const bool four = codes.scalar_type() == at::kByte;
   TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == I && codes.size(1) == (four ? d / 2 : d) &&
                         (four || codes.scalar_type() == at::kChar),
-                    "qsparse_ffn: down codes must be uint8 [I, d/2] or int8 [I, d], got ", codes.scalar_type(), " ",
+                    op, ": down codes must be uint8 [I, d/2] or int8 [I, d], got ", codes.scalar_type(), " ",
                     codes.sizes());
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == I / QK && scale.size(1) == d,
-                    "qsparse_ffn: down scale must be float16 [I/32, d]");
+                    op, ": down scale must be float16 [I/32, d]");
   const bool has_min = minv.numel() > 0;
   TORCH_CHECK_VALUE(!has_min || (minv.scalar_type() == at::kHalf && minv.dim() == 2 && minv.size(0) == I / QK &&
                                  minv.size(1) == d),
-                    "qsparse_ffn: down min must be empty or float16 [I/32, d]");
-  TORCH_CHECK_VALUE(has_min || !four, "qsparse_ffn: 4-bit down codes need their mins");
+                    op, ": down min must be empty or float16 [I/32, d]");
+  TORCH_CHECK_VALUE(has_min || !four, op, ": 4-bit down codes need their mins");
   auto wc = w.contiguous(), cc = codes.contiguous(), sc = scale.contiguous(), mc = minv.contiguous();
-  auto tc = thresh.contiguous();
+  const at::Tensor tc = thresh ? thresh->contiguous() : at::Tensor();
+  const at::Tensor ic = idx ? idx->contiguous() : at::Tensor(), nc = idx ? idx_count->contiguous() : at::Tensor();
   auto xf = x.to(at::kFloat).contiguous();
   auto y = at::empty({T, d}, x.options().dtype(at::kFloat));
   auto count = at::empty({T}, x.options().dtype(at::kInt));
   if (T == 0) return {y.to(x.scalar_type()), count};
+  if (idx) {
+    const int32_t* n = nc.data_ptr<int32_t>();
+    for (int64_t t = 0; t < T; ++t) TORCH_CHECK_VALUE(0 <= n[t] && n[t] <= I, op, ": count[", t, "]=", n[t], " not in [0, I]");
+  }
   const QAct X = quantize_acts(xf.data_ptr<float>(), T, d);
   const Down D{reinterpret_cast<const uint8_t*>(cc.data_ptr()), cc.size(1), sc.data_ptr<c10::Half>(),
                has_min ? mc.data_ptr<c10::Half>() : nullptr, four};
-  const float* th = tc.data_ptr<float>();
+  const float* th = thresh ? tc.data_ptr<float>() : nullptr;
+  const int32_t* ip = idx ? ic.data_ptr<int32_t>() : nullptr;
+  const int32_t* np = idx ? nc.data_ptr<int32_t>() : nullptr;
   const float p = static_cast<float>(act_param);
   float* yp = y.data_ptr<float>();
   int32_t* cp = count.data_ptr<int32_t>();
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   switch (qt.type) {
-    case QType::Q8_0: run<Q8_0>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
-    case QType::Q4_0: run<Q4_0>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
-    case QType::Q4_1: run<Q4_1>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
-    case QType::Q4_K: run<Q4_K>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
-    default: run<Q6_K>(wp, rb, X, T, I, d, D, th, act, p, yp, cp); break;
+    case QType::Q8_0: run<Q8_0>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
+    case QType::Q4_0: run<Q4_0>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
+    case QType::Q4_1: run<Q4_1>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
+    case QType::Q4_K: run<Q4_K>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
+    default: run<Q6_K>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
   }
   return {y.to(x.scalar_type()), count};
 }
 
+std::tuple<at::Tensor, at::Tensor> qsparse_ffn_impl(const at::Tensor& x, const at::Tensor& w, c10::string_view qtype,
+                                                    const at::Tensor& codes, const at::Tensor& scale,
+                                                    const at::Tensor& minv, const at::Tensor& thresh,
+                                                    c10::string_view activation, double act_param) {
+  return qffn("qsparse_ffn", x, w, qtype, codes, scale, minv, &thresh, nullptr, nullptr, activation, act_param);
+}
+
+std::tuple<at::Tensor, at::Tensor> qsparse_ffn_rows_impl(const at::Tensor& x, const at::Tensor& idx,
+                                                         const at::Tensor& count, const at::Tensor& w,
+                                                         c10::string_view qtype, const at::Tensor& codes,
+                                                         const at::Tensor& scale, const at::Tensor& minv,
+                                                         c10::string_view activation, double act_param) {
+  return qffn("qsparse_ffn_rows", x, w, qtype, codes, scale, minv, nullptr, &idx, &count, activation, act_param);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsedge, CPU, m) { m.impl("qsparse_ffn", &qsparse_ffn_impl); }
+TORCH_LIBRARY_IMPL(sparsedge, CPU, m) {
+  m.impl("qsparse_ffn", &qsparse_ffn_impl);
+  m.impl("qsparse_ffn_rows", &qsparse_ffn_rows_impl);
+}
 
 }  // namespace sparsedge::cpu

@@ -164,10 +164,11 @@ class Session:
         mode = check_weights(weights)
         # inputs that can be checked without the weights are checked first (a model load can take minutes)
         from sparsedge.artifact import check_artifact
-        ffn_kind = None  # "down" runs on quantized weights too; the predictor kinds need float rows
+        ffn_kind = None  # "down" (and "svd" on a relu-family model) run on quantized weights; q4 needs float rows
         if predictors is not None:
-            ffn_kind = check_artifact(predictors, "ffn", "predictors")["sections"]["ffn"].get("kind", "predictor")
-        if mode is not None and predictors is not None and ffn_kind != "down":
+            sec = check_artifact(predictors, "ffn", "predictors")["sections"]["ffn"]
+            ffn_kind = sec.get("kind") or (sec.get("settings") or {}).get("predictor", "predictor")
+        if mode is not None and predictors is not None and ffn_kind not in ("down", "svd"):
             raise ValueError(f"weights={weights!r} keeps quantized projections, but these FFN predictors run on float "
                              f"weights; drop weights= (the session then dequantizes) or drop predictors=")
         if delta is not None and isinstance(delta, (str, os.PathLike)) and not _is_number(delta):
@@ -177,8 +178,9 @@ class Session:
         if ctx is None:
             ctx = max(2, min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
         if mode is None and dtype is None and getattr(src, "quantized", False):
-            if predictors is None or ffn_kind == "down":
-                mode = "native"  # the file's own blocks: the fastest dense path
+            from sparsedge.activations import RELU_FAMILY
+            if predictors is None or ffn_kind == "down" or (ffn_kind == "svd" and src.config.activation in RELU_FAMILY):
+                mode = "native"  # the file's own blocks: the fastest dense path (the sparse paths read them too)
             else:  # the sparse FFN kernels gather float rows: predictors need the dequantized weights
                 logger.info("FFN predictors run on float weights: dequantizing the quantized file to float32")
         dt = parse_dtype(dtype) or (torch.float32 if mode is not None else be.default_dtype())

@@ -32,6 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--synthetic-1b", action="store_true",
                    help="random relu-family 1B-shape Llama: dense vs 10%%-density predictors in our engine")
     p.add_argument("--density", type=float, default=0.10, help="forced density for --synthetic-1b")
+    p.add_argument("--weights", default=None, help="--synthetic-1b: quantize the projections (q4_0, q4_1, q8_0)")
 
 
 def _ours(args) -> dict:

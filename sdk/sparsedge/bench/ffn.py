@@ -256,7 +256,11 @@ def decode_relu_1b(args) -> dict:
     cfg = llama_1b_config("relu")
     t0 = time.perf_counter()
     model = random_transformer(cfg, dtype=dtype, seed=0, device=device, progress=True)
-    logger.info(f"built random {cfg.name} ({dtype}) in {time.perf_counter() - t0:.1f}s")
+    weights = getattr(args, "weights", None)
+    if weights:
+        from sparsedge.testing.synthetic import quantize_transformer
+        quantize_transformer(model, weights, progress=True)
+    logger.info(f"built random {cfg.name} ({weights or dtype}) in {time.perf_counter() - t0:.1f}s")
     prompt = list(range(100, 116))
     forced = torch.randint(0, cfg.vocab_size, (new_tokens + 8,), generator=torch.Generator().manual_seed(1)).tolist()
     dense_rates = [_decode_tokens_per_s(model, prompt, new_tokens, device, forced)[0] for _ in range(repeats)]
@@ -277,13 +281,14 @@ def decode_relu_1b(args) -> dict:
         sc = (xs[i] @ p1.T) @ p2.T
         bias = -torch.quantile(sc, 1.0 - density, dim=0)
         layer.ffn = SparseFFN(layer.ffn, p1.to(dtype), p2.to(dtype), bias.float(), layer_index=i)
-    be.require("sparse_ffn")
+    be.require(*(("ffn_predict", "qsparse_ffn_rows") if weights else ("sparse_ffn",)))
     _decode_tokens_per_s(model, prompt, 4, device, forced)  # warm-up
     sparse_rates = [_decode_tokens_per_s(model, prompt, new_tokens, device, forced)[0] for _ in range(repeats)]
     ws = work.read(model)  # the decode steps of the last repeat
     active, down = 1.0 - ws.ffn_sparsity, 1.0 - ws.ffn_down_sparsity
     sparse_bytes = ws.weight_bytes_per_token
     res = {"benchmark": "decode_synthetic_1b", "model": cfg.name, "dtype": str(dtype).replace("torch.", ""),
+           "weights": weights or "float",
            "threads": torch.get_num_threads(), "new_tokens": new_tokens, "forced_density": density,
            "measured_density": active, "down_density": down, "rank": rank,
            "dense_tokens_per_s": max(dense_rates), "sparse_tokens_per_s": max(sparse_rates),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsedge.activations import RELU_FAMILY
 from sparsedge.ffn import q4
 
 ops = torch.ops.sparsedge
@@ -34,13 +35,24 @@ class SparseFFN(nn.Module):
             raise ValueError(f"layer {layer_index}: predictor shapes p1 {tuple(p1.shape)}, p2 {tuple(p2.shape)}, "
                              f"bias {tuple(bias.shape)} do not fit an FFN with d={d}, I={I}")
         self.p1, self.p2, self.bias = p1, p2, bias
+        self.down_t = None  # quantized weights: W_down by neuron (sparsedge.quant.down_t), run by qsparse_ffn_rows
+        if dense.quantized:
+            from sparsedge.activations import RELU_FAMILY
+            from sparsedge.ffn.downskip import check_quantized_layout
+            from sparsedge.quant.down_t import DownT
+            if self.activation not in RELU_FAMILY or self.tau != 0.0:
+                raise ValueError(f"layer {layer_index}: SVD predictors run on quantized weights for the relu family "
+                                 f"(exact zeros) only; this FFN is {self.activation}"
+                                 + (f" with tau {self.tau}" if self.tau else ""))
+            check_quantized_layout(dense, layer_index)
+            self.down_t = DownT.from_qweight(dense.w_down).to(dense.w_down.device)
 
     def _setup(self, dense: nn.Module, tau: float, per_token: bool, layer_index: int) -> None:
         if getattr(dense, "sub_norm", None) is not None:
             raise ValueError(f"layer {layer_index}: the FFN normalises h before W_down (BitNet's ffn_sub_norm), "
                              "which the sparse FFN path does not implement")
         self.dense = dense
-        self.I, self.d = dense.w_down_t.shape
+        self.I, self.d = (dense.w_down.K, dense.w_down.N) if dense.quantized else dense.w_down_t.shape
         self.tau = float(tau)
         self.per_token = per_token
         self.layer_index = layer_index
@@ -63,6 +75,12 @@ class SparseFFN(nn.Module):
     def sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y, count, down_count) through the predictor-gated path, one active set per token."""
         d = self.dense
+        if self.down_t is not None:
+            idx, count = ops.ffn_predict(x, self.p1, self.p2, self.bias)
+            w = d.w_gate_up
+            y, down_count = ops.qsparse_ffn_rows(x, idx, count, w.data, w.qtype, *self.down_t.tensors(),
+                                                 self.activation, self.act_param)
+            return y, count, down_count
         return ops.sparse_ffn(x, self.p1, self.p2, self.bias, d.w_gate, d.w_up, d.w_down_t,
                               self.activation, self.act_param, self.tau)
 
@@ -95,10 +113,14 @@ class SparseFFN(nn.Module):
         self._fold()
         active, down = (int(v) for v in self._sums.tolist())
         tokens = self._n[0]
-        row = self.d * self.dense.w_down_t.element_size()
+        if getattr(self, "down_t", None) is not None:  # block rows of gate/up, code rows + block scales of down
+            rows = 2 * active * self.dense.w_gate_up.data.shape[1] + down * self.down_t.row_bytes()
+            rows += tokens * (self.I // 32) * self.down_t.block_bytes()
+        else:
+            rows = (2 * active + down) * self.d * self.dense.w_down_t.element_size()
         return {"sparse_ffn_tokens": tokens, "ffn_neurons": tokens * self.I, "ffn_predicted": active,
                 "ffn_gate_up_rows": active, "ffn_down_rows": down,
-                "weight_bytes": tokens * self.predictor_bytes() + (2 * active + down) * row}
+                "weight_bytes": tokens * self.predictor_bytes() + rows}
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, d={self.d}, I={self.I}, rank={self.rank}, act={self.activation}, "
@@ -163,8 +185,9 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
                             f"calibrate FFN predictors into it with tools/calibrate.py --out {path}")
     tensors, meta = loaded
     kind = predictor_kind(tensors)
-    if kind != "down" and any(getattr(getattr(layer.ffn, "dense", layer.ffn), "quantized", False)
-                              for layer in model.layers):
+    quantized = any(getattr(getattr(layer.ffn, "dense", layer.ffn), "quantized", False) for layer in model.layers)
+    relu_svd = kind == "svd" and model.config.activation in RELU_FAMILY and not any(meta.get("tau") or [])
+    if kind != "down" and quantized and not relu_svd:
         raise ArtifactError(f"FFN predictors ({path}, {kind}) run on float weights, and this session keeps its "
                             f"weights quantized; load it with dtype='float32' (or --dtype float32) to use them, or "
                             f"calibrate the quantized path's artifact (tools/calibrate.py --predictor down)")
@@ -174,8 +197,9 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
         raise ArtifactError(f"artifact {path}: {exc}; re-run tools/calibrate.py for this model") from None
     if be is not None:
         if kind == "down":
-            quantized = any(getattr(layer.ffn.dense, "quantized", False) for layer in model.layers)
             be.require(*(("qsparse_ffn",) if quantized else ("linear_t",)))
+        elif quantized:
+            be.require("ffn_predict", "qsparse_ffn_rows")
         elif kind == "q4":
             be.require("ffn_predict_q4", "sparse_ffn_rows")
         else:

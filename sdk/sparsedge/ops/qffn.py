@@ -101,6 +101,47 @@ define("qsparse_ffn(Tensor x, Tensor w_gate_up, str qtype, Tensor down_codes, Te
        "Tensor thresh, str activation, float act_param) -> (Tensor, Tensor)", qsparse_ffn_ref, qsparse_ffn_fake)
 
 
+# qsparse_ffn_rows(x, idx [T, I] int32, count [T] int32, w_gate_up, qtype, down_*, activation, act_param)
+#   -> (y, down_count): the neurons listed for each token (idx[t, :count[t]], ascending: sparsedge::ffn_predict's
+# output) have their gate/up rows read; every other h is 0; down rows run for every nonzero h (a relu-family
+# neuron predicted active whose h is exactly 0 costs no down row). Arithmetic as qsparse_ffn.
+def check_rows(x, idx, count, w_gate_up, qtype, codes, scale, minv, activation) -> tuple[int, int]:
+    I = codes.shape[0]
+    d, _ = check_qsparse_ffn(x, w_gate_up, qtype, codes, scale, minv, torch.zeros(I), activation)
+    T = x.shape[0]
+    if idx.dtype != torch.int32 or tuple(idx.shape) != (T, I) or count.dtype != torch.int32 or count.numel() != T:
+        raise ValueError(f"qsparse_ffn_rows: idx must be int32 [{T}, {I}] and count int32 [{T}] (ffn_predict's "
+                         f"output), got {idx.dtype} {list(idx.shape)} and {count.dtype} {list(count.shape)}")
+    return d, I
+
+
+def listed(idx, count, I: int) -> torch.Tensor:
+    """bool [T, I]: the neurons idx[t, :count[t]] of each token."""
+    T = idx.shape[0]
+    mask = torch.zeros(T, I, dtype=torch.bool, device=idx.device)
+    for t in range(T):
+        mask[t, idx[t, : int(count[t])].long()] = True
+    return mask
+
+
+def qsparse_ffn_rows_ref(x, idx, count, w_gate_up, qtype: str, codes, scale, minv, activation: str, act_param: float):
+    d, I = check_rows(x, idx, count, w_gate_up, qtype, codes, scale, minv, activation)
+    h = hidden_ref(x, w_gate_up, qtype, I, activation, act_param)
+    h = torch.where(listed(idx, count, I), h, torch.zeros_like(h))
+    y = round_blocks(h) @ down_weights_t(codes, scale, minv)
+    return y.to(x.dtype), (h != 0).sum(1, dtype=torch.int32)
+
+
+def qsparse_ffn_rows_fake(x, idx, count, w_gate_up, qtype: str, codes, scale, minv, activation: str, act_param: float):
+    check_rows(x, idx, count, w_gate_up, qtype, codes, scale, minv, activation)
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=torch.int32)
+
+
+define("qsparse_ffn_rows(Tensor x, Tensor idx, Tensor count, Tensor w_gate_up, str qtype, Tensor down_codes, "
+       "Tensor down_scale, Tensor down_min, str activation, float act_param) -> (Tensor, Tensor)",
+       qsparse_ffn_rows_ref, qsparse_ffn_rows_fake)
+
+
 # parity cases: every gate/up format with every down format, decode (T = 1) and a few tokens, kept fractions from
 # none to all, SmolLM2's shape, the activations of the SiLU/GELU and relu families; the NPU has no kernel
 def _case(gu, down, d, I, T, keep, act="silu", dtype=torch.float32):
@@ -117,3 +158,15 @@ CASES = [
     _case("q4_k", "q4_0", 512, 128, 2, 0.3, "gelu", torch.bfloat16),
     _case("q4_1", "q8_0", 64, 32, 1, 0.5, "silu", torch.bfloat16),
 ]
+# the listed-rows variant: relu-family activations (the SVD predictor's home) and SiLU, lists from empty to full
+CASES += [Case("qsparse_ffn_rows", {"qtype": gu, "down": down, "d": d, "I": I, "T": T, "keep": keep, "act": act},
+               dtype, devices=("cpu", "cuda"))
+          for (gu, down, d, I, T, keep, act, dtype) in (
+              ("q4_0", "q4_0", 256, 96, 1, 0.1, "relu", torch.float32),
+              ("q4_0", "q4_0", 256, 96, 3, 0.5, "relu2", torch.float32),
+              ("q4_1", "q4_1", 64, 64, 2, 0.0, "relu", torch.float32),
+              ("q4_1", "q4_1", 64, 64, 2, 1.0, "fatrelu", torch.float32),
+              ("q8_0", "q8_0", 96, 128, 1, 0.3, "drelu", torch.float32),
+              ("q4_k", "q4_1", 256, 64, 2, 0.4, "silu", torch.float32),
+              ("q6_k", "q8_0", 512, 32, 1, 0.6, "relu", torch.bfloat16),
+              ("q4_1", "q4_1", 576, 1536, 1, 0.1, "relu", torch.float32))]

@@ -743,3 +743,37 @@ def _qsparse_ffn(c: Case) -> Program:
         excess = (y.double() - ref.double()).abs() - want["bound"] - out_round
         assert torch.all(excess <= 0), f"qsparse_ffn {p}: max excess over the bound {excess.max():.3e}"
     return Program(make, run, check, T * I * d * 3)
+
+
+@program("qsparse_ffn_rows")
+def _qsparse_ffn_rows(c: Case) -> Program:
+    """Random ascending neuron lists (a `keep` fraction); y within one int8 step of h per element, as qsparse_ffn."""
+    from sparsedge.ops.qffn import hidden_ref, listed
+
+    p = c.params
+    base = _qsparse_ffn(c._replace(op="qsparse_ffn"))
+    T, I = p["T"], p["I"]
+
+    def make():
+        i = base.make()
+        g = generator(c)
+        chosen = torch.rand(T, I, generator=g) < p["keep"]
+        from sparsedge.ops.ffn import compact_active
+        i["idx"], i["count"] = compact_active(chosen)
+        return i
+
+    def run(rt, i):
+        y, count = rt.op("qsparse_ffn_rows")(rt.to(i["x"]), rt.to(i["idx"]), rt.to(i["count"]), rt.to(i["w"]),
+                                             p["qtype"], *(rt.to(i[k]) for k in ("codes", "scale", "minv")), p["act"],
+                                             0.1)
+        if not rt.reference:
+            return {"y": y, "count": count}
+        from sparsedge.ops.qffn import down_weights_t
+        from sparsedge.quant import formats as qf
+        h = hidden_ref(i["x"], i["w"], p["qtype"], I, p["act"], 0.1)
+        hk = torch.where(listed(i["idx"], i["count"], I), h, torch.zeros_like(h))
+        step = hk.reshape(T, -1, qf.QK).abs().amax(-1) / 127
+        wabs = down_weights_t(i["codes"], i["scale"], i["minv"]).abs()
+        return {"y": y, "count": count,
+                "bound": step.repeat_interleave(qf.QK, 1) @ wabs + 1e-5 * (hk.abs() @ wabs) + 1e-6}
+    return Program(make, run, base.check, base.work)

@@ -45,6 +45,26 @@ def random_transformer(config: ModelConfig, dtype=torch.float32, seed: int = 0, 
     return model
 
 
+def quantize_transformer(model: Transformer, qtype: str, progress: bool = False) -> Transformer:
+    """Every projection of `model` (and the embedding / LM head) in `qtype` blocks, in place, as
+    Session.load(weights=qtype) keeps a float checkpoint: W_down as [d, I] blocks for qlinear."""
+    from sparsedge.quant.qweight import QWeight
+
+    it = model.layers
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"quantizing to {qtype}", unit="layer", leave=False)
+    for layer in it:
+        a, f = layer.attention, layer.ffn
+        a.wqkv, a.wo = QWeight.quantize(a.wqkv, qtype), QWeight.quantize(a.wo, qtype)
+        f.w_gate_up = QWeight.quantize(f.w_gate_up, qtype)
+        f.w_down, f.w_down_t = QWeight.quantize(f.w_down_t.t().contiguous(), qtype), None
+    tied = model.lm_head is model.tok_embeddings
+    model.tok_embeddings = QWeight.quantize(model.tok_embeddings, qtype)
+    model.lm_head = model.tok_embeddings if tied else QWeight.quantize(model.lm_head, qtype)
+    return model
+
+
 def tiny_config(activation: str = "relu", **kw) -> ModelConfig:
     base = dict(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=192,
                 max_seq_len=256, activation=activation, name=f"tiny-{activation}", tie_embeddings=False)
