@@ -1,6 +1,7 @@
 // qsparse_ffn (sdk/sparsedge/ops/qffn.py): one FFN step over GGUF block weights that skips the down rows of the
 // neurons whose exact |h| is at or below their threshold; W_down in sparsedge.quant.down_t's neuron-row layout.
-// The CPU kernel it mirrors is backends/cpu/quant_sparse_ffn.cpp. 4 launches, no host sync:
+// qsparse_ffn_rows, the same step over a predicted list of neurons, is at the end of this comment. The CPU kernel
+// both mirror is backends/cpu/quant_sparse_ffn.cpp. qsparse_ffn: 4 launches, no host sync:
 //
 //   1-2. qlinear (quant.cu) over all 2I gate and up rows into gu [T, 2I] fp32. Gate and up are dense, so this is
 //        exactly qlinear's problem: reusing its launcher keeps one copy of the block decoding and of the x rounding
@@ -23,9 +24,20 @@
 //   4.   finalize_kernel: y[t, c] = sum_s partial[s, t, c] in a fixed order, cast to x's dtype; count[t] likewise.
 //        Partials instead of atomics: deterministic results run to run and no memset launch (as ffn.cu's down path).
 //
+// qsparse_ffn_rows (the listed-neuron variant: sparsedge::ffn_predict's idx / count pick the neurons; 4 launches, no
+// host sync) differs in the gate/up steps and the keep rule only:
+//   1.   qlinear's x rounding alone (quantize_x, quant.cu).
+//   2.   gateup_rows_kernel<Q>: the gate and up rows of the listed neurons only, a warp per listed neuron (persistent
+//        warps over the positions of the token's list), the sub-block decoding and dot products of qlinear
+//        (load_sub_block / sub_block_dot, quant.cuh) -> gu, with every unlisted neuron's g = u = 0 written by the
+//        same walk (each warp zeroes the gap before its position), so gu is complete without a memset.
+//   3-4. down_kernel and finalize_kernel as above with thresh = null: keep = h != 0 (an unlisted neuron has
+//        h = act(0) 0 = 0; a listed one whose h is exactly 0 costs no down row); count = the nonzero h per token.
+//
 // Prefill (T > 1) reads each token's kept down rows separately (mostly from L2 when tokens share neurons); gate/up
-// rows are read once per 8 tokens by qlinear. The h rounding is repeated by every output slice of a block (32
-// activations, cheap next to its rows); all slices compute it identically, so they agree on kept / qh.
+// rows are read once per 8 tokens by qlinear (by qsparse_ffn_rows once per token listing them: each token has its
+// own list; rows shared between tokens are re-read, mostly from L2). The h rounding is repeated by every output slice
+// of a block (32 activations, cheap next to its rows); all slices compute it identically, so they agree on kept / qh.
 #include <algorithm>
 #include <cuda_fp16.h>
 
@@ -43,7 +55,9 @@ constexpr int kSlice = 32 * kUnit;      // outputs per down block
 constexpr int kBatch = 8;               // code rows loaded together per warp step
 constexpr int kMaxSplits = 32;
 constexpr int kFinalizeThreads = 256;
+constexpr int kRowsThreads = 256;       // qsparse_ffn_rows' gate/up kernel: 8 warps, a listed neuron per warp
 constexpr int64_t kMaxGridZ = 65535;
+constexpr int64_t kMaxGridY = 65535;
 
 __device__ __forceinline__ float half_lo(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w)));
@@ -91,7 +105,8 @@ __device__ __forceinline__ int64_t unit_col(int64_t unit) {
 template <bool FOUR> constexpr int64_t kHiOff = FOUR ? 16 : 4;
 
 // FOUR: codes uint8 [I, d / 2] (4-bit, groups of 32 outputs: byte k = output k low nibble, k + 16 high nibble);
-// else int8 [I, d]. gu [T, 2I] fp32 (gate then up), partial [S, T, d], kept [S, T].
+// else int8 [I, d]. gu [T, 2I] fp32 (gate then up), thresh [I] or null (keep every nonzero h), partial [S, T, d],
+// kept [S, T].
 template <bool FOUR>
 __global__ void __launch_bounds__(kWarps * 32)
     down_kernel(const float* __restrict__ gu, const float* __restrict__ thresh, const uint8_t* __restrict__ codes,
@@ -122,7 +137,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int64_t b = b0 + warp; b < b1; b += kWarps) {
       const int64_t i = b * kQK + lane;
       const float h = activate(__ldg(g + i), __ldg(u + i), act, act_param, 0.f);
-      const bool keep = fabsf(h) > __ldg(thresh + i);
+      // qsparse_ffn: |h| above the neuron's threshold; qsparse_ffn_rows (thresh null): every nonzero h (the unlisted
+      // neurons have g = u = 0, so h = act(0) 0 = 0 for every activation)
+      const bool keep = thresh != nullptr ? fabsf(h) > __ldg(thresh + i) : h != 0.f;
       const unsigned kept = __ballot_sync(kFullMask, keep);
       if (kept == 0u) continue;  // warp-uniform
       kept_total += __popc(kept);
@@ -223,6 +240,67 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// qsparse_ffn_rows' gate/up: gu [T, 2I] with gate row i and up row I + i of w dotted with token t's int8 x (qlinear's
+// rounding and sub-block arithmetic, per lane in qlinear's order: the same fp32 operations) for the listed neurons
+// idx[t, :n] and 0 for every other. Grid (X, T), 8 warps; the X * 8 warps of a token walk its positions
+// k = w, w + X * 8, ... <= n (persistent, so the work balances however the list clusters). Position k < n computes
+// neuron idx[t, k] (its two rows as two interleaved streams: the sub-blocks of both are loaded before either is
+// dotted); every position k <= n also zeroes the unlisted gap before it (idx[t, k-1] + 1 .. idx[t, k] - 1; for k = n
+// up to I). Each gu element is written once by exactly one warp: no memset launch and no ordering between warps.
+// n = count[t] clamped to [0, I] here: the binding does not read count on the host (that would be a sync per call);
+// the CPU kernel raises for a count outside [0, I] instead. Ids outside [0, I) are skipped (no row is read) and the
+// gaps clamped, which is what the CPU kernel's per-block lower_bound does with them; an unsorted list is outside the
+// contract (memory-safe, values unspecified).
+template <QType Q>
+__global__ void __launch_bounds__(kRowsThreads)
+    gateup_rows_kernel(const uint8_t* __restrict__ w, int64_t row_bytes, const int8_t* __restrict__ xq,
+                       const float* __restrict__ xd, const float* __restrict__ xs, const int32_t* __restrict__ idx,
+                       const int32_t* __restrict__ count, float* __restrict__ gu, int64_t T, int64_t I, int64_t K) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = int64_t(gridDim.x) * (kRowsThreads / 32);
+  const int64_t nsb = K / kQK;
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const int64_t n = min64(max64(__ldg(count + t), 0), I);
+    const int32_t* it = idx + t * I;
+    float* gt = gu + t * 2 * I;
+    float* ut = gt + I;
+    const int8_t* xqt = xq + t * nsb * kQK;
+    const float* xdt = xd + t * nsb;
+    const float* xst = xs + t * nsb;
+    for (int64_t k = int64_t(blockIdx.x) * (kRowsThreads / 32) + (threadIdx.x >> 5); k <= n; k += nwarps) {
+      const int64_t id = k < n ? int64_t(__ldg(it + k)) : I;
+      const int64_t lo = k > 0 ? min64(max64(int64_t(__ldg(it + k - 1)) + 1, 0), I) : 0;
+      const int64_t hi = min64(max64(id, 0), I);
+      for (int64_t i = lo + lane; i < hi; i += 32) {
+        gt[i] = 0.f;
+        ut[i] = 0.f;
+      }
+      if (k == n || id < 0 || id >= I) continue;  // warp-uniform
+      const uint8_t* rg = w + id * row_bytes;
+      const uint8_t* ru = w + (I + id) * row_bytes;
+      float ag = 0.f, mg = 0.f, au = 0.f, mu = 0.f;
+      for (int64_t g = lane; g < nsb; g += 32) {
+        const SubBlock bg = load_sub_block<Q>(rg, g);
+        const SubBlock bu = load_sub_block<Q>(ru, g);
+        const int4* xv = reinterpret_cast<const int4*>(xqt + g * kQK);
+        const float dx = __ldg(xdt + g);
+        ag = fmaf(bg.scale * dx, static_cast<float>(sub_block_dot<Q>(bg, xv)), ag);
+        au = fmaf(bu.scale * dx, static_cast<float>(sub_block_dot<Q>(bu, xv)), au);
+        if constexpr (kHasOffset<Q>) {
+          const float sx = __ldg(xst + g);
+          mg = fmaf(bg.offset, sx, mg);
+          mu = fmaf(bu.offset, sx, mu);
+        }
+      }
+      const float gv = warp_sum(ag + mg), uv = warp_sum(au + mu);
+      if (lane == 0) {
+        gt[id] = gv;
+        ut[id] = uv;
+      }
+    }
+  }
+}
+
 template <typename TX>
 __global__ void finalize_kernel(const float* __restrict__ partial, const int32_t* __restrict__ kept_part,
                                 TX* __restrict__ y, int32_t* __restrict__ count, int64_t T, int64_t d, int S) {
@@ -277,27 +355,61 @@ Workspace layout(void* base, int64_t T, int64_t d, int64_t I, int64_t S) {
   return w;
 }
 
-}  // namespace
-
-int64_t qsparse_ffn_workspace_bytes(int64_t T, int64_t d, int64_t I, int device) {
-  int64_t S = 1, per = 1;
-  down_splits(T, d, I, device, &S, &per);
-  return layout(nullptr, T, d, I, S).bytes;
+// gate/up of the listed neurons into ws.gu (x rounded first, into qlinear's workspace layout)
+cudaError_t gateup_rows(const void* x, const int32_t* idx, const int32_t* count, const uint8_t* w, QType qt,
+                        int64_t T, int64_t d, int64_t I, DType xt, const Workspace& ws, int device,
+                        cudaStream_t stream) {
+  cudaError_t e = quantize_x(x, T, d, xt, ws.q, stream);
+  if (e != cudaSuccess) return e;
+  const QuantizedX X = qlinear_x_views(ws.q, T, d);
+  const int64_t rb = qtype_row_bytes(qt, d);
+  // up to I + 1 positions per token (the last one only zeroes the tail), at most ~8 blocks per SM in all
+  const int64_t per_token = ceil_div(I + 1, kRowsThreads / 32);
+  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(per_token, ceil_div(int64_t(sm_count(device)) * 8, T)));
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(min64(T, kMaxGridY)));
+  const int8_t* xq = X.q;
+  const float* xd = X.d;
+  const float* xs = X.s;
+  float* gu = ws.gu;
+  switch (qt) {
+    case QType::Q8_0:
+      gateup_rows_kernel<QType::Q8_0><<<grid, kRowsThreads, 0, stream>>>(w, rb, xq, xd, xs, idx, count, gu, T, I, d);
+      break;
+    case QType::Q4_0:
+      gateup_rows_kernel<QType::Q4_0><<<grid, kRowsThreads, 0, stream>>>(w, rb, xq, xd, xs, idx, count, gu, T, I, d);
+      break;
+    case QType::Q4_1:
+      gateup_rows_kernel<QType::Q4_1><<<grid, kRowsThreads, 0, stream>>>(w, rb, xq, xd, xs, idx, count, gu, T, I, d);
+      break;
+    case QType::Q4_K:
+      gateup_rows_kernel<QType::Q4_K><<<grid, kRowsThreads, 0, stream>>>(w, rb, xq, xd, xs, idx, count, gu, T, I, d);
+      break;
+    case QType::Q6_K:
+      gateup_rows_kernel<QType::Q6_K><<<grid, kRowsThreads, 0, stream>>>(w, rb, xq, xd, xs, idx, count, gu, T, I, d);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
-cudaError_t qsparse_ffn(const void* x, const uint8_t* w_gate_up, QType qt, const uint8_t* codes, bool four_bit,
-                        const void* scale, const void* minv, const float* thresh, void* y, int32_t* count, int64_t T,
-                        int64_t d, int64_t I, Act act, float act_param, DType xt, void* workspace, int device,
-                        cudaStream_t stream) {
+// qsparse_ffn (thresh set: all 2I gate/up rows through qlinear, |h| > thresh kept) and qsparse_ffn_rows (idx / count
+// set, thresh null: the listed rows only, every nonzero h kept): one launcher, one down kernel, one finalize.
+cudaError_t qffn(const void* x, const int32_t* idx, const int32_t* count, const uint8_t* w_gate_up, QType qt,
+                 const uint8_t* codes, bool four_bit, const void* scale, const void* minv, const float* thresh,
+                 void* y, int32_t* out_count, int64_t T, int64_t d, int64_t I, Act act, float act_param, DType xt,
+                 void* workspace, int device, cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
   if (d <= 0 || d % kQK || I <= 0 || I % kQK) return cudaErrorInvalidValue;
-  if (qt == QType::F32 || qt == QType::F16 || qt == QType::BF16) return cudaErrorInvalidValue;
+  if (qt == QType::F32 || qt == QType::F16 || qt == QType::BF16 || qtype_row_bytes(qt, d) == 0)
+    return cudaErrorInvalidValue;
   if (four_bit && minv == nullptr) return cudaErrorInvalidValue;
+  if ((thresh == nullptr) == (idx == nullptr) || (idx != nullptr && count == nullptr)) return cudaErrorInvalidValue;
   int64_t S = 1, per = 1;
   down_splits(T, d, I, device, &S, &per);
   const Workspace ws = layout(workspace, T, d, I, S);
 
-  cudaError_t e = qlinear(x, w_gate_up, ws.gu, T, 2 * I, d, qt, xt, ws.q, stream);  // gu = [W_gate; W_up] x
+  cudaError_t e = idx == nullptr ? qlinear(x, w_gate_up, ws.gu, T, 2 * I, d, qt, xt, ws.q, stream)  // [W_gate; W_up] x
+                                 : gateup_rows(x, idx, count, w_gate_up, qt, T, d, I, xt, ws, device, stream);
   if (e != cudaSuccess) return e;
 
   const unsigned tz = static_cast<unsigned>(min64(T, kMaxGridZ));
@@ -316,10 +428,36 @@ cudaError_t qsparse_ffn(const void* x, const uint8_t* w_gate_up, QType qt, const
   const dim3 fgrid(static_cast<unsigned>(ceil_div(d, kFinalizeThreads)), tz);
   return dispatch_dtype(xt, [&](auto tag) {
     using TX = typename decltype(tag)::type;
-    finalize_kernel<TX><<<fgrid, kFinalizeThreads, 0, stream>>>(ws.partial, ws.kept, static_cast<TX*>(y), count, T, d,
-                                                                static_cast<int>(S));
+    finalize_kernel<TX><<<fgrid, kFinalizeThreads, 0, stream>>>(ws.partial, ws.kept, static_cast<TX*>(y), out_count,
+                                                                T, d, static_cast<int>(S));
     return cudaGetLastError();
   });
+}
+
+}  // namespace
+
+int64_t qsparse_ffn_workspace_bytes(int64_t T, int64_t d, int64_t I, int device) {
+  int64_t S = 1, per = 1;
+  down_splits(T, d, I, device, &S, &per);
+  return layout(nullptr, T, d, I, S).bytes;
+}
+
+cudaError_t qsparse_ffn(const void* x, const uint8_t* w_gate_up, QType qt, const uint8_t* codes, bool four_bit,
+                        const void* scale, const void* minv, const float* thresh, void* y, int32_t* count, int64_t T,
+                        int64_t d, int64_t I, Act act, float act_param, DType xt, void* workspace, int device,
+                        cudaStream_t stream) {
+  if (thresh == nullptr) return cudaErrorInvalidValue;
+  return qffn(x, nullptr, nullptr, w_gate_up, qt, codes, four_bit, scale, minv, thresh, y, count, T, d, I, act,
+              act_param, xt, workspace, device, stream);
+}
+
+cudaError_t qsparse_ffn_rows(const void* x, const int32_t* idx, const int32_t* count, const uint8_t* w_gate_up,
+                             QType qt, const uint8_t* codes, bool four_bit, const void* scale, const void* minv,
+                             void* y, int32_t* down_count, int64_t T, int64_t d, int64_t I, Act act, float act_param,
+                             DType xt, void* workspace, int device, cudaStream_t stream) {
+  if (idx == nullptr || count == nullptr) return cudaErrorInvalidValue;
+  return qffn(x, idx, count, w_gate_up, qt, codes, four_bit, scale, minv, nullptr, y, down_count, T, d, I, act,
+              act_param, xt, workspace, device, stream);
 }
 
 }  // namespace sparsedge::cuda

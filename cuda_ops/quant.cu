@@ -9,8 +9,10 @@
 //                          block (each row read once per 8 tokens). Lanes take the row's 32-element sub-blocks
 //                          g = lane, lane + 32, ...; a sub-block's weights become 8 packed int8x4 words (nibbles
 //                          masked, q6_k's high bits merged and -32 applied per byte with __vsub4), each dotted with
-//                          the token's int8 x by 8 __dp4a; the block's float part (d_w d_x, and the q4_0 / q4_1 /
-//                          q4_k offset / min term from the x sum s) is accumulated in fp32, then a warp sum per token.
+//                          the token's int8 x by 8 __dp4a (load_sub_block / sub_block_dot in quant.cuh, shared
+//                          with qsparse_ffn_rows' listed gate/up rows); the block's float part (d_w d_x, and the
+//                          q4_0 / q4_1 / q4_k offset / min term from the x sum s) is accumulated in fp32, then a warp
+//                          sum per token.
 //      float formats: float_linear_kernel, the same grid, fp32 dot products of the widened row with x.
 // Weight rows only need 2-byte alignment (GGUF block sizes are even; reads are 16-bit).
 #include <cuda_fp16.h>
@@ -26,22 +28,6 @@ constexpr int kWarps = 8;   // rows per block
 constexpr int kTok = 8;     // tokens per block
 constexpr int64_t kQK = 32;
 
-__device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) {
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
-}
-__device__ __forceinline__ float ld_half(const uint8_t* p) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(ld_u16(p))));
-}
-// 32 bytes at a 2-byte aligned address as 8 little-endian words
-__device__ __forceinline__ void ld_words(const uint8_t* p, uint32_t (&w)[8]) {
-#pragma unroll
-  for (int j = 0; j < 8; ++j) w[j] = ld_u16(p + 4 * j) | (ld_u16(p + 4 * j + 2) << 16);
-}
-__device__ __forceinline__ void ld_words4(const uint8_t* p, uint32_t (&w)[4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) w[j] = ld_u16(p + 4 * j) | (ld_u16(p + 4 * j + 2) << 16);
-}
-
 template <typename TX>
 __global__ void quantize_x_kernel(const TX* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ d,
                                   float* __restrict__ s, int64_t blocks) {
@@ -54,19 +40,6 @@ __global__ void quantize_x_kernel(const TX* __restrict__ x, int8_t* __restrict__
     d[b] = db;
     s[b] = sb;
   }
-}
-
-// sum of 32 int8 weights (8 words) x the token's 32 int8 x (8 words)
-__device__ __forceinline__ int dot32(const uint32_t (&w)[8], const int4* xv) {
-  const int4 a = xv[0], b = xv[1];
-  int s = __dp4a(static_cast<int>(w[0]), a.x, 0);
-  s = __dp4a(static_cast<int>(w[1]), a.y, s);
-  s = __dp4a(static_cast<int>(w[2]), a.z, s);
-  s = __dp4a(static_cast<int>(w[3]), a.w, s);
-  s = __dp4a(static_cast<int>(w[4]), b.x, s);
-  s = __dp4a(static_cast<int>(w[5]), b.y, s);
-  s = __dp4a(static_cast<int>(w[6]), b.z, s);
-  return __dp4a(static_cast<int>(w[7]), b.w, s);
 }
 
 template <QType Q>
@@ -84,79 +57,15 @@ __global__ void qlinear_kernel(const uint8_t* __restrict__ W, const int8_t* __re
 #pragma unroll
   for (int t = 0; t < kTok; ++t) acc[t] = ms[t] = 0.f;
   for (int64_t g = lane; g < nsb; g += 32) {
-    uint32_t w[8];
-    float scale = 0.f, offset = 0.f;  // block value = scale * q + offset (offset on the x-sum side)
-    int sc_a = 1, sc_b = 1;           // q6_k: int8 scales of the two 16-halves
-    if constexpr (Q == QType::Q8_0) {
-      const uint8_t* b = row + g * 34;
-      scale = ld_half(b);
-      ld_words(b + 2, w);
-    } else if constexpr (Q == QType::Q4_0 || Q == QType::Q4_1) {
-      const uint8_t* b = row + g * (Q == QType::Q4_0 ? 18 : 20);
-      scale = ld_half(b);
-      offset = Q == QType::Q4_0 ? -8.f * scale : ld_half(b + 2);
-      uint32_t p[4];
-      ld_words4(b + (Q == QType::Q4_0 ? 2 : 4), p);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        w[j] = p[j] & 0x0F0F0F0Fu;
-        w[j + 4] = (p[j] >> 4) & 0x0F0F0F0Fu;
-      }
-    } else if constexpr (Q == QType::Q4_K) {
-      const uint8_t* b = row + (g >> 3) * 144;
-      const int j = static_cast<int>(g & 7);
-      const uint8_t* s = b + 4;
-      int sc, mn;
-      if (j < 4) {
-        sc = __ldg(s + j) & 63;
-        mn = __ldg(s + j + 4) & 63;
-      } else {
-        sc = (__ldg(s + j + 4) & 0x0F) | ((__ldg(s + j - 4) >> 6) << 4);
-        mn = (__ldg(s + j + 4) >> 4) | ((__ldg(s + j) >> 6) << 4);
-      }
-      scale = ld_half(b) * static_cast<float>(sc);
-      offset = -(ld_half(b + 2) * static_cast<float>(mn));
-      ld_words(b + 16 + 32 * (j >> 1), w);
-      const int sh = 4 * (j & 1);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) w[i] = (w[i] >> sh) & 0x0F0F0F0Fu;
-    } else if constexpr (Q == QType::Q6_K) {
-      const uint8_t* b = row + (g >> 3) * 210;
-      const int gg = static_cast<int>(g & 7), h = gg >> 2, k = gg & 3;
-      uint32_t hi[8];
-      ld_words(b + 64 * h + 32 * (k & 1), w);
-      ld_words(b + 128 + 32 * h, hi);
-      const int sl = 4 * (k >> 1), shh = 2 * k;
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        w[i] = __vsub4(((w[i] >> sl) & 0x0F0F0F0Fu) | (((hi[i] >> shh) & 0x03030303u) << 4), 0x20202020u);
-      sc_a = static_cast<int8_t>(__ldg(b + 192 + 2 * gg));
-      sc_b = static_cast<int8_t>(__ldg(b + 192 + 2 * gg + 1));
-      scale = ld_half(b + 208);
-    }
+    const SubBlock b = load_sub_block<Q>(row, g);
 #pragma unroll
     for (int t = 0; t < kTok; ++t) {
       if (t < tn) {
         const int64_t xi = (t0 + t) * nsb + g;
         const int4* xv = reinterpret_cast<const int4*>(xq + xi * kQK);
-        int dot;
-        if constexpr (Q == QType::Q6_K) {
-          const int4 a = xv[0], c = xv[1];
-          int da = __dp4a(static_cast<int>(w[0]), a.x, 0);
-          da = __dp4a(static_cast<int>(w[1]), a.y, da);
-          da = __dp4a(static_cast<int>(w[2]), a.z, da);
-          da = __dp4a(static_cast<int>(w[3]), a.w, da);
-          int db = __dp4a(static_cast<int>(w[4]), c.x, 0);
-          db = __dp4a(static_cast<int>(w[5]), c.y, db);
-          db = __dp4a(static_cast<int>(w[6]), c.z, db);
-          db = __dp4a(static_cast<int>(w[7]), c.w, db);
-          dot = da * sc_a + db * sc_b;
-        } else {
-          dot = dot32(w, xv);
-        }
-        acc[t] = fmaf(scale * __ldg(xd + xi), static_cast<float>(dot), acc[t]);
-        if constexpr (Q == QType::Q4_0 || Q == QType::Q4_1 || Q == QType::Q4_K)
-          ms[t] = fmaf(offset, __ldg(xs + xi), ms[t]);
+        const int dot = sub_block_dot<Q>(b, xv);
+        acc[t] = fmaf(b.scale * __ldg(xd + xi), static_cast<float>(dot), acc[t]);
+        if constexpr (kHasOffset<Q>) ms[t] = fmaf(b.offset, __ldg(xs + xi), ms[t]);
       }
     }
   }
@@ -213,6 +122,26 @@ int64_t qlinear_workspace_bytes(int64_t T, int64_t K) {
   return align256(T * K) + 2 * align256(T * (K / kQK) * int64_t(sizeof(float)));
 }
 
+QuantizedX qlinear_x_views(void* workspace, int64_t T, int64_t K) {
+  auto* base = static_cast<uint8_t*>(workspace);
+  const int64_t nb = K / kQK;
+  return {reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + align256(T * K)),
+          reinterpret_cast<float*>(base + align256(T * K) + align256(T * nb * int64_t(sizeof(float))))};
+}
+
+cudaError_t quantize_x(const void* x, int64_t T, int64_t K, DType xt, void* workspace, cudaStream_t stream) {
+  if (T <= 0) return cudaSuccess;
+  if (K <= 0 || K % kQK) return cudaErrorInvalidValue;
+  const QuantizedX X = qlinear_x_views(workspace, T, K);
+  const int64_t blocks = T * (K / kQK);
+  return dispatch_dtype(xt, [&](auto xtag) {
+    using TX = typename decltype(xtag)::type;
+    quantize_x_kernel<TX><<<static_cast<unsigned>(ceil_div(blocks, 8)), 256, 0, stream>>>(
+        static_cast<const TX*>(x), X.q, X.d, X.s, blocks);
+    return cudaGetLastError();
+  });
+}
+
 cudaError_t qlinear(const void* x, const uint8_t* w, float* y, int64_t T, int64_t N, int64_t K, QType qt, DType xt,
                     void* workspace, cudaStream_t stream) {
   if (T <= 0 || N <= 0) return cudaSuccess;
@@ -232,25 +161,14 @@ cudaError_t qlinear(const void* x, const uint8_t* w, float* y, int64_t T, int64_
       return cudaGetLastError();
     });
   }
-  if (K % kQK) return cudaErrorInvalidValue;
-  const int64_t nb = K / kQK;
-  auto* base = static_cast<uint8_t*>(workspace);
-  int8_t* xq = reinterpret_cast<int8_t*>(base);
-  float* xd = reinterpret_cast<float*>(base + align256(T * K));
-  float* xs = reinterpret_cast<float*>(base + align256(T * K) + align256(T * nb * int64_t(sizeof(float))));
-  const int64_t blocks = T * nb;
-  cudaError_t e = dispatch_dtype(xt, [&](auto xtag) {
-    using TX = typename decltype(xtag)::type;
-    quantize_x_kernel<TX><<<static_cast<unsigned>(ceil_div(blocks, 8)), 256, 0, stream>>>(
-        static_cast<const TX*>(x), xq, xd, xs, blocks);
-    return cudaGetLastError();
-  });
+  const int64_t rb = qtype_row_bytes(qt, K);
+  if (rb == 0) return cudaErrorInvalidValue;
+  const cudaError_t e = quantize_x(x, T, K, xt, workspace, stream);
   if (e != cudaSuccess) return e;
-  int64_t block_bytes = 0, block_elems = 0;
-  for (const auto& info : kQTypes)
-    if (info.type == qt) { block_bytes = info.size; block_elems = info.block; }
-  if (block_elems == 0 || K % block_elems) return cudaErrorInvalidValue;
-  const int64_t rb = K / block_elems * block_bytes;
+  const QuantizedX X = qlinear_x_views(workspace, T, K);
+  const int8_t* xq = X.q;
+  const float* xd = X.d;
+  const float* xs = X.s;
   switch (qt) {
     case QType::Q8_0: qlinear_kernel<QType::Q8_0><<<grid, block, 0, stream>>>(w, xq, xd, xs, y, T, N, K, rb); break;
     case QType::Q4_0: qlinear_kernel<QType::Q4_0><<<grid, block, 0, stream>>>(w, xq, xd, xs, y, T, N, K, rb); break;

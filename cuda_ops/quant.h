@@ -22,6 +22,13 @@ constexpr QTypeInfo kQTypes[] = {
     {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210},
 };
 
+// Bytes of one row of K elements in format qt; 0 when K is not a positive multiple of its block.
+inline int64_t qtype_row_bytes(QType qt, int64_t K) {
+  for (const auto& t : kQTypes)
+    if (t.type == qt) return K > 0 && K % t.block == 0 ? K / t.block * t.size : 0;
+  return 0;
+}
+
 // Bytes of workspace qlinear needs for T tokens of length K (int8 x and its per-32 scales / sums).
 int64_t qlinear_workspace_bytes(int64_t T, int64_t K);
 
@@ -30,6 +37,18 @@ int64_t qlinear_workspace_bytes(int64_t T, int64_t K);
 // q = round-half-even(x * (127 / amax)), s = d * sum q, IEEE ops under --use_fast_math) and take __dp4a sums.
 cudaError_t qlinear(const void* x, const uint8_t* w, float* y, int64_t T, int64_t N, int64_t K, QType qt, DType xt,
                     void* workspace, cudaStream_t stream);
+
+// qlinear's first step alone, for kernels that dot rows of their own choosing with the same int8 x (qsparse_ffn_rows):
+// x [T, K] (dtype xt, K a multiple of 32) rounded into a qlinear workspace (qlinear_workspace_bytes(T, K), 256-byte
+// aligned) exactly as qlinear rounds it; qlinear_x_views gives q int8 [T, K] (each 32-block 16-byte aligned) and
+// d, s fp32 [T, K / 32] (amax / 127 and d * sum q per block).
+struct QuantizedX {
+  int8_t* q;
+  float* d;
+  float* s;
+};
+QuantizedX qlinear_x_views(void* workspace, int64_t T, int64_t K);
+cudaError_t quantize_x(const void* x, int64_t T, int64_t K, DType xt, void* workspace, cudaStream_t stream);
 
 // qsparse_ffn (sdk/sparsedge/ops/qffn.py; qffn.cu): y [T, d] (dtype xt) and count [T] from x [T, d] (xt), w_gate_up
 // [2I, d / block * size] (qt, a block format; 2-byte aligned), W_down in sparsedge.quant.down_t's neuron-row layout:
@@ -41,5 +60,15 @@ cudaError_t qsparse_ffn(const void* x, const uint8_t* w_gate_up, QType qt, const
                         const void* scale, const void* minv, const float* thresh, void* y, int32_t* count, int64_t T,
                         int64_t d, int64_t I, Act act, float act_param, DType xt, void* workspace, int device,
                         cudaStream_t stream);
+
+// qsparse_ffn_rows (the same file and op module; qffn.cu): the neurons idx[t, :count[t]] (int32 [T, I], ascending;
+// count int32 [T], clamped to [0, I] on the device) have their gate row i and up row I + i dotted with x (rounded as
+// qlinear rounds it), every other h is 0, and every nonzero h is kept (no threshold); the down step and y are
+// qsparse_ffn's, down_count [T] = the nonzero h per token. Same operands and alignment as qsparse_ffn otherwise, and
+// the same workspace (qsparse_ffn_workspace_bytes).
+cudaError_t qsparse_ffn_rows(const void* x, const int32_t* idx, const int32_t* count, const uint8_t* w_gate_up,
+                             QType qt, const uint8_t* codes, bool four_bit, const void* scale, const void* minv,
+                             void* y, int32_t* down_count, int64_t T, int64_t d, int64_t I, Act act, float act_param,
+                             DType xt, void* workspace, int device, cudaStream_t stream);
 
 }  // namespace sparsedge::cuda
