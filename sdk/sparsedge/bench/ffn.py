@@ -280,7 +280,8 @@ def decode_relu_1b(args) -> dict:
                                      seed=100 + i)
         sc = (xs[i] @ p1.T) @ p2.T
         bias = -torch.quantile(sc, 1.0 - density, dim=0)
-        layer.ffn = SparseFFN(layer.ffn, p1.to(dtype), p2.to(dtype), bias.float(), layer_index=i)
+        pdt = torch.bfloat16 if weights else dtype  # as attach_tensors places predictors on block weights
+        layer.ffn = SparseFFN(layer.ffn, p1.to(pdt), p2.to(pdt), bias.float(), layer_index=i)
     be.require(*(("ffn_predict", "qsparse_ffn_rows") if weights else ("sparse_ffn",)))
     _decode_tokens_per_s(model, prompt, 4, device, forced)  # warm-up
     sparse_rates = [_decode_tokens_per_s(model, prompt, new_tokens, device, forced)[0] for _ in range(repeats)]

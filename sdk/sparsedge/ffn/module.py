@@ -242,7 +242,10 @@ def attach_tensors(model, tensors: dict, taus=None, backend=None, per_token: boo
             layer.ffn = Q4SparseFFN(dense, place(a, torch.uint8), place(b, torch.float32), place(c, torch.float32),
                                     per_token=per_token, layer_index=i)
         else:
-            layer.ffn = SparseFFN(dense, place(a, wdtype), place(b, wdtype), place(c, torch.float32),
+            # on block weights the predictor is kept in bf16: in fp32 it would be a quarter of what a sparse Q4
+            # token reads (docs/results/sparse_quant.md §5)
+            pdtype = torch.bfloat16 if getattr(dense, "quantized", False) else wdtype
+            layer.ffn = SparseFFN(dense, place(a, pdtype), place(b, pdtype), place(c, torch.float32),
                                   tau=float(taus[i]), per_token=per_token, layer_index=i)
 
 
