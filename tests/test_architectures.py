@@ -476,6 +476,11 @@ def test_load_only_formats_dequantize_like_gguf():
         nan = np.isnan(ref)
         assert np.array_equal(np.isnan(ours), nan)
         assert np.array_equal(ours[~nan].view(np.uint32), ref[~nan].view(np.uint32)), name
+        if name == "q5_0":  # run as q8_0 blocks: the same values, bit for bit (NaN / inf scales included)
+            from sparsedge.quant import formats as qf
+            as_q8 = qf.dequantize(load_only.q5_0_as_q8_0(torch.from_numpy(raw), 96), "q8_0", 96).numpy()
+            assert np.array_equal(np.isnan(as_q8), nan)
+            assert np.array_equal(as_q8[~nan].view(np.uint32), ref[~nan].view(np.uint32))
 
 
 # ---- the real Gemma-3-270M (Q4_K_M GGUF from the package index), against transformers -------------------------

@@ -175,7 +175,10 @@ class GGUFSource(ModelSource):
         for c in canonical_order(names):
             info = self.file.tensors[names[c]]
             t = self.file.tensor(names[c])
-            if info.qtype in load_only.FORMATS:
+            if info.qtype == "q5_0" and len(info.shape) == 2:  # exactly as q8_0 blocks (sparsedge.quant.load_only)
+                K = info.shape[-1]
+                t = QWeight(load_only.q5_0_as_q8_0(t.reshape(info.shape[0], -1).view(torch.uint8), K), "q8_0", K)
+            elif info.qtype in load_only.FORMATS:
                 t = load_only.dequantize(t, info.qtype, info.shape[-1]).reshape(info.shape)
             elif info.qtype != "f32" and len(info.shape) == 2:  # f16/bf16 matrices too: qlinear reads them as stored
                 t = QWeight(t.reshape(info.shape[0], -1).view(torch.uint8), info.qtype, info.shape[-1])

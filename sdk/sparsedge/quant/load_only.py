@@ -1,5 +1,7 @@
-"""GGUF block formats that load but do not run in their blocks: dequantized to fp32 when read (exact: the values
-are the file's), because `sparsedge::qlinear` has no kernel for them.
+"""GGUF block formats that load but do not run in their own blocks, because `sparsedge::qlinear` has no kernel for
+them. q5_0 becomes q8_0 blocks with the same scale (its values d * (q - 16) are q8_0's d * code with code = q - 16:
+exact, at 34 bytes per 32 values instead of 22, against 128 in fp32); q5_1 (a min per block, which q8_0 cannot
+hold) is dequantized to fp32 when read. Either way the values are the file's.
 
 llama.cpp falls back to these where a K-quant does not fit a row length (a Q4_K_M file of Gemma-3-270M, d = 640,
 stores its q/k/gate/up projections as Q5_0: 640 is not a multiple of Q4_K's 256-element super-block).
@@ -28,6 +30,25 @@ def row_bytes(qtype: str, K: int) -> int:
     return K // fmt.block * fmt.type_size
 
 
+def _codes(b: torch.Tensor, qtype: str) -> torch.Tensor:
+    """uint8 [M, nb, 32] 5-bit codes q of q5_0 / q5_1 blocks b [M, nb, type_size]."""
+    o = 2 if qtype == "q5_0" else 4
+    qh = b[..., o:o + 4].contiguous().view(torch.int32)[..., 0].to(torch.int64) & 0xFFFFFFFF
+    bits = ((qh[..., None] >> torch.arange(32, device=b.device)) & 1).to(torch.uint8)
+    qs = b[..., o + 4:]
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1) | (bits << 4)
+
+
+def q5_0_as_q8_0(raw: torch.Tensor, K: int) -> torch.Tensor:
+    """q5_0 rows [N, K / 32 * 22] -> q8_0 rows [N, K / 32 * 34] holding the same values (scale d, codes q - 16)."""
+    if raw.dtype != torch.uint8 or raw.shape[-1] != row_bytes("q5_0", K):
+        raise ValueError(f"q5_0: rows of K={K} take {row_bytes('q5_0', K)} uint8 bytes, got {raw.dtype} "
+                         f"{list(raw.shape)}")
+    b = raw.reshape(-1, K // 32, 22)
+    codes = (_codes(b, "q5_0").to(torch.int16) - 16).to(torch.int8).view(torch.uint8)
+    return torch.cat([b[..., 0:2], codes], dim=-1).reshape(*raw.shape[:-1], K // 32 * 34)
+
+
 def dequantize(raw: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     """raw uint8 [..., K / 32 * type_size] -> float32 [..., K]."""
     fmt = FORMATS[qtype]
@@ -37,11 +58,7 @@ def dequantize(raw: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
     lead = raw.shape[:-1]
     b = raw.reshape(-1, K // fmt.block, fmt.type_size)
     d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-    o = 2 if qtype == "q5_0" else 4
-    qh = b[..., o:o + 4].contiguous().view(torch.int32)[..., 0].to(torch.int64) & 0xFFFFFFFF
-    bits = ((qh[..., None] >> torch.arange(32, device=raw.device)) & 1).to(torch.uint8)
-    qs = b[..., o + 4:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1) | (bits << 4)
+    q = _codes(b, qtype)
     if qtype == "q5_0":
         out = d[..., None] * (q.to(torch.int8) - 16).float()
     else:
