@@ -2,6 +2,8 @@
 same order), keeps the same statistics, and is used only where it applies."""
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from sparsedge import Session, fused_step
@@ -91,3 +93,23 @@ def test_plan_is_not_used_where_it_does_not_apply(stories_path, tiny_q4):
     I = m.config.intermediate_size
     attach_tensors(m, {f"layers.{i}.down_thresh": torch.zeros(I) for i in range(m.config.n_layers)})
     assert fused_step.plan_for(m, cache) not in (None, plan)  # rebuilt for the new FFN modules
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_general_path_models_are_bit_identical(tmp_path, arch):
+    """Gemma 3 (scaled embeddings, q/k norms, post-norms, sliding layers with their own RoPE tables, softcapping
+    where the config asks) and Qwen3 (q/k norms), tiny random transformers models: the C++ loop gives the Python
+    general path's logits bit for bit, past the sliding window."""
+    from .test_architectures import build, transformers
+    if arch == "gemma3":
+        cfg = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            sliding_window=8, max_position_embeddings=128, final_logit_softcapping=30.0)
+        hf = transformers.Gemma3ForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=128)
+        hf = transformers.Qwen3ForCausalLM(cfg)
+    s = build(tmp_path, hf)
+    assert_same(*both_paths(s.model, list(range(3, 15)), 14, lambda: s.new_cache(64)))

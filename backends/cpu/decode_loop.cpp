@@ -3,7 +3,7 @@
 // Why: at SmolLM2's size a decode step is ~120 short kernels (a 576-wide layer's projections take 10-40 us each)
 // and the Python between them (slicing, reshapes, the cache write, op dispatch: ~15 calls per layer) cost about
 // 1 ms of a 6 ms token. This loop calls the same sparsedge ops through the dispatcher, in the same order and on the
-// same views as sparsedge.model's plain path does, so its logits are bit-identical to it (tests/test_fused_step.py);
+// same views as sparsedge.model's forward paths do, so its logits are bit-identical to them (tests/test_fused_step.py);
 // it only removes the interpreter. What the plan does not cover (other attention or FFN classes, windows, delta
 // caches, hooks) stays on the Python path, which fused_step.plan_for decides.
 #include <torch/extension.h>
@@ -29,6 +29,8 @@ struct Ops {
       op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>("sparsedge::linear");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> linear_t =
       op<at::Tensor(const at::Tensor&, const at::Tensor&)>("sparsedge::linear_t");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double)> rms_norm =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("sparsedge::rms_norm");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)> rope =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("sparsedge::rope");
   c10::TypedOperatorHandle<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double)> add_rms_norm =
@@ -60,6 +62,9 @@ struct Layer {
   at::Tensor ffn_norm, next_norm, k_cache, v_cache;
   double scale = 1.0;
   pybind11::object attend;  // a cache's attend(q, k, v, start) for caches other than the dense one (delta, windows)
+  // the pieces beyond Llama (sparsedge.model.ExtendedAttention and the general path); undefined when absent
+  at::Tensor q_norm, k_norm, sub_norm, post_attn_norm, post_ffn_norm;
+  bool local_rope = false;  // the sliding layers' own RoPE tables (Gemma 3)
   int64_t I = 0;
   std::string act;
   // DownSkipFFN on block weights: qsparse_ffn's inputs, and its int64 [tokens, kept] statistics counter
@@ -82,6 +87,14 @@ class DecodePlan {
     l.k_cache = k_cache, l.v_cache = v_cache, l.scale = scale, l.ffn_norm = ffn_norm, l.next_norm = next_norm;
     layers_.push_back(std::move(l));
   }
+  void set_extras(std::optional<at::Tensor> q_norm, std::optional<at::Tensor> k_norm, std::optional<at::Tensor> sub_norm,
+                  std::optional<at::Tensor> post_attn_norm, std::optional<at::Tensor> post_ffn_norm, bool local_rope) {
+    Layer& l = layers_.back();
+    l.q_norm = q_norm.value_or(at::Tensor()), l.k_norm = k_norm.value_or(at::Tensor());
+    l.sub_norm = sub_norm.value_or(at::Tensor());
+    l.post_attn_norm = post_attn_norm.value_or(at::Tensor()), l.post_ffn_norm = post_ffn_norm.value_or(at::Tensor());
+    l.local_rope = local_rope;
+  }
   void set_dense_ffn(at::Tensor w_gate_up, std::string gu_qtype, int64_t gu_k, at::Tensor w_down, std::string down_qtype,
                      int64_t down_k, bool down_t, int64_t I, std::string act) {
     Layer& l = layers_.back();
@@ -101,13 +114,26 @@ class DecodePlan {
 
   // h: the first layer's normed input [1, dim]; residual [1, dim] (updated in place); cos/sin: the model's tables.
   // Returns the last layer's output after the final norm.
-  at::Tensor run(at::Tensor h, at::Tensor residual, const at::Tensor& cos_t, const at::Tensor& sin_t, int64_t start) {
+  at::Tensor run(at::Tensor h, at::Tensor residual, const at::Tensor& cos_t, const at::Tensor& sin_t,
+                 const std::optional<at::Tensor>& cos_local_t, const std::optional<at::Tensor>& sin_local_t,
+                 int64_t start) {
     const Ops& o = ops();
-    const at::Tensor cos = cos_t.slice(0, start, start + 1), sin = sin_t.slice(0, start, start + 1);
+    const at::Tensor cos_g = cos_t.slice(0, start, start + 1), sin_g = sin_t.slice(0, start, start + 1);
+    const at::Tensor cos_l = cos_local_t ? cos_local_t->slice(0, start, start + 1) : cos_g;
+    const at::Tensor sin_l = sin_local_t ? sin_local_t->slice(0, start, start + 1) : sin_g;
     const int64_t qs = hq_ * d_, kvs = hkv_ * d_;
     for (Layer& l : layers_) {
+      const at::Tensor& cos = l.local_rope ? cos_l : cos_g;
+      const at::Tensor& sin = l.local_rope ? sin_l : sin_g;
       const at::Tensor qkv = l.qkv(o, h);
-      at::Tensor qk = o.rope.call(qkv.slice(1, 0, qs + kvs).reshape({1, hq_ + hkv_, d_}), cos, sin);
+      at::Tensor qk;
+      if (l.q_norm.defined()) {  // per-head RMSNorm of q and k before RoPE (ExtendedAttention)
+        const at::Tensor q = o.rms_norm.call(qkv.slice(1, 0, qs).reshape({1, hq_, d_}), l.q_norm, eps_);
+        const at::Tensor k = o.rms_norm.call(qkv.slice(1, qs, qs + kvs).reshape({1, hkv_, d_}), l.k_norm, eps_);
+        qk = o.rope.call(at::cat({q, k}, 1), cos, sin);
+      } else {
+        qk = o.rope.call(qkv.slice(1, 0, qs + kvs).reshape({1, hq_ + hkv_, d_}), cos, sin);
+      }
       const at::Tensor q = qk.slice(1, 0, hq_), k = qk.slice(1, hq_);
       const at::Tensor v = qkv.slice(1, qs + kvs).reshape({1, hkv_, d_});
       at::Tensor out;
@@ -118,7 +144,10 @@ class DecodePlan {
         l.v_cache.slice(1, start, start + 1).copy_(v.transpose(0, 1));
         out = o.attention.call(q, l.k_cache, l.v_cache, start, l.scale);
       }
-      const at::Tensor a = l.o(o, out.reshape({1, qs}));
+      at::Tensor flat = out.reshape({1, qs});
+      if (l.sub_norm.defined()) flat = o.rms_norm.call(flat, l.sub_norm, eps_);
+      at::Tensor a = l.o(o, flat);
+      if (l.post_attn_norm.defined()) a = o.rms_norm.call(a, l.post_attn_norm, eps_);
       h = o.add_rms_norm.call(residual, a, l.ffn_norm, eps_);
       at::Tensor f;
       if (l.skip) {
@@ -136,6 +165,7 @@ class DecodePlan {
         else hh = at::gelu(g, l.act == "gelu_tanh" ? "tanh" : "none") * u;
         f = l.down_t ? o.linear_t.call(hh, l.down.w) : l.down(o, hh);
       }
+      if (l.post_ffn_norm.defined()) f = o.rms_norm.call(f, l.post_ffn_norm, eps_);
       h = o.add_rms_norm.call(residual, f, l.next_norm, eps_);
     }
     return h;
@@ -157,6 +187,7 @@ void register_decode_loop(pybind11::module& m) {
   pybind11::class_<DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<int64_t, int64_t, int64_t, double>())
       .def("add_attention", &DecodePlan::add_attention)
+      .def("set_extras", &DecodePlan::set_extras)
       .def("set_dense_ffn", &DecodePlan::set_dense_ffn)
       .def("set_skip_ffn", &DecodePlan::set_skip_ffn)
       .def("run", &DecodePlan::run);

@@ -3,11 +3,12 @@
 sparsedge.generate.decode_one_token asks `plan_for(model, cache)`; when it returns a plan, the step is the
 embedding and first norm here, the layers in C++ (the same sparsedge ops in the same order as
 sparsedge.model.Transformer's plain path, so the logits are bit-identical), then the LM head here. The plan
-covers: the plain decoder path, `Attention` with one weight per projection (a float tensor or one QWeight),
+covers: the plain and the general decoder path (scaled embeddings, q/k norms, sub-norm, post-norms, the sliding
+layers' RoPE tables, logit softcapping: Gemma 3, Qwen3), attention with one weight per projection (a float tensor
+or one QWeight),
 any cache (the dense one in C++; the delta and windowed caches through their own `attend`, called back from the
 loop, so their Python bookkeeping stays the one implementation), and FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or
-a `DownSkipFFN` on block weights. Anything else (predictor FFNs, q/k norms, Gemma's extra norms, CUDA/NPU)
-returns None and runs the Python path. Plans are cached on the cache object and rebuilt when the model's
+a `DownSkipFFN` on block weights. Anything else (predictor FFNs, BitNet's FFN sub-norm, CUDA/NPU) returns None and runs the Python path. Plans are cached on the cache object and rebuilt when the model's
 modules change (predictors attached or removed).
 
 Statistics: the C++ loop skips the modules' Python counters, so `run` adds them afterwards (a DownSkipFFN's
@@ -56,17 +57,17 @@ def _key(model, cache) -> tuple:
 
 def _build(model, cache):
     from sparsedge.ffn.downskip import DownSkipFFN
-    from sparsedge.model import Attention, DenseFFN
+    from sparsedge.model import Attention, DenseFFN, ExtendedAttention
 
     mod = _kernels()
     cfg = model.config
-    if not mod or model.device.type != "cpu" or not model._plain:
+    if not mod or model.device.type != "cpu":
         return None
     plan = mod.DecodePlan(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, float(cfg.norm_eps))
     n = len(model.layers)
     for i, layer in enumerate(model.layers):
         att, ffn, lc = layer.attention, layer.ffn, cache.layers[i]
-        if type(att) is not Attention or not hasattr(lc, "attend"):
+        if type(att) not in (Attention, ExtendedAttention) or not hasattr(lc, "attend"):
             return None
         dense_cache = type(lc) is DenseLayerCache  # else its attend() runs, called back from the C++ loop
         qkv, o = _proj(att.wqkv), _proj(att.wo)
@@ -75,6 +76,8 @@ def _build(model, cache):
         next_norm = model.layers[i + 1].attn_norm if i + 1 < n else model.norm
         plan.add_attention(*qkv, att.bqkv, *o, *((lc.k, lc.v) if dense_cache else (_NONE, _NONE)),
                            float(getattr(lc, "scale", 1.0)), layer.ffn_norm, next_norm, None if dense_cache else lc.attend)
+        plan.set_extras(getattr(att, "q_norm", None), getattr(att, "k_norm", None), getattr(att, "sub_norm", None),
+                        layer.post_attn_norm, layer.post_ffn_norm, bool(layer.local_rope and model.rope_local))
         if type(ffn) is DenseFFN:
             gu = _proj(ffn.w_gate_up)
             down = _proj(ffn.w_down) if ffn.quantized else (ffn.w_down_t, "", 0)
@@ -108,10 +111,14 @@ def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
     """logits [1, V] of the next token; what Transformer.forward(token, pos, cache) computes."""
     from sparsedge.model import DenseFFN, linear
 
+    cfg = model.config
     emb = model.tok_embeddings
     residual = emb.rows(token).dequantize() if isinstance(emb, QWeight) else F.embedding(token, emb)
-    h = ops.rms_norm(residual, model.layers[0].attn_norm, model.config.norm_eps)
-    h = plan.run(h, residual, model.rope_cos, model.rope_sin, pos)
+    if cfg.embed_scale:
+        residual = residual * model._embedding_scale(residual.dtype)
+    h = ops.rms_norm(residual, model.layers[0].attn_norm, cfg.norm_eps)
+    local = model.rope_local or (None, None)
+    h = plan.run(h, residual, model.rope_cos, model.rope_sin, local[0], local[1], pos)
     # the counters the Python path keeps
     model._n[0] += 1
     model._n[1] += 1
@@ -122,4 +129,8 @@ def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
         if type(layer.ffn) is DenseFFN:
             layer.ffn._n[0] += 1
             layer.ffn._n[1] += 1
-    return linear(h, model.lm_head)
+    logits = linear(h, model.lm_head)
+    if cfg.final_logit_softcap:
+        c = cfg.final_logit_softcap
+        logits = torch.tanh(logits / c) * c
+    return logits
