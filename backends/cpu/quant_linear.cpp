@@ -57,6 +57,83 @@ void run_quant(const uint8_t* w, int64_t N, int64_t rb, const QAct& X, int64_t T
   });
 }
 
+// ---- prefill (T >= kGemmTokens): dequantize a chunk of rows to fp32, then at::linear (a GEMM) ----------------
+// With many tokens the int8 tiles are compute bound (each block decoded once per 4 tokens); a GEMM on the
+// widened rows reuses each row across all tokens and the decode cost is paid once per call. x is not rounded
+// here: the result is the composite reference's (fp32 x against the exact block values).
+constexpr int64_t kGemmTokens = 32;
+constexpr int64_t kGemmRows = 1024;  // rows widened at once (a few MB of fp32: one GEMM call per chunk)
+
+void dequant_row(QType t, const uint8_t* b, int64_t K, float* out) {
+  switch (t) {
+    case QType::Q8_0:
+      for (int64_t u = 0; u < K / 32; ++u, b += 34) {
+        const float d = f16(b);
+        for (int i = 0; i < 32; ++i) out[32 * u + i] = static_cast<float>(static_cast<int8_t>(b[2 + i])) * d;
+      }
+      break;
+    case QType::Q4_0:
+    case QType::Q4_1: {
+      const bool q41 = t == QType::Q4_1;
+      const int64_t sz = q41 ? 20 : 18;
+      for (int64_t u = 0; u < K / 32; ++u, b += sz) {
+        const float d = f16(b), m = q41 ? f16(b + 2) : 0.f;
+        const uint8_t* qs = b + (q41 ? 4 : 2);
+        for (int i = 0; i < 32; ++i) {
+          const int q = i < 16 ? (qs[i] & 15) : (qs[i - 16] >> 4);
+          out[32 * u + i] = q41 ? d * static_cast<float>(q) + m : d * static_cast<float>(q - 8);
+        }
+      }
+      break;
+    }
+    case QType::Q4_K:
+      for (int64_t u = 0; u < K / 256; ++u, b += 144) {
+        const float d = f16(b), dmin = f16(b + 2);
+        uint32_t w[4];
+        Q4_K::scale_min(b + 4, w);
+        const uint8_t* sm = reinterpret_cast<const uint8_t*>(w);  // sc[0..7], mn[0..7]
+        const uint8_t* qs = b + 16;
+        for (int j = 0; j < 8; ++j) {
+          const float sc = d * static_cast<float>(sm[j]), mn = dmin * static_cast<float>(sm[8 + j]);
+          for (int i = 0; i < 32; ++i) {
+            const uint8_t byte = qs[32 * (j / 2) + i];
+            out[256 * u + 32 * j + i] = sc * static_cast<float>(j % 2 ? byte >> 4 : byte & 15) - mn;
+          }
+        }
+      }
+      break;
+    default:  // Q6_K
+      for (int64_t u = 0; u < K / 256; ++u, b += 210) {
+        const uint8_t* ql = b;
+        const uint8_t* qh = b + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        const float d = f16(b + 208);
+        for (int e = 0; e < 256; ++e) {
+          const int h = e / 128, r = e % 128;
+          const int lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
+          const int hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+          out[256 * u + e] = (d * static_cast<float>(sc[e / 16])) * static_cast<float>((lo | (hi << 4)) - 32);
+        }
+      }
+  }
+}
+
+void run_gemm(QType t, const uint8_t* w, int64_t N, int64_t rb, int64_t K, const at::Tensor& xf, float* y, int64_t T) {
+  at::Tensor wf = at::empty({kGemmRows, K}, xf.options());
+  at::Tensor yc = at::empty({T, kGemmRows}, xf.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kGemmRows) {
+    const int64_t n = std::min(kGemmRows, N - n0);
+    float* wp = wf.data_ptr<float>();
+    parallel_for(n, 16, [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) dequant_row(t, w + (n0 + r) * rb, K, wp + r * K);
+    });
+    at::Tensor yv = yc.narrow(1, 0, n);
+    at::mm_out(yv, xf, wf.narrow(0, 0, n).t());
+    const float* src = yc.data_ptr<float>();
+    for (int64_t i = 0; i < T; ++i) std::memcpy(y + i * N + n0, src + i * kGemmRows, n * sizeof(float));
+  }
+}
+
 template <typename W>
 void run_float(const uint8_t* wb, int64_t N, int64_t K, const float* x, int64_t T, float* y) {
   const W* w = reinterpret_cast<const W*>(wb);
@@ -93,6 +170,10 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
     if (qt.type == QType::F32) run_float<float>(wp, N, K, xp, T, yp);
     else if (qt.type == QType::F16) run_float<c10::Half>(wp, N, K, xp, T, yp);
     else run_float<c10::BFloat16>(wp, N, K, xp, T, yp);
+    return y.to(x.scalar_type()).reshape(sizes);
+  }
+  if (T >= kGemmTokens) {
+    run_gemm(qt.type, wp, N, rb, K, xf, yp, T);
     return y.to(x.scalar_type()).reshape(sizes);
   }
   const QAct X = quantize_acts(xf.data_ptr<float>(), T, K);
