@@ -11,7 +11,8 @@ Fused kernels (llama.cpp's arithmetic) round x to int8 per block of 32 once per 
 products against the weight blocks, so they differ from the reference by that rounding: per block b of x,
 |x_e - d_b q_e| <= d_b / 2 = amax_b / 254, hence |y_fused - y_ref| <= sum_b (amax_b / 254) * sum_{e in b} |W_ne|
 plus fp32 accumulation error (quant.int8_reference computes the rounded product exactly, in fp64).
-The float formats (f32/f16/bf16) are not rounded: fp32 dot products of the widened rows.
+The float formats (f32/f16/bf16) are not rounded: fp32 dot products of the widened rows. From 32 tokens on
+(prefill) the CPU kernel widens chunks of rows to fp32 and runs a GEMM, without rounding x: the reference's product.
 """
 from __future__ import annotations
 
