@@ -52,6 +52,8 @@ inline void prefetch(const uint8_t* p, int64_t n, const uint8_t* end) {
   (void)p, (void)n, (void)end;
 #endif
 }
+// the whole of [p, p + n): a scattered row (a gathered neuron's) the hardware prefetchers cannot predict
+inline void prefetch(const uint8_t* p, int64_t n) { prefetch(p, n, p + n); }
 
 inline float f16(const uint8_t* p) {
   uint16_t h;

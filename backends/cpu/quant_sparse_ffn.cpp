@@ -25,15 +25,6 @@ namespace {
 
 constexpr int64_t kPrefetchRows = 16;  // kept neurons whose code rows are prefetched ahead
 
-inline void prefetch_row(const void* p, int64_t n) {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
-#else
-  (void)p, (void)n;
-#endif
-}
-
 // acc[r] += code_i[r] qh_i + code_j[r] qh_j for r < d. FOUR: 4-bit codes (d/2 bytes, groups of 32 outputs, byte k
 // = output k low nibble, k + 16 high nibble); else int8 codes (d bytes).
 template <bool FOUR>
@@ -149,8 +140,8 @@ int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64
     std::fill(gu + I + b0 * QK, gu + I + b1 * QK, 0.f);
     for (const int32_t* p = lo; p < hi; ++p) {
       if (p + 1 < hi) {  // the next listed rows: scattered, so prefetched by hand
-        prefetch_row(w + p[1] * rb, rb);
-        prefetch_row(w + (I + p[1]) * rb, rb);
+        prefetch(w + p[1] * rb, rb);
+        prefetch(w + (I + p[1]) * rb, rb);
       }
       tile<F, 1, 1>(w, rb, X, *p, 0, gu, 2 * I, w + (*p + 1) * rb);
       tile<F, 1, 1>(w, rb, X, I + *p, 0, gu, 2 * I, w + (I + *p + 1) * rb);
@@ -190,7 +181,7 @@ int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64
     if (static_cast<int64_t>(start[b - b0]) < n) quantize_block(h, qh + (b - b0) * QK, dhs + 2 * (b - b0), dhs + 2 * (b - b0) + 1);
   }
   start[nb] = static_cast<int32_t>(n);
-  for (int64_t a = 0; a < std::min<int64_t>(n, kPrefetchRows); ++a) prefetch_row(D.codes + kept[a] * D.row, D.row);
+  for (int64_t a = 0; a < std::min<int64_t>(n, kPrefetchRows); ++a) prefetch(D.codes + kept[a] * D.row, D.row);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t p0 = start[b - b0], p1 = start[b - b0 + 1];
     if (p0 == p1) continue;
@@ -198,7 +189,7 @@ int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64
     std::fill(acc, acc + d, 0);
     for (int64_t p = p0; p < p1; p += 2) {
       for (int64_t a = p + kPrefetchRows; a < std::min<int64_t>(n, p + kPrefetchRows + 2); ++a)
-        prefetch_row(D.codes + kept[a] * D.row, D.row);
+        prefetch(D.codes + kept[a] * D.row, D.row);
       const int64_t i = kept[p], j = p + 1 < p1 ? kept[p + 1] : kept[p];
       const int8_t hj = p + 1 < p1 ? q[j - b * QK] : int8_t{0};
       if (D.four) accumulate_pair<true>(D.codes + i * D.row, D.codes + j * D.row, q[i - b * QK], hj, d, acc);

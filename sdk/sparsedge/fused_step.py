@@ -2,14 +2,17 @@
 
 sparsedge.generate.decode_one_token asks `plan_for(model, cache)`; when it returns a plan, the step is the
 embedding and first norm here, the layers in C++ (the same sparsedge ops in the same order as
-sparsedge.model.Transformer's plain path, so the logits are bit-identical), then the LM head here. The plan
-covers: the plain and the general decoder path (scaled embeddings, q/k norms, sub-norm, post-norms, the sliding
-layers' RoPE tables, logit softcapping: Gemma 3, Qwen3), attention with one weight per projection (a float tensor
-or one QWeight),
-any cache (the dense one in C++; the delta and windowed caches through their own `attend`, called back from the
-loop, so their Python bookkeeping stays the one implementation), and FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or
-a `DownSkipFFN` on block weights. Anything else (predictor FFNs, BitNet's FFN sub-norm, CUDA/NPU) returns None and runs the Python path. Plans are cached on the cache object and rebuilt when the model's
-modules change (predictors attached or removed).
+sparsedge.model.Transformer's forward, so the logits are bit-identical), then the LM head here.
+
+The plan covers, on CPU:
+- the plain and the general decoder path (scaled embeddings, q/k norms, sub-norm, post-norms, the sliding layers'
+  RoPE tables, logit softcapping: Gemma 3, Qwen3);
+- attention with one weight per projection (a float tensor or one QWeight);
+- any cache: the dense one in C++, the delta and windowed caches through their own `attend`, called back from
+  the loop, so their Python bookkeeping stays the one implementation;
+- FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or a `DownSkipFFN` on block weights.
+Anything else (predictor FFNs, BitNet's FFN sub-norm, CUDA/NPU) returns None and runs the Python path. Plans are
+cached on the cache object and rebuilt when the model's FFN modules or the cache's layers change.
 
 Statistics: the C++ loop skips the modules' Python counters, so `run` adds them afterwards (a DownSkipFFN's
 kept-row counter is a tensor the loop updates itself).

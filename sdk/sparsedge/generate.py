@@ -42,7 +42,7 @@ def prefill(model, ids: Sequence[int] | torch.Tensor, cache, start: int = 0, all
 
 def decode_one_token(model, token: int | torch.Tensor, pos: int, cache) -> torch.Tensor:
     """One decode step: `token` at position `pos` -> logits [1, V] of the next token. Where it applies (CPU, the
-    plain decoder, dense cache), the layer loop runs in C++ (sparsedge.fused_step; bit-identical logits)."""
+    modules sparsedge.fused_step lists), the layer loop runs in C++ (bit-identical logits)."""
     t = token.reshape(1) if isinstance(token, torch.Tensor) else torch.tensor([int(token)], device=model.device)
     plan = fused_step.plan_for(model, cache)
     if plan is not None:

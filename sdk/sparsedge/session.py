@@ -164,22 +164,25 @@ class Session:
         mode = check_weights(weights)
         # inputs that can be checked without the weights are checked first (a model load can take minutes)
         from sparsedge.artifact import check_artifact
-        ffn_kind = None  # "down" (and "svd" on a relu-family model) run on quantized weights; q4 needs float rows
+        ffn_section = None
         if predictors is not None:
-            sec = check_artifact(predictors, "ffn", "predictors")["sections"]["ffn"]
-            ffn_kind = sec.get("kind") or (sec.get("settings") or {}).get("predictor", "predictor")
-        if mode is not None and predictors is not None and ffn_kind not in ("down", "svd"):
-            raise ValueError(f"weights={weights!r} keeps quantized projections, but these FFN predictors run on float "
-                             f"weights; drop weights= (the session then dequantizes) or drop predictors=")
+            ffn_section = check_artifact(predictors, "ffn", "predictors")["sections"]["ffn"]
         if delta is not None and isinstance(delta, (str, os.PathLike)) and not _is_number(delta):
             check_artifact(delta, "delta", "delta")
         src = open_model(model, tokenizer=tokenizer)
         ctx = check_context(max_seq_len, src.config.max_seq_len, src.config.name or str(model), allow_longer_context)
         if ctx is None:
             ctx = max(2, min(src.config.max_seq_len, DEFAULT_MAX_SEQ_LEN))
+        block_ok = True  # whether the FFN artifact (if any) runs on quantized weights
+        if ffn_section is not None:
+            from sparsedge.ffn.module import runs_on_block_weights
+            kind = ffn_section.get("kind") or (ffn_section.get("settings") or {}).get("predictor", "")
+            block_ok = runs_on_block_weights(kind, src.config.activation, ffn_section.get("tau"))
+        if mode is not None and not block_ok:
+            raise ValueError(f"weights={weights!r} keeps quantized projections, but these FFN predictors run on float "
+                             f"weights; drop weights= (the session then dequantizes) or drop predictors=")
         if mode is None and dtype is None and getattr(src, "quantized", False):
-            from sparsedge.activations import RELU_FAMILY
-            if predictors is None or ffn_kind == "down" or (ffn_kind == "svd" and src.config.activation in RELU_FAMILY):
+            if block_ok:
                 mode = "native"  # the file's own blocks: the fastest dense path (the sparse paths read them too)
             else:  # the sparse FFN kernels gather float rows: predictors need the dequantized weights
                 logger.info("FFN predictors run on float weights: dequantizing the quantized file to float32")

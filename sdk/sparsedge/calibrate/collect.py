@@ -14,20 +14,31 @@ from tqdm import tqdm
 def collect_inputs(model, windows: list[list[int]], max_layer_tokens: int | None = None,
                    progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: FFN inputs x of the A half (even windows) and the B half (odd windows), fp32 on CPU."""
-    from sparsedge.kv_cache import KVCache
-
     store = [[[], []] for _ in range(model.config.n_layers)]
     half = [0]
     hook = lambda i, h: store[i][half[0]].append(h.detach().float().cpu().clone())  # noqa: E731
+
+    def which_half(n):
+        half[0] = n % 2 if len(windows) > 1 else 0
+    run_windows(model, windows, hook, "collecting FFN inputs", progress, which_half)
+    return _halves(store, len(windows), model.config.dim, max_layer_tokens)
+
+
+def run_windows(model, windows: list[list[int]], hidden_hook, desc: str, progress: bool = True,
+                before=None) -> None:
+    """Prefill each window from position 0 through the dense model (one cache, reused), `hidden_hook(layer, x)`
+    seeing every FFN input; `before(n)` runs ahead of window n."""
+    from sparsedge.kv_cache import KVCache
+
     max_len = max(len(w) for w in windows)
     model.ensure_rope(max_len)
     cache = KVCache.dense(model.config, max_len, model.dtype, model.device)
     with torch.inference_mode():
-        for n, w in enumerate(tqdm(windows, desc="collecting FFN inputs", unit="window", disable=not progress)):
-            half[0] = n % 2 if len(windows) > 1 else 0
+        for n, w in enumerate(tqdm(windows, desc=desc, unit="window", disable=not progress)):
+            if before is not None:
+                before(n)
             cache.truncate(0)
-            model(torch.tensor(w, dtype=torch.long, device=model.device), 0, cache, hidden_hook=hook)
-    return _halves(store, len(windows), model.config.dim, max_layer_tokens)
+            model(torch.tensor(w, dtype=torch.long, device=model.device), 0, cache, hidden_hook=hidden_hook)
 
 
 def check_fisher_sampling(labels: str, samples: int) -> None:

@@ -11,6 +11,7 @@ schedule as sparsedge.calibrate.oracle, whose "oracle" row measured this rule: +
 from __future__ import annotations
 
 import torch
+from loguru import logger
 from tqdm import tqdm
 
 from sparsedge.quant.qweight import dequantized
@@ -31,8 +32,9 @@ def layer_targets(n_layers: int, s: float) -> list[float]:
 
 
 def collect_histograms(model, windows: list[list[int]], progress: bool = True) -> tuple[torch.Tensor, list]:
-    """(hist int64 [L, bins], per-layer column norms) of log2 |h_i|·‖W_down[:, i]‖ over the windows' tokens."""
-    from sparsedge.kv_cache import KVCache
+    """(hist int64 [L, bins], per-layer column norms) of log2 |h_i|·‖W_down[:, i]‖ over the windows' tokens. The hook
+    recomputes h from the FFN input (the dense FFN computes it once more for the forward): calibration cost only."""
+    from sparsedge.calibrate.collect import run_windows
 
     L = model.config.n_layers
     nbins = (HI - LO) * PER_OCTAVE
@@ -46,13 +48,7 @@ def collect_histograms(model, windows: list[list[int]], progress: bool = True) -
         b = ((torch.log2(c) - LO) * PER_OCTAVE).long().clamp(0, nbins - 1)
         hist[i] += torch.bincount(b.reshape(-1), minlength=nbins)
 
-    max_len = max(len(w) for w in windows)
-    model.ensure_rope(max_len)
-    cache = KVCache.dense(model.config, max_len, model.dtype, model.device)
-    with torch.inference_mode():
-        for w in tqdm(windows, desc="FFN contributions", unit="window", disable=not progress):
-            cache.truncate(0)
-            model(torch.tensor(w, dtype=torch.long, device=model.device), 0, cache, hidden_hook=hook)
+    run_windows(model, windows, hook, "FFN contributions", progress)
     return hist, norms
 
 
@@ -97,7 +93,6 @@ def sweep(session, calib_windows, evals: dict, s_grid: list[float], progress: bo
         finally:
             detach_predictors(model)
         rows.append(row)
-        from loguru import logger
         logger.info(f"s={s}: " + ", ".join(f"{n} {v['ppl_increase_pct']:+.2f}% ({100 * v['down_sparsity']:.1f}% down "
                                            f"rows skipped)" for n, v in row.items() if n != "s"))
     return rows
@@ -108,8 +103,6 @@ def main(argv=None) -> int:
     import argparse
     import json
     from pathlib import Path
-
-    from loguru import logger
 
     from sparsedge.evaluate import read_text, token_windows
     from sparsedge.session import Session

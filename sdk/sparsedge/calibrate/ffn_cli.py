@@ -133,10 +133,35 @@ def load_for_calibration(args, predictor: str | None = None):
     return Session.load(args.model, dtype=dtype, backend="cpu", progress=True)
 
 
-def session_quantized(args) -> bool:
-    """Whether a session for args.model without --dtype keeps quantized weights (from the file's header only)."""
-    from sparsedge.loading import open_model
-    return getattr(args, "dtype", None) is None and bool(getattr(open_model(args.model), "quantized", False))
+def session_quantized(args, src=None) -> bool:
+    """Whether a session for args.model without --dtype keeps quantized weights (from the file's header only;
+    `src`: the model already opened with sparsedge.loading.open_model)."""
+    if src is None:
+        from sparsedge.loading import open_model
+        src = open_model(args.model)
+    return getattr(args, "dtype", None) is None and bool(getattr(src, "quantized", False))
+
+
+def split_held(windows: list, args, min_fit: int) -> tuple[list, list]:
+    """(fitting windows, held-out windows): the last --budget-tokens worth held out with --ppl-budget, at least
+    `min_fit` windows left to fit."""
+    if getattr(args, "ppl_budget", None) is None:
+        return windows, []
+    n_hold = max(1, -(-args.budget_tokens // args.seq_len))
+    if len(windows) < n_hold + min_fit:
+        raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
+                         f"tokens, {n_hold} to hold out and at least {min_fit} to fit; raise --tokens")
+    return windows[:-n_hold], windows[-n_hold:]
+
+
+def text_settings(args, n_tok: int) -> dict:
+    """The calibration text's part of an FFN section's settings."""
+    return {"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok, "seq_len": args.seq_len}
+
+
+def log_summary(summary: dict) -> None:
+    logger.info("FFN calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
+                                                  for k, x in summary.items()}))
 
 
 def prepare_data(session, args, grads: bool = False):
@@ -144,13 +169,7 @@ def prepare_data(session, args, grads: bool = False):
     --ppl-budget; grads (collect_loss_grads) when the penalty needs them."""
     text = read_text(args.text, getattr(args, "text_start", 0.0))
     windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len, require=True, flag="--tokens")
-    held: list = []
-    if getattr(args, "ppl_budget", None) is not None:
-        n_hold = max(1, -(-args.budget_tokens // args.seq_len))
-        if len(windows) < n_hold + 2:
-            raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
-                             f"tokens, {n_hold} to hold out and at least 2 to fit; raise --tokens")
-        windows, held = windows[:-n_hold], windows[-n_hold:]
+    windows, held = split_held(windows, args, min_fit=2)
     return (windows, held, *collect(session.model, args.model, windows, getattr(args, "max_layer_tokens", None),
                                      grads, fisher_labels=getattr(args, "fisher_labels", "data"),
                                      fisher_samples=getattr(args, "fisher_samples", 1)))
@@ -218,13 +237,7 @@ def run_down(args, session, v: Variant, t0: float) -> dict:
     model = session.model
     text = read_text(args.text, getattr(args, "text_start", 0.0))
     windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len, require=True, flag="--tokens")
-    held: list = []
-    if args.ppl_budget is not None:
-        n_hold = max(1, -(-args.budget_tokens // args.seq_len))
-        if len(windows) < n_hold + 1:
-            raise ValueError(f"--ppl-budget needs more calibration text: {len(windows)} windows of {args.seq_len} "
-                             f"tokens, {n_hold} to hold out; raise --tokens")
-        windows, held = windows[:-n_hold], windows[-n_hold:]
+    windows, held = split_held(windows, args, min_fit=1)
     n_tok = sum(len(w) for w in windows)
     logger.info(f"calibration text {args.text}: {n_tok} tokens in {len(windows)} windows"
                 + (f", {sum(len(w) for w in held)} held out for the perplexity budget" if held else ""))
@@ -238,8 +251,7 @@ def run_down(args, session, v: Variant, t0: float) -> dict:
     else:
         tensors, meta = downskip.thresholds(hist, norms, v.s)
     quantized = any(getattr(layer.ffn, "quantized", False) for layer in model.layers)
-    meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
-                             "seq_len": args.seq_len, "weights": "quantized" if quantized else str(model.dtype)})
+    meta["settings"].update({**text_settings(args, n_tok), "weights": "quantized" if quantized else str(model.dtype)})
     if budget_table is not None:
         meta["settings"].update({"ppl_budget_pct": args.ppl_budget, "budget_table": budget_table})
     out = save_section(args.out, model, SECTION, tensors, meta)
@@ -247,8 +259,7 @@ def run_down(args, session, v: Variant, t0: float) -> dict:
                **meta["mean"]}
     if budget_table is not None:
         summary["budget_table"] = budget_table
-    logger.info("FFN calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
-                                                  for k, x in summary.items()}))
+    log_summary(summary)
     return summary
 
 
@@ -259,9 +270,9 @@ def run(args) -> dict:
         raise SystemExit("--export powerinfer writes PowerInfer's low-rank predictor layout; it has no 4-bit "
                          "predictor, so use it with --predictor svd")
     t0 = time.perf_counter()
-    quantized = session_quantized(args)
     from sparsedge.loading import open_model
-    v = variant_from_args(args, open_model(args.model).config.activation, quantized)
+    src = open_model(args.model)  # config and header only
+    v = variant_from_args(args, src.config.activation, session_quantized(args, src))
     if args.export and v.predictor != "svd":
         raise SystemExit(f"--export powerinfer needs the svd predictor; --predictor auto chose {v.predictor}: pass "
                          f"--predictor svd to export")
@@ -283,8 +294,7 @@ def run(args) -> dict:
         v = replace(v, s=meta["settings"]["s"])
     else:
         [(tensors, meta)] = calibrate_model(model, xa, xb, [v], n_points=args.quantile_points, grads=grads)
-    meta["settings"].update({"text": Path(args.text).name, "text_start": args.text_start, "tokens": n_tok,
-                             "seq_len": args.seq_len, "dtype": str(args.dtype or "float32"), "chat_template": False})
+    meta["settings"].update({**text_settings(args, n_tok), "dtype": str(args.dtype or "float32"), "chat_template": False})
     if v.penalty == "fisher":
         meta["settings"].update({"fisher_labels": args.fisher_labels, "fisher_samples": args.fisher_samples})
     if budget_table is not None:
@@ -305,6 +315,5 @@ def run(args) -> dict:
                        f"skipped costs +9.4% perplexity with the true gate and per-neuron cuts). Use --predictor "
                        f"q4, which estimates gate x up; check the quality with tools/eval.py ppl and the bound "
                        f"with python -m sparsedge.calibrate.oracle")
-    logger.info("FFN calibration: " + json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
-                                                  for k, x in summary.items()}))
+    log_summary(summary)
     return summary

@@ -38,6 +38,13 @@ def check_quantized_layout(dense, layer_index: int = -1) -> None:
                          f"by neuron in {', '.join(DOWN_FORMATS)} only")
 
 
+def down_by_neuron(dense, layer_index: int = -1) -> DownT:
+    """W_down of a quantized DenseFFN by neuron (what qsparse_ffn / qsparse_ffn_rows read), after checking the
+    layer's formats (check_quantized_layout)."""
+    check_quantized_layout(dense, layer_index)
+    return DownT.from_qweight(dense.w_down).to(dense.w_down.device)
+
+
 class DownSkipFFN(nn.Module):
     def __init__(self, dense: nn.Module, thresh: torch.Tensor, per_token: bool = False, layer_index: int = -1):
         super().__init__()
@@ -54,8 +61,7 @@ class DownSkipFFN(nn.Module):
         self.layer_index = layer_index
         self.down_t = None
         if dense.quantized:
-            check_quantized_layout(dense, layer_index)
-            self.down_t = DownT.from_qweight(dense.w_down).to(dense.w_down.device)
+            self.down_t = down_by_neuron(dense, layer_index)
             self.d = dense.w_down.N
         else:
             self.d = dense.w_down_t.shape[1]
@@ -99,15 +105,13 @@ class DownSkipFFN(nn.Module):
 
     def stats(self) -> dict:
         tokens, kept = (int(v) for v in self._acc.tolist())
-        if self.down_t is not None:  # codes of the kept rows; every block's scales (a block is rarely all skipped)
-            gate_up = nbytes(self.dense.w_gate_up)
-            down = kept * self.down_t.row_bytes() + tokens * (self.I // 32) * self.down_t.block_bytes()
+        if self.down_t is not None:
+            down = self.down_t.read_bytes(kept, tokens)
         else:
-            gate_up = nbytes(self.dense.w_gate_up)
             down = kept * self.d * self.dense.w_down_t.element_size()
         return {"sparse_ffn_tokens": tokens, "ffn_neurons": tokens * self.I, "ffn_predicted": tokens * self.I,
                 "ffn_gate_up_rows": tokens * self.I, "ffn_down_rows": kept,
-                "weight_bytes": tokens * gate_up + down}
+                "weight_bytes": tokens * nbytes(self.dense.w_gate_up) + down}
 
     def extra_repr(self) -> str:
         fmt = f"down {self.down_t.qtype} by neuron" if self.down_t is not None else "float"

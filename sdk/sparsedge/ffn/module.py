@@ -35,23 +35,20 @@ class SparseFFN(nn.Module):
             raise ValueError(f"layer {layer_index}: predictor shapes p1 {tuple(p1.shape)}, p2 {tuple(p2.shape)}, "
                              f"bias {tuple(bias.shape)} do not fit an FFN with d={d}, I={I}")
         self.p1, self.p2, self.bias = p1, p2, bias
-        self.down_t = None  # quantized weights: W_down by neuron (sparsedge.quant.down_t), run by qsparse_ffn_rows
-        if dense.quantized:
-            from sparsedge.activations import RELU_FAMILY
-            from sparsedge.ffn.downskip import check_quantized_layout
-            from sparsedge.quant.down_t import DownT
+        if dense.quantized:  # W_down by neuron (sparsedge.quant.down_t), run by qsparse_ffn_rows
+            from sparsedge.ffn.downskip import down_by_neuron
             if self.activation not in RELU_FAMILY or self.tau != 0.0:
                 raise ValueError(f"layer {layer_index}: SVD predictors run on quantized weights for the relu family "
                                  f"(exact zeros) only; this FFN is {self.activation}"
                                  + (f" with tau {self.tau}" if self.tau else ""))
-            check_quantized_layout(dense, layer_index)
-            self.down_t = DownT.from_qweight(dense.w_down).to(dense.w_down.device)
+            self.down_t = down_by_neuron(dense, layer_index)
 
     def _setup(self, dense: nn.Module, tau: float, per_token: bool, layer_index: int) -> None:
         if getattr(dense, "sub_norm", None) is not None:
             raise ValueError(f"layer {layer_index}: the FFN normalises h before W_down (BitNet's ffn_sub_norm), "
                              "which the sparse FFN path does not implement")
         self.dense = dense
+        self.down_t = None  # set by SparseFFN on quantized weights
         self.I, self.d = (dense.w_down.K, dense.w_down.N) if dense.quantized else dense.w_down_t.shape
         self.tau = float(tau)
         self.per_token = per_token
@@ -113,9 +110,8 @@ class SparseFFN(nn.Module):
         self._fold()
         active, down = (int(v) for v in self._sums.tolist())
         tokens = self._n[0]
-        if getattr(self, "down_t", None) is not None:  # block rows of gate/up, code rows + block scales of down
-            rows = 2 * active * self.dense.w_gate_up.data.shape[1] + down * self.down_t.row_bytes()
-            rows += tokens * (self.I // 32) * self.down_t.block_bytes()
+        if self.down_t is not None:  # block rows of gate/up, code rows + block scales of down
+            rows = 2 * active * self.dense.w_gate_up.data.shape[1] + self.down_t.read_bytes(down, tokens)
         else:
             rows = (2 * active + down) * self.d * self.dense.w_down_t.element_size()
         return {"sparse_ffn_tokens": tokens, "ffn_neurons": tokens * self.I, "ffn_predicted": active,
@@ -186,8 +182,7 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
     tensors, meta = loaded
     kind = predictor_kind(tensors)
     quantized = any(getattr(getattr(layer.ffn, "dense", layer.ffn), "quantized", False) for layer in model.layers)
-    relu_svd = kind == "svd" and model.config.activation in RELU_FAMILY and not any(meta.get("tau") or [])
-    if kind != "down" and quantized and not relu_svd:
+    if quantized and not runs_on_block_weights(kind, model.config.activation, meta.get("tau")):
         raise ArtifactError(f"FFN predictors ({path}, {kind}) run on float weights, and this session keeps its "
                             f"weights quantized; load it with dtype='float32' (or --dtype float32) to use them, or "
                             f"calibrate the quantized path's artifact (tools/calibrate.py --predictor down)")
@@ -205,6 +200,13 @@ def attach_predictors(model, path, backend=None, *, per_token: bool = False) -> 
         else:
             be.require("ffn_predict", "sparse_ffn_rows", "sparse_ffn")
     return meta
+
+
+def runs_on_block_weights(kind: str, activation: str, taus=None) -> bool:
+    """Whether an FFN artifact of `kind` runs on quantized (block) weights: down-row thresholds always; SVD
+    predictors on the relu family without a runtime tau (qsparse_ffn_rows); the 4-bit predictor never (its
+    kernel gathers float rows). Session.load asks this before loading, attach_predictors after."""
+    return kind == "down" or (kind == "svd" and activation in RELU_FAMILY and not any(taus or []))
 
 
 def predictor_kind(tensors: dict) -> str:

@@ -59,6 +59,11 @@ class DownT:
         """Scale and min bytes of one block of 32 neurons."""
         return (self.scale.shape[1] + (self.minv.shape[1] if self.minv.numel() else 0)) * 2
 
+    def read_bytes(self, rows: int, tokens: int) -> int:
+        """Bytes `tokens` sparse steps read that ran `rows` neuron rows in all: their codes, and every block's scales
+        and mins once per token (a block of 32 neurons is practically never skipped whole)."""
+        return rows * self.row_bytes() + tokens * (self.I // 32) * self.block_bytes()
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.codes, self.scale, self.minv
 

@@ -683,13 +683,24 @@ def _qlinear(c: Case) -> Program:
     return Program(make, run, check, q.T * q.N * q.K)
 
 
+def _down_bound(hk: torch.Tensor, i: dict) -> torch.Tensor:
+    """|y_fused - y_ref| allowed for kept h `hk` [T, I] (float64): one int8 step of h per element times |W_down|,
+    plus fp32 accumulation."""
+    from sparsedge.ops.qffn import down_weights_t
+    from sparsedge.quant import formats as qf
+    T = hk.shape[0]
+    step = hk.reshape(T, -1, qf.QK).abs().amax(-1) / 127
+    wabs = down_weights_t(i["codes"], i["scale"], i["minv"]).abs()
+    return step.repeat_interleave(qf.QK, 1) @ wabs + 1e-5 * (hk.abs() @ wabs) + 1e-6
+
+
 @program("qsparse_ffn")
 def _qsparse_ffn(c: Case) -> Program:
     """Thresholds are placed at the requested kept fraction of the reference's |h| and moved away from every
     token's |h| by 1e-3 relative, so fp32 accumulation cannot flip a decision; y is then checked within one int8
     step of h per element (fused h is fp32, the reference's fp64: a value on a rounding boundary may round either
     way) times |W_down|, plus fp32 accumulation."""
-    from sparsedge.ops.qffn import down_weights_t, hidden_ref
+    from sparsedge.ops.qffn import hidden_ref
     from sparsedge.quant import formats as qf
     from sparsedge.quant.down_t import DownT
     from sparsedge.quant.qweight import QWeight
@@ -730,10 +741,7 @@ def _qsparse_ffn(c: Case) -> Program:
             return {"y": y, "count": count}
         h = hidden_ref(i["x"], i["w"], p["qtype"], I, p["act"], 0.1)
         hk = torch.where(h.abs() > i["thresh"].double(), h, torch.zeros_like(h))
-        step = hk.reshape(T, -1, qf.QK).abs().amax(-1) / 127
-        wabs = down_weights_t(i["codes"], i["scale"], i["minv"]).abs()
-        bound = step.repeat_interleave(qf.QK, 1) @ wabs + 1e-5 * (hk.abs() @ wabs) + 1e-6
-        return {"y": y, "count": count, "bound": bound}
+        return {"y": y, "count": count, "bound": _down_bound(hk, i)}
 
     def check(got, want, tol):
         equal(got["count"], want["count"], "count")
@@ -768,12 +776,7 @@ def _qsparse_ffn_rows(c: Case) -> Program:
                                              0.1)
         if not rt.reference:
             return {"y": y, "count": count}
-        from sparsedge.ops.qffn import down_weights_t
-        from sparsedge.quant import formats as qf
         h = hidden_ref(i["x"], i["w"], p["qtype"], I, p["act"], 0.1)
         hk = torch.where(listed(i["idx"], i["count"], I), h, torch.zeros_like(h))
-        step = hk.reshape(T, -1, qf.QK).abs().amax(-1) / 127
-        wabs = down_weights_t(i["codes"], i["scale"], i["minv"]).abs()
-        return {"y": y, "count": count,
-                "bound": step.repeat_interleave(qf.QK, 1) @ wabs + 1e-5 * (hk.abs() @ wabs) + 1e-6}
+        return {"y": y, "count": count, "bound": _down_bound(hk, i)}
     return Program(make, run, base.check, base.work)
