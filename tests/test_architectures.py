@@ -288,7 +288,7 @@ def test_moe_folder_refused_at_load(tmp_path):
 
 
 def test_what_the_sparse_paths_do_not_implement_is_refused(tmp_path):
-    """Delta attention on sliding-window layers, a q/k key scale under per-head q/k norms, and the sparse FFN on
+    """Delta attention on a model whose layers are all sliding-window layers, a q/k key scale under per-head q/k norms, and the sparse FFN on
     BitNet's sub-normed FFN: each refused with the reason, never run approximately."""
     from transformers import BitNetConfig, BitNetForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -299,8 +299,9 @@ def test_what_the_sparse_paths_do_not_implement_is_refused(tmp_path):
 
     gem = tmp_path / "gemma"
     s = build(gem, Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA, sliding_window_pattern=2)))
-    with pytest.raises(ValueError, match="delta attention on sliding-window layers is not implemented"):
-        s.model and DeltaConfig(theta=0.5, window=4, sinks=2).make_cache(s.model.config, 64, torch.float32, "cpu")
+    all_sliding = s.model.config.replace(sliding_layers=tuple(range(s.model.config.n_layers)))
+    with pytest.raises(ValueError, match="delta attention runs on global layers only"):
+        DeltaConfig(theta=0.5, window=4, sinks=2).make_cache(all_sliding, 64, torch.float32, "cpu")
     cfg = s.model.config
     with pytest.raises(ValueError, match="normalises q and k per head"):
         fold_key_scale(s.model, torch.ones(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) * 2)

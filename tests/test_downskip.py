@@ -261,3 +261,37 @@ def test_smollm2_all_keeping_thresholds_match_the_dense_quantized_ffn():
                 assert int(kept) == s.model.config.intermediate_size
                 assert float((y_skip - y_dense).abs().max()) <= 1e-5 * float(y_dense.abs().max()), i
     assert (forced_argmax() == want).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("down_qtype", ["q4_k", "q6_k"])
+def test_k_quant_down_runs_the_decision_on_every_row(down_qtype):
+    """A Q4_K_M file's W_down (q4_k / q6_k) has no by-neuron layout: the same thresholds run on the masked h
+    through qlinear (every row still read, and the statistics say so), never refused and never approximated."""
+    from sparsedge.model import linear
+    from sparsedge.testing.synthetic import quantize_transformer, random_transformer, tiny_config
+
+    m = quantize_transformer(random_transformer(tiny_config(activation="silu", intermediate_size=256)), "q8_0")
+    from sparsedge.testing.quant import random_blocks
+    for i, layer in enumerate(m.layers):
+        f = layer.ffn
+        f.w_down = QWeight(random_blocks(down_qtype, m.config.dim, 256, torch.Generator().manual_seed(i)), down_qtype, 256)
+    m.ensure_rope(64)
+    ids = list(range(3, 30))
+    dense_tokens, dense_logits = greedy(m, ids, 12)
+    attach_tensors(m, _thresholds(m, -1.0))
+    ffn = m.layers[0].ffn
+    assert isinstance(ffn, DownSkipFFN) and ffn.down_t is None and "masked" in repr(ffn)
+    tokens, logits = greedy(m, ids, 12)
+    assert tokens == dense_tokens and torch.equal(logits, dense_logits)
+    detach_predictors(m)
+    attach_tensors(m, _thresholds(m, 0.05))
+    ffn = m.layers[1].ffn
+    x = torch.randn(3, m.config.dim)
+    y, kept = ffn.sparse(x)
+    h = ffn.dense.hidden(x)[1]
+    keep = h.abs() > 0.05
+    assert torch.equal(kept, keep.sum(1, dtype=torch.int32)) and 0 < int(kept.sum()) < 3 * 256
+    torch.testing.assert_close(y, linear(torch.where(keep, h, torch.zeros_like(h)), ffn.dense.w_down))
+    ffn.reset_stats()
+    ffn(x[:1])
+    assert ffn.stats()["weight_bytes"] == ffn.dense.weight_bytes()  # masked rows are still read

@@ -14,8 +14,12 @@ def key_scales_from_captures(per_layer: list[list[tuple]], n_heads: int, n_kv_he
     pair, normalised per KV head so the rms of the scaled key deltas equals that of the unscaled ones (the
     theta grid keeps its meaning), then rounded to a power of two in the log domain."""
     G = n_heads // n_kv_heads
+    D = next(s[0][0].shape[-1] for s in per_layer if s)
     out = []
     for samples in per_layer:
+        if not samples:  # a layer that keeps its dense (sliding-window) cache: scale 1
+            out.append(torch.zeros(n_kv_heads, D, dtype=torch.float64))
+            continue
         q = torch.cat([s[0] for s in samples]).double()
         D = q.shape[-1]
         q_rms = q.reshape(q.shape[0], n_kv_heads, G, D).pow(2).mean((0, 2)).sqrt().clamp_min(1e-12)  # [H, D]

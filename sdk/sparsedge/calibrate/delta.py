@@ -73,17 +73,26 @@ class _Capture:
         return self.inner.truncate(n)
 
 
+def delta_layers(cfg) -> list[int]:
+    """The layers a delta cache runs on: the global ones (sliding-window layers keep their window cache,
+    DeltaConfig.make_cache says why)."""
+    return [i for i in range(cfg.n_layers) if not cfg.window(i)]
+
+
 def capture(model, windows: list[list[int]]) -> list[list[tuple]]:
-    """Per layer, per window: (q [T, Hq, D], k [T, H, D], v [T, H, D], dense out [T, Hq, D] fp32)."""
-    from sparsedge.kv_cache import DenseLayerCache, KVCache
+    """Per layer, per window: (q [T, Hq, D], k [T, H, D], v [T, H, D], dense out [T, Hq, D] fp32); empty for the
+    sliding-window layers, which run their own window cache (so the captured inputs of later layers are the
+    model's)."""
+    from sparsedge.kv_cache import KVCache, layer_cache
 
     cfg = model.config
     per_layer: list[list[tuple]] = [[] for _ in range(cfg.n_layers)]
+    keep = set(delta_layers(cfg))
     model.ensure_rope(max(len(w) for w in windows))
     with torch.inference_mode():
         for w in tqdm(windows, desc="capture q/k/v", unit="window"):
-            layers = [_Capture(DenseLayerCache(cfg, len(w), model.dtype, model.device), per_layer[i])
-                      for i in range(cfg.n_layers)]
+            layers = [_Capture(layer_cache(cfg, i, len(w), model.dtype, model.device), per_layer[i]) if i in keep
+                      else layer_cache(cfg, i, len(w), model.dtype, model.device) for i in range(cfg.n_layers)]
             model(torch.tensor(w, dtype=torch.long, device=model.device), 0, KVCache(layers, len(w)))
     return per_layer
 
@@ -233,15 +242,30 @@ def run(args) -> dict:
     n_tok = sum(len(w) for w in windows)
     logger.info(f"delta calibration: {n_tok} tokens of {args.text} in {len(windows)} windows, mode {args.theta_mode}, "
                 f"window {args.window}, sinks {args.sinks}{', per head' if args.per_head else ''}")
+    glob = delta_layers(cfg)
+    if not glob:
+        raise ValueError(f"{cfg.name}: every layer is a sliding-window layer, and delta attention runs on global "
+                         f"layers only; there is nothing to calibrate")
+    if len(glob) < cfg.n_layers:
+        logger.info(f"delta calibration: global layers {glob}; the {cfg.n_layers - len(glob)} sliding-window layers "
+                    f"keep their exact window cache (theta unused)")
     per_layer = capture(model, windows)
     key_scale = None
-    if not getattr(args, "no_key_balance", False):
+    balance = not getattr(args, "no_key_balance", False)
+    if balance and cfg.qk_norm:  # the fold would be undone by the per-head q/k norms (delta.balance refuses it)
+        logger.info("q/k channel balancing: skipped, the model normalises q and k per head after the projection")
+        balance = False
+    if balance:
         key_scale = key_scales_from_captures(per_layer, cfg.n_heads, cfg.n_kv_heads)
         per_layer = scale_captures(per_layer, key_scale, cfg.n_heads)
         e = torch.log2(key_scale)
         logger.info(f"q/k channel balancing: key scales 2^{int(e.min())}..2^{int(e.max())}")
-    theta, info = calibrate_layers(per_layer, cfg.n_heads // cfg.n_kv_heads, model.dtype, args.theta_mode,
-                                   args.error_budget, args.target_sparsity, args.per_head, args.window, args.sinks)
+    theta_g, info = calibrate_layers([per_layer[i] for i in glob], cfg.n_heads // cfg.n_kv_heads, model.dtype,
+                                     args.theta_mode, args.error_budget, args.target_sparsity, args.per_head,
+                                     args.window, args.sinks)
+    theta = torch.zeros(cfg.n_layers, theta_g.shape[1])
+    theta[glob] = theta_g
+    info["delta_layers"] = glob
     meta = {"theta": theta.tolist(), "window": args.window, "sinks": args.sinks, "mode": args.theta_mode,
             "error_budget": args.error_budget if args.theta_mode == "error" else None,
             "target_sparsity": args.target_sparsity if args.theta_mode == "sparsity" else None,

@@ -141,14 +141,20 @@ class DeltaConfig:
         return cache
 
     def make_cache(self, model_config, max_seq_len: int, dtype, device):
-        from sparsedge.kv_cache import KVCache
-        if model_config.sliding_layers:
-            raise ValueError(f"delta attention on sliding-window layers is not implemented ({model_config.name}: "
-                             f"layers {model_config.sliding_layers} attend to their last "
-                             f"{model_config.sliding_window} positions); run this model with the dense KV cache")
+        """A KVCache with a DeltaLayerCache on every global layer. Sliding-window layers keep their exact window
+        cache (sparsedge.kv_cache.SlidingLayerCache) and their theta is unused: a delta score is the sum of the
+        deltas back to the key's reference, so inside a W-position window it would read the chain past the window's
+        start, while the dense window reads W keys; and the part a window could encode is small and bounded
+        (W minus the exact local window, no sinks). docs/results/gemma3.md measures what this leaves."""
+        from sparsedge.kv_cache import KVCache, layer_cache
+        if all(model_config.window(i) for i in range(model_config.n_layers)):
+            raise ValueError(f"delta attention runs on global layers only, and every layer of {model_config.name} "
+                             f"attends to its last {model_config.sliding_window} positions; run it with the dense "
+                             f"KV cache")
         if len(self.theta) != model_config.n_layers:
             raise ValueError(f"delta config has theta for {len(self.theta)} layers, model has {model_config.n_layers}")
-        return KVCache([self.make_layer_cache(model_config, i, max_seq_len, dtype, device)
+        return KVCache([layer_cache(model_config, i, max_seq_len, dtype, device) if model_config.window(i)
+                        else self.make_layer_cache(model_config, i, max_seq_len, dtype, device)
                         for i in range(model_config.n_layers)], max_seq_len)
 
 

@@ -13,10 +13,12 @@ ops (exact, no speed gain). Prefill (T > 1) without `per_token` runs the dense F
 from __future__ import annotations
 
 import torch
+from loguru import logger
 from torch import nn
 
 from sparsedge.ops.qffn import GATE_UP_FORMATS
 from sparsedge.quant.down_t import DOWN_FORMATS, DownT
+from sparsedge.model import linear
 from sparsedge.quant.qweight import QWeight, nbytes
 
 ops = torch.ops.sparsedge
@@ -45,6 +47,17 @@ def down_by_neuron(dense, layer_index: int = -1) -> DownT:
     return DownT.from_qweight(dense.w_down).to(dense.w_down.device)
 
 
+_WARNED: set = set()
+
+
+def _warn_masked(qtype: str) -> None:
+    """Once per format: the thresholds run exactly, but without a by-neuron layout every W_down row is read."""
+    if qtype not in _WARNED:
+        _WARNED.add(qtype)
+        logger.warning(f"down-row skipping on a {qtype} W_down: the skip decision is exact but every row is still read "
+                       f"(no speed gain); a by-neuron layout exists for {', '.join(DOWN_FORMATS)} only")
+
+
 class DownSkipFFN(nn.Module):
     def __init__(self, dense: nn.Module, thresh: torch.Tensor, per_token: bool = False, layer_index: int = -1):
         super().__init__()
@@ -61,8 +74,11 @@ class DownSkipFFN(nn.Module):
         self.layer_index = layer_index
         self.down_t = None
         if dense.quantized:
-            self.down_t = down_by_neuron(dense, layer_index)
             self.d = dense.w_down.N
+            if dense.w_down.qtype in DOWN_FORMATS or not isinstance(dense.w_gate_up, QWeight):
+                self.down_t = down_by_neuron(dense, layer_index)
+            else:  # e.g. a Q4_K_M file's q4_k / q6_k W_down: the same decision, every row still read (see sparse())
+                _warn_masked(dense.w_down.qtype)
         else:
             self.d = dense.w_down_t.shape[1]
         self.reset_stats()
@@ -86,7 +102,9 @@ class DownSkipFFN(nn.Module):
                                    d.act_param)
         h = d.hidden(x)[1]
         keep = h.abs() > self.thresh.to(h.dtype)
-        return ops.linear_t(torch.where(keep, h, torch.zeros_like(h)), d.w_down_t), keep.sum(1, dtype=torch.int32)
+        h = torch.where(keep, h, torch.zeros_like(h))
+        y = linear(h, d.w_down) if d.quantized else ops.linear_t(h, d.w_down_t)
+        return y, keep.sum(1, dtype=torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 or self.per_token:
@@ -107,6 +125,8 @@ class DownSkipFFN(nn.Module):
         tokens, kept = (int(v) for v in self._acc.tolist())
         if self.down_t is not None:
             down = self.down_t.read_bytes(kept, tokens)
+        elif self.dense.quantized:  # masked rows are still read
+            down = tokens * nbytes(self.dense.w_down)
         else:
             down = kept * self.d * self.dense.w_down_t.element_size()
         return {"sparse_ffn_tokens": tokens, "ffn_neurons": tokens * self.I, "ffn_predicted": tokens * self.I,
@@ -114,5 +134,6 @@ class DownSkipFFN(nn.Module):
                 "weight_bytes": tokens * nbytes(self.dense.w_gate_up) + down}
 
     def extra_repr(self) -> str:
-        fmt = f"down {self.down_t.qtype} by neuron" if self.down_t is not None else "float"
+        fmt = (f"down {self.down_t.qtype} by neuron" if self.down_t is not None
+               else f"down {self.dense.w_down.qtype}, masked" if self.dense.quantized else "float")
         return f"layer={self.layer_index}, d={self.d}, I={self.I}, {fmt}, per_token={self.per_token}"
