@@ -118,17 +118,53 @@ void dequant_row(QType t, const uint8_t* b, int64_t K, float* out) {
   }
 }
 
+// Where the CPU multiplies bf16 natively (AVX512-BF16, AMX), the prefill GEMMs run in bf16 with fp32 accumulation
+// (oneDNN through at::mm): x and the widened weights are rounded to bf16 once, as llama.cpp does for BF16 files.
+// For block formats that rounding (|x| 2^-9 per element, |w| 2^-9) stays inside the int8 activation bound the
+// decode path already has; measured in docs/results/quant.md ("prefill").
+// (Compiled in where the build targets AVX512-BF16: -march=native on such a CPU.)
+bool bf16_gemm() {
+#if defined(__AVX512BF16__)
+  static const bool yes = [] {
+    const char* env = std::getenv("SPARSEDGE_BF16_GEMM");  // "0": fp32 GEMMs (benchmarks compare the two)
+    return !(env && env[0] == '0');
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// fp32 -> bf16, round to nearest even (vcvtneps2bf16), for rows widened in a worker thread
+void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
 void run_gemm(QType t, const uint8_t* w, int64_t N, int64_t rb, int64_t K, const at::Tensor& xf, float* y, int64_t T) {
+  const bool half = bf16_gemm();
+  const at::Tensor xg = half ? xf.to(at::kBFloat16) : xf;
   at::Tensor wf = at::empty({kGemmRows, K}, xf.options());
+  at::Tensor wh = half ? at::empty({kGemmRows, K}, xg.options()) : wf;
   at::Tensor yc = at::empty({T, kGemmRows}, xf.options());
   for (int64_t n0 = 0; n0 < N; n0 += kGemmRows) {
     const int64_t n = std::min(kGemmRows, N - n0);
     float* wp = wf.data_ptr<float>();
     parallel_for(n, 16, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) dequant_row(t, w + (n0 + r) * rb, K, wp + r * K);
+      for (int64_t r = a; r < b; ++r) {
+        dequant_row(t, w + (n0 + r) * rb, K, wp + r * K);
+        if (half) to_bf16(wp + r * K, wh.data_ptr<c10::BFloat16>() + r * K, K);
+      }
     });
     at::Tensor yv = yc.narrow(1, 0, n);
-    at::mm_out(yv, xf, wf.narrow(0, 0, n).t());
+    if (half) yv.copy_(at::mm(xg, wh.narrow(0, 0, n).t()));
+    else at::mm_out(yv, xf, wf.narrow(0, 0, n).t());
     const float* src = yc.data_ptr<float>();
     for (int64_t i = 0; i < T; ++i) std::memcpy(y + i * N + n0, src + i * kGemmRows, n * sizeof(float));
   }
@@ -164,6 +200,8 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
   if (qt.block == 1) {
     if (T > kMaxFloatTokens) {
       const auto dt = qt.type == QType::F32 ? at::kFloat : qt.type == QType::F16 ? at::kHalf : at::kBFloat16;
+      if (dt == at::kBFloat16 && bf16_gemm())  // the file's bf16 rows as they are, no widened copy
+        return at::mm(xf.to(at::kBFloat16), wc.view(dt).t()).to(x.scalar_type()).reshape(sizes);
       return at::linear(xf, wc.view(dt).to(at::kFloat)).to(x.scalar_type()).reshape(sizes);
     }
     const float* xp = xf.data_ptr<float>();

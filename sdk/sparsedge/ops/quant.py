@@ -12,7 +12,10 @@ products against the weight blocks, so they differ from the reference by that ro
 |x_e - d_b q_e| <= d_b / 2 = amax_b / 254, hence |y_fused - y_ref| <= sum_b (amax_b / 254) * sum_{e in b} |W_ne|
 plus fp32 accumulation error (quant.int8_reference computes the rounded product exactly, in fp64).
 The float formats (f32/f16/bf16) are not rounded: fp32 dot products of the widened rows. From 32 tokens on
-(prefill) the CPU kernel widens chunks of rows to fp32 and runs a GEMM, without rounding x: the reference's product.
+(prefill) the CPU kernel widens chunks of rows and runs a GEMM: in fp32 (the reference's product, x not rounded),
+or, where the build has AVX512-BF16, in bf16 with fp32 accumulation (x and the widened rows rounded to bf16 once,
+inside the int8 bound above; bf16 rows with more than 8 tokens multiply the file's rows directly, |x| 2^-9 per
+element: the parity bound adds 2^-8 sum |x||W| for them). SPARSEDGE_BF16_GEMM=0 keeps fp32.
 """
 from __future__ import annotations
 
@@ -69,7 +72,8 @@ QCASES: list[QCase] = [
     *[QCase(q, N, K, T) for q in ("q4_k", "q6_k")
       for (N, K, T) in ((1, 256, 1), (5, 512, 2), (33, 768, 1), (33, 768, 6), (66, 1536, 8), (17, 256, 3),
                         (96, 512, 40))],
-    *[QCase(q, N, K, T) for q in ("f32", "f16", "bf16") for (N, K, T) in ((1, 1, 1), (9, 37, 3), (65, 576, 1))],
+    *[QCase(q, N, K, T) for q in ("f32", "f16", "bf16")
+      for (N, K, T) in ((1, 1, 1), (9, 37, 3), (65, 576, 1), (9, 37, 12), (65, 576, 40))],
     QCase("q4_1", 31, 576, 2, torch.bfloat16),
     QCase("q8_0", 31, 576, 1, torch.bfloat16),
     QCase("q4_k", 9, 256, 3, torch.bfloat16),
