@@ -476,6 +476,39 @@ at::Tensor linear_t_cuda(const at::Tensor& x, const at::Tensor& w_t) {
   return at::matmul(x, w_t);
 }
 
+// ---- bitlinear ----------------------------------------------------------------------------------
+// the CPU kernel's checks and messages (backends/cpu/bitlinear.cpp), in its order
+at::Tensor bitlinear_cuda(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& scale_in) {
+  TORCH_CHECK_VALUE(w_in.dim() == 2 && w_in.scalar_type() == at::kByte && w_in.size(1) > 0,
+                    "bitlinear: w must be uint8 [N/4, K] (4 ternary rows per byte row), got ", w_in.scalar_type(),
+                    " ", w_in.sizes());
+  const int64_t P = w_in.size(0), K = w_in.size(1), N = 4 * P;
+  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) == K && at::isFloatingType(x_in.scalar_type()),
+                    "bitlinear: x must be a float tensor [..., K=", K, "], got ", x_in.scalar_type(), " ",
+                    x_in.sizes());
+  TORCH_CHECK_VALUE(scale_in.dim() == 1 && scale_in.size(0) == N && scale_in.scalar_type() == at::kFloat,
+                    "bitlinear: scale must be float32 [N=", N, "] (one per output row), got ", scale_in.scalar_type(),
+                    " ", scale_in.sizes());
+  SD_CHECK_CUDA("bitlinear", x_in);
+  SD_CHECK_SAME_DEVICE("bitlinear", x_in, w_in);
+  SD_CHECK_SAME_DEVICE("bitlinear", x_in, scale_in);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t T = x_in.numel() / K;
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = N;
+  // x in fp32 / fp16 / bf16 as it is; anything else (fp64) as fp32, y cast back at the end
+  auto x = (is_float_type(x_in.scalar_type()) ? x_in : x_in.to(at::kFloat)).reshape({T, K}).contiguous();
+  auto w = w_in.contiguous();
+  auto scale = scale_in.contiguous();
+  auto y = at::empty({T, N}, x.options().dtype(at::kFloat));
+  if (T == 0 || N == 0) return y.to(x_in.scalar_type()).reshape(sizes);
+  at::Tensor ws = workspace(x, bitlinear_workspace_bytes(T, K));
+  SD_CHECK_LAUNCH("bitlinear", bitlinear(x.data_ptr(), w.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                                         y.data_ptr<float>(), T, P, K, dtype_of("bitlinear", "x", x.scalar_type()),
+                                         ws.data_ptr(), stream_of(x)));
+  return y.to(x_in.scalar_type()).reshape(sizes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
@@ -492,6 +525,7 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
   m.impl("dense_attention_window", &dense_attention_window_cuda);
   m.impl("linear", &linear_cuda);
   m.impl("linear_t", &linear_t_cuda);
+  m.impl("bitlinear", &bitlinear_cuda);
 }
 
 }  // namespace sparsedge::cuda
@@ -500,5 +534,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsedge fused CUDA kernels (registered for the CUDA dispatch key of the sparsedge ops)";
   m.attr("OPS") = pybind11::make_tuple("rms_norm", "add_rms_norm", "rope", "ffn_predict", "ffn_predict_q4",
                                        "sparse_ffn_rows", "sparse_ffn", "delta_encode", "delta_attention",
-                                       "dense_attention", "dense_attention_window", "linear", "linear_t");
+                                       "dense_attention", "dense_attention_window", "linear", "linear_t",
+                                       "bitlinear");
 }

@@ -91,4 +91,12 @@ cudaError_t dense_attention(const void* q, const void* k_cache, const void* v_ca
                             int64_t T, int64_t Hq, int64_t H, int64_t D, int64_t Tmax, int64_t start, float scale,
                             DType dt, cudaStream_t stream, int64_t window = 0);
 
+// ---- bitlinear.cu ---------------------------------------------------------------------------
+// BitNet's BitLinear (sdk/sparsedge/ops/bitlinear.py): y [T, 4P] fp32 = (W q_t) / (scale * s_t), x [T, K] (dtype xt)
+// rounded to int8 per token, w [P, K] uint8 (byte row g holds output rows 4g + i in bits 2i), scale [4P] fp32.
+// Workspace: bitlinear_workspace_bytes(T, K), 256-byte aligned.
+int64_t bitlinear_workspace_bytes(int64_t T, int64_t K);
+cudaError_t bitlinear(const void* x, const uint8_t* w, const float* scale, float* y, int64_t T, int64_t P, int64_t K,
+                      DType xt, void* workspace, cudaStream_t stream);
+
 }  // namespace sparsedge::cuda

@@ -26,6 +26,24 @@
 #include "quant_blocks.h"
 
 namespace sparsedge::cpu {
+
+// Where the CPU multiplies bf16 natively (AVX512-BF16), the prefill GEMMs run in bf16 with fp32 accumulation
+// (oneDNN through at::mm): x and the widened weights are rounded to bf16 once, as llama.cpp does for BF16 files.
+// For block formats that rounding (|x| 2^-9 per element, |w| 2^-9) stays inside the int8 activation bound the
+// decode path already has; measured in docs/results/quant.md ("prefill").
+// Compiled in where the build targets AVX512-BF16 (-march=native on such a CPU).
+bool bf16_gemm() {
+#if defined(__AVX512BF16__)
+  static const bool yes = [] {
+    const char* env = std::getenv("SPARSEDGE_BF16_GEMM");  // "0": fp32 GEMMs (benchmarks compare the two)
+    return !(env && env[0] == '0');
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 
@@ -116,23 +134,6 @@ void dequant_row(QType t, const uint8_t* b, int64_t K, float* out) {
         }
       }
   }
-}
-
-// Where the CPU multiplies bf16 natively (AVX512-BF16, AMX), the prefill GEMMs run in bf16 with fp32 accumulation
-// (oneDNN through at::mm): x and the widened weights are rounded to bf16 once, as llama.cpp does for BF16 files.
-// For block formats that rounding (|x| 2^-9 per element, |w| 2^-9) stays inside the int8 activation bound the
-// decode path already has; measured in docs/results/quant.md ("prefill").
-// (Compiled in where the build targets AVX512-BF16: -march=native on such a CPU.)
-bool bf16_gemm() {
-#if defined(__AVX512BF16__)
-  static const bool yes = [] {
-    const char* env = std::getenv("SPARSEDGE_BF16_GEMM");  // "0": fp32 GEMMs (benchmarks compare the two)
-    return !(env && env[0] == '0');
-  }();
-  return yes;
-#else
-  return false;
-#endif
 }
 
 // fp32 -> bf16, round to nearest even (vcvtneps2bf16), for rows widened in a worker thread

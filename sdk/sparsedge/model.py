@@ -28,16 +28,21 @@ from torch import nn
 
 from sparsedge.config import ModelConfig
 from sparsedge.quant.qweight import QWeight, nbytes
+from sparsedge.quant.ternary import TernaryWeight
 from sparsedge.activations import activate
 
 ops = torch.ops.sparsedge
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b) for a weight held as a float tensor, a QWeight (its own blocks), or a tuple of them
-    (row blocks of one projection whose formats differ, e.g. q/k/v of a Q4_K_M file)."""
+    """y = x W^T (+ b) for a weight held as a float tensor, a QWeight (its own blocks), a TernaryWeight (BitNet
+    b1.58's BitLinear: x rounded to int8 per token, sparsedge::bitlinear), or a tuple of them (row blocks of one
+    projection whose formats differ, e.g. q/k/v of a Q4_K_M file)."""
     if isinstance(w, QWeight):
         y = ops.qlinear(x, w.data, w.qtype, w.K)
+        return y if b is None else y + b
+    if isinstance(w, TernaryWeight):
+        y = ops.bitlinear(x, w.data, w.scale)
         return y if b is None else y + b
     if isinstance(w, tuple):
         y = torch.cat([linear(x, p) for p in w], -1)
@@ -86,10 +91,12 @@ class DenseFFN(nn.Module):
     """h = act(W_gate x) * (W_up x); y = W_down h.
 
     Float weights: W_down stored transposed (w_down_t [I, d], a neuron's down weights one contiguous row, what
-    the sparse kernels gather). Quantized weights (QWeight): W_down kept as the file has it (w_down [d, I]) and
-    run by qlinear; w_gate_up is one QWeight, or a (gate, up) tuple when the file stores them in two formats."""
+    the sparse kernels gather). Quantized weights (QWeight, or BitNet's TernaryWeight): W_down kept as the file has
+    it (w_down [d, I]) and run by qlinear / bitlinear; w_gate_up is one QWeight (TernaryWeight), or a (gate, up)
+    tuple when the file stores them in two formats."""
 
-    def __init__(self, config: ModelConfig, w_gate_up, w_down_t: torch.Tensor | None, w_down: QWeight | None = None):
+    def __init__(self, config: ModelConfig, w_gate_up, w_down_t: torch.Tensor | None,
+                 w_down: QWeight | TernaryWeight | None = None):
         super().__init__()
         self.I = config.intermediate_size
         self.activation, self.act_param = config.activation, config.activation_param
@@ -106,12 +113,16 @@ class DenseFFN(nn.Module):
     @property
     def w_gate(self):
         w = self.w_gate_up
-        return w[0] if isinstance(w, tuple) else w.rows(slice(0, self.I)) if isinstance(w, QWeight) else w[: self.I]
+        if isinstance(w, tuple):
+            return w[0]
+        return w[: self.I] if isinstance(w, torch.Tensor) else w.rows(slice(0, self.I))
 
     @property
     def w_up(self):
         w = self.w_gate_up
-        return w[1] if isinstance(w, tuple) else w.rows(slice(self.I, None)) if isinstance(w, QWeight) else w[self.I:]
+        if isinstance(w, tuple):
+            return w[1]
+        return w[self.I:] if isinstance(w, torch.Tensor) else w.rows(slice(self.I, None))
 
     def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate pre-activation, down-projection input h), both [T, I]; used by calibration too."""

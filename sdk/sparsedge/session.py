@@ -154,7 +154,9 @@ class Session:
              allow_longer_context: bool = False, progress: bool = True) -> "Session":
         """Load a model once. Weights: a quantized GGUF runs in its own 4-/8-bit blocks by default; `dtype`
         ("float32", "bfloat16", ...) dequantizes it instead (exact against transformers); `weights` ("q8_0",
-        "q4_0", "q4_1") quantizes a float checkpoint's projections on load ("native": as stored).
+        "q4_0", "q4_1") quantizes a float checkpoint's projections on load ("native": as stored). A BitNet b1.58
+        folder quantized by transformers keeps its ternary projections packed (sparsedge::bitlinear, int8
+        activations per token, as transformers' BitLinear) whatever `dtype`, which then sets the activations'.
         `max_seq_len` (default: the trained context, at most 2048) may not exceed the context the model was
         trained on unless allow_longer_context=True, which warns (LongContextWarning) and runs past it."""
         from sparsedge.loading import open_model
@@ -188,7 +190,8 @@ class Session:
                 logger.info("FFN predictors run on float weights: dequantizing the quantized file to float32")
         dt = parse_dtype(dtype) or (torch.float32 if mode is not None else be.default_dtype())
         tm = build_transformer(src, be, dt, progress=progress, mode=mode)
-        be.require("rms_norm", "add_rms_norm", "rope", *(("qlinear",) if mode is not None else ()))
+        be.require("rms_norm", "add_rms_norm", "rope", *(("qlinear",) if mode is not None else ()),
+                   *(("bitlinear",) if getattr(src, "bitnet", None) is not None else ()))
         delta_cfg = None
         if predictors is not None:
             from sparsedge.ffn import attach_predictors

@@ -20,6 +20,7 @@ from sparsedge.ops.qffn import GATE_UP_FORMATS
 from sparsedge.quant.down_t import DOWN_FORMATS, DownT
 from sparsedge.model import linear
 from sparsedge.quant.qweight import QWeight, nbytes
+from sparsedge.quant.ternary import refuse_ternary
 
 ops = torch.ops.sparsedge
 
@@ -61,6 +62,7 @@ def _warn_masked(qtype: str) -> None:
 class DownSkipFFN(nn.Module):
     def __init__(self, dense: nn.Module, thresh: torch.Tensor, per_token: bool = False, layer_index: int = -1):
         super().__init__()
+        refuse_ternary(dense, layer_index, "the down-skip FFN path")
         if getattr(dense, "sub_norm", None) is not None:
             raise ValueError(f"layer {layer_index}: the FFN normalises h before W_down (BitNet's ffn_sub_norm), "
                              "which the sparse FFN path does not implement")

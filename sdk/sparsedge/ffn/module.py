@@ -19,6 +19,7 @@ from torch import nn
 
 from sparsedge.activations import RELU_FAMILY
 from sparsedge.ffn import q4
+from sparsedge.quant.ternary import refuse_ternary
 
 ops = torch.ops.sparsedge
 
@@ -44,6 +45,7 @@ class SparseFFN(nn.Module):
             self.down_t = down_by_neuron(dense, layer_index)
 
     def _setup(self, dense: nn.Module, tau: float, per_token: bool, layer_index: int) -> None:
+        refuse_ternary(dense, layer_index, "the predictor FFN path")
         if getattr(dense, "sub_norm", None) is not None:
             raise ValueError(f"layer {layer_index}: the FFN normalises h before W_down (BitNet's ffn_sub_norm), "
                              "which the sparse FFN path does not implement")

@@ -17,6 +17,7 @@ from sparsedge.loading.base import extra_layer_keys
 from sparsedge.model import Attention, Block, DenseFFN, ExtendedAttention, SubNormFFN, Transformer
 from sparsedge.quant import formats as qf
 from sparsedge.quant.qweight import QWeight
+from sparsedge.quant.ternary import TernaryWeight
 
 _LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "tok_embeddings", "lm_head")
@@ -26,13 +27,20 @@ class _Converter:
     """Each tensor into the form the decoder keeps: `mode` "native" keeps quantized tensors in their own
     blocks (QWeight) and floats in `dtype`; None dequantizes everything to `dtype`; a quantized qtype
     ("q8_0", "q4_0", "q4_1") quantizes every projection matrix on load (rows whose length is not a multiple of
-    the block stay in `dtype`, with a warning)."""
+    the block stay in `dtype`, with a warning). BitNet's ternary projections (TernaryWeight) stay ternary in either
+    of the first two modes and are refused by the others."""
 
     def __init__(self, backend, dtype: torch.dtype, mode: str | None):
         self.backend, self.dtype, self.mode = backend, dtype, mode
         self.kept_float: list[str] = []
 
     def __call__(self, t, key: str):
+        if isinstance(t, TernaryWeight):
+            if self.mode not in (None, "native"):
+                raise ValueError(f"weights={self.mode!r}: {key} is a BitNet b1.58 ternary projection, which runs as "
+                                 f"BitLinear (int8 activations per token); requantizing it to {self.mode} would change "
+                                 "the model's arithmetic. Load it without weights=")
+            return t.to(self.backend.device)
         if isinstance(t, QWeight):
             if self.mode == "native":
                 return t.to(self.backend.device)
@@ -44,16 +52,18 @@ class _Converter:
         return self.backend.place(t, self.dtype)
 
     def transposed(self, t, key: str):
-        """W_down: a QWeight stays [d, I] (qlinear); a float weight is stored transposed [I, d]."""
+        """W_down: a QWeight / TernaryWeight stays [d, I] (qlinear / bitlinear); a float weight is stored transposed
+        [I, d]."""
         out = self(t, key)
-        return out if isinstance(out, QWeight) else out.t().contiguous()
+        return out.t().contiguous() if isinstance(out, torch.Tensor) else out
 
 
 def _fuse(parts: list):
-    """Row concatenation of one projection's pieces: a tensor, one QWeight, or a tuple of mixed formats."""
+    """Row concatenation of one projection's pieces: a tensor, one QWeight or TernaryWeight, or a tuple of mixed
+    formats."""
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts, 0)
-    return QWeight.cat(parts) or tuple(parts)
+    return QWeight.cat(parts) or TernaryWeight.cat(parts) or tuple(parts)
 
 
 # --- the pieces beyond Llama (sparsedge.config); a Llama-family config gets the plain modules -----------------
@@ -108,8 +118,8 @@ def build_transformer(source, backend, dtype: torch.dtype, progress: bool = True
             ffn_cls = _ffn_class(cfg, p, conv)
             down = conv.transposed(p["w_down"], "w_down")
             gate_up = _fuse([conv(p["w_gate"], "w_gate"), conv(p["w_up"], "w_up")])
-            ffn = (ffn_cls(cfg, gate_up, None, w_down=down) if isinstance(down, QWeight)
-                   else ffn_cls(cfg, gate_up, down))
+            ffn = (ffn_cls(cfg, gate_up, down) if isinstance(down, torch.Tensor)
+                   else ffn_cls(cfg, gate_up, None, w_down=down))
             blocks[i] = Block(conv(p["attn_norm"], "attn_norm"), attn, conv(p["ffn_norm"], "ffn_norm"), ffn)
             _block_extras(cfg, blocks[i], i, p, conv)
             del p

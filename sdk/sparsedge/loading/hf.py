@@ -1,17 +1,26 @@
 """transformers checkpoint folders (config.json + *.safetensors, sharded or not), and the
-translation of a transformers config (dict) into a ModelConfig, shared with the GGUF loader."""
+translation of a transformers config (dict) into a ModelConfig, shared with the GGUF loader.
+
+BitNet b1.58 folders quantized by transformers (quantization_config quant_method "bitnet") load with their projections
+as TernaryWeight (sparsedge.quant.ternary), run by sparsedge::bitlinear with transformers' arithmetic:
+  linear_class "bitlinear"                 packed uint8 weight + weight_scale (BitLinear divides by it)
+  "autobitlinear", quantization_mode       offline: ternary weight (packed, or as floats) + weight_scale (a multiplier);
+                                           online: float weights, quantized here as its WeightQuant does each forward
+Modules listed in modules_to_not_convert stay float. use_rms_norm, a ternary LM head and (autobitlinear offline)
+biases, which it scales with the output, are refused."""
 from __future__ import annotations
 
 import json
 import re
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 from loguru import logger
 
 from sparsedge.config import ModelConfig, UnsupportedArchitectureError, check_architecture
+from sparsedge.quant.ternary import TernaryWeight, absmean_quantize, unpack_transformers
 from sparsedge.tokenizer import Tokenizer
 from sparsedge.loading.base import ModelFormatError, ModelSource, canonical_order
 
@@ -90,11 +99,12 @@ def _refuse_unimplemented(d: dict, model_type: str, name: str) -> None:
     qc = d.get("quantization_config")
     if qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise UnsupportedArchitectureError(
-            f"{name}: quantization_config (quant_method={method!r}) is not implemented for transformers folders"
-            + (" (BitNet's packed ternary weights run with per-token int8 activation quantization, which the "
-               "decoder does not do)" if method == "bitnet" else "")
-            + "; load a float checkpoint, or a GGUF file")
+        if method == "bitnet":
+            bitnet_quantization(d, model_type, name)
+        else:
+            raise UnsupportedArchitectureError(
+                f"{name}: quantization_config (quant_method={method!r}) is not implemented for transformers folders; "
+                "load a float checkpoint, or a GGUF file")
     if d.get("attn_logit_softcapping"):
         raise UnsupportedArchitectureError(f"{name}: attention logit softcapping (attn_logit_softcapping="
                                            f"{d['attn_logit_softcapping']}) is not implemented")
@@ -106,6 +116,84 @@ def _refuse_unimplemented(d: dict, model_type: str, name: str) -> None:
         if other:
             raise UnsupportedArchitectureError(f"{name}: layer types {other} are not implemented "
                                                "(full_attention and sliding_attention are)")
+
+
+class BitNetQuant(NamedTuple):
+    """A BitNet quantization_config as transformers applies it (transformers.integrations.bitnet)."""
+    linear_class: str  # "bitlinear" | "autobitlinear"
+    mode: str  # "offline" | "online" (AutoBitLinear only)
+    skip: tuple[str, ...] | None  # modules_to_not_convert (None: transformers' default, the LM head)
+
+    def converts(self, module: str) -> bool:
+        """Whether transformers replaces the nn.Linear `module` (e.g. "model.layers.0.self_attn.q_proj"): its
+        should_convert_module, a pattern matching from the start up to a module boundary, as a regex, or as a suffix."""
+        if self.skip is None:
+            return module != "lm_head"
+        boundary = r"(?:(?<=\.)|(?=\.|$))"
+        return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in self.skip)
+
+    def weight(self, tname: str, t: torch.Tensor, weight_scale: torch.Tensor | None):
+        """The stored projection `tname` (and its weight_scale) as the decoder runs it: a TernaryWeight, or the
+        float tensor of a module transformers leaves unconverted."""
+        if not self.converts(tname.removesuffix(".weight")):
+            if t.dtype == torch.uint8 or weight_scale is not None:
+                raise ModelFormatError(f"{tname} is stored quantized, but modules_to_not_convert={list(self.skip)} "
+                                       "keeps its module a float nn.Linear; the checkpoint is inconsistent")
+            return t
+        if self.linear_class == "bitlinear":
+            if t.dtype != torch.uint8 or weight_scale is None:
+                raise ModelFormatError(f"{tname}: a BitLinear weight is packed uint8 [N/4, K] with a weight_scale, "
+                                       f"got {t.dtype} {list(t.shape)}" + ("" if weight_scale is not None else
+                                                                           " and no weight_scale"))
+            return TernaryWeight.from_transformers(t, _one_scale(tname, weight_scale))
+        if self.mode == "online":  # AutoBitLinear's WeightQuant, once here instead of every forward
+            if not t.is_floating_point() or weight_scale is not None:
+                raise ModelFormatError(f"{tname}: AutoBitLinear online quantization reads float weights without a "
+                                       f"weight_scale, got {t.dtype} {list(t.shape)}")
+            w, s = absmean_quantize(t)
+            return TernaryWeight.from_ternary(w, s)
+        if weight_scale is None:
+            raise ModelFormatError(f"{tname}: an offline AutoBitLinear weight needs its weight_scale")
+        w = unpack_transformers(t) if t.dtype == torch.uint8 else t
+        if t.dtype != torch.uint8 and not bool(((w == -1) | (w == 0) | (w == 1)).all()):
+            raise UnsupportedArchitectureError(f"{tname}: offline AutoBitLinear weights that are not ternary "
+                                               "(-1/0/+1) are not implemented; BitLinear's integer products need them")
+        return TernaryWeight.from_ternary(w.to(torch.int8), 1.0 / _one_scale(tname, weight_scale))
+
+
+def _one_scale(tname: str, weight_scale: torch.Tensor) -> torch.Tensor:
+    if weight_scale.numel() != 1:
+        raise ModelFormatError(f"{tname}: weight_scale has shape {list(weight_scale.shape)}; BitLinear's is one "
+                               "number per projection")
+    return weight_scale.float().reshape(1)
+
+
+def bitnet_quantization(d: dict, model_type: str, name: str) -> BitNetQuant | None:
+    """The BitNet quantization of a config (None without one); UnsupportedArchitectureError for what the decoder does
+    not implement, naming it."""
+    qc = d.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "bitnet":
+        return None
+    lc, mode = qc.get("linear_class", "bitlinear"), qc.get("quantization_mode", "offline")
+    where = f"{name}: BitNet quantization_config"
+    if model_type != "bitnet":
+        raise UnsupportedArchitectureError(f"{where} on a {model_type} checkpoint is not implemented (BitNet b1.58's "
+                                           "own architecture is)")
+    if lc not in ("bitlinear", "autobitlinear") or mode not in ("offline", "online"):
+        raise UnsupportedArchitectureError(f"{where}: linear_class={lc!r}, quantization_mode={mode!r} is not one "
+                                           "transformers defines (bitlinear / autobitlinear, offline / online)")
+    if qc.get("use_rms_norm"):
+        raise UnsupportedArchitectureError(f"{where}: use_rms_norm=true (an RMSNorm inside every projection, before "
+                                           "its activation quantization) is not implemented")
+    if lc == "autobitlinear" and mode == "offline" and d.get("attention_bias"):
+        raise UnsupportedArchitectureError(f"{where}: offline AutoBitLinear with attention_bias=true scales the bias "
+                                           "with the output (y = (x W + b) * weight_scale), which is not implemented")
+    skip = qc.get("modules_to_not_convert")
+    q = BitNetQuant(lc, mode, None if skip is None else tuple(skip))
+    if q.converts("lm_head"):
+        raise UnsupportedArchitectureError(f"{where}: modules_to_not_convert={skip} leaves lm_head to be quantized; a "
+                                           "ternary LM head is not implemented")
+    return q
 
 
 def _sliding(d: dict, model_type: str, n_layers: int, max_pos: int) -> tuple[int, list[int]]:
@@ -343,6 +431,7 @@ def _fused_rows(cfg: ModelConfig, key: str) -> dict[str, tuple[int, int]]:
     return {"w_gate": (0, inter), "w_up": (inter, 2 * inter)}
 
 
+_PROJECTIONS = frozenset(("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
 _NORMS = frozenset(("attn_norm", "ffn_norm", "norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"))
 
 
@@ -376,10 +465,15 @@ class HFFolderSource(ModelSource):
                                    "with save_pretrained(..., safe_serialization=True)")
         raw = _folder_config(folder)
         cfg = hf_config_to_model_config(raw, name=folder.name, extra_eos_ids=_generation_eos(folder))
+        self.bitnet = bitnet_quantization(raw, cfg.arch, folder.name)
         # canonical name -> (file, stored name), or (file, stored name, (first row, end row)) for a block of a fused one
         self.locations: dict[str, tuple] = {}
+        self.weight_scales: dict[str, tuple[str, str]] = {}  # BitNet: stored projection name -> its weight_scale
         for fname, names in self.files.items():
             for tname in names:
+                if self.bitnet is not None and tname.endswith(".weight_scale"):
+                    self.weight_scales[tname.removesuffix("_scale")] = (fname, tname)
+                    continue
                 cname = hf_to_canonical(tname, cfg.arch)
                 if cname is None:
                     continue
@@ -389,6 +483,10 @@ class HFFolderSource(ModelSource):
                         self.locations[f"{prefix}.{part}"] = (fname, tname, rows)
                 else:
                     self.locations[cname] = (fname, tname)
+        stray = set(self.weight_scales) - {loc[1] for loc in self.locations.values()}
+        if stray:
+            raise ModelFormatError(f"{folder}: weight_scale tensors without their weight ({sorted(stray)[:3]}); the "
+                                   "checkpoint is incomplete")
         if not cfg.tie_embeddings and "lm_head" not in self.locations:
             logger.warning("{}: no lm_head.weight and tie_word_embeddings=false; tying lm_head to the embedding",
                            folder)
@@ -419,7 +517,7 @@ class HFFolderSource(ModelSource):
             cfg.bos_token_id = tok.bos_token_id
         return tok
 
-    def _raw_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _raw_tensors(self) -> Iterator[tuple[str, torch.Tensor | TernaryWeight]]:
         from safetensors import safe_open
 
         names = [n for n in canonical_order(self.locations) if not (n == "lm_head" and self.config.tie_embeddings)]
@@ -433,7 +531,16 @@ class HFFolderSource(ModelSource):
                     t = handles[fname].get_slice(tname)[rows[0][0]:rows[0][1]]
                 else:
                     t = handles[fname].get_tensor(tname)
-                yield cname, _to_canonical(self.config, cname.rpartition(".")[2], t)
+                key = cname.rpartition(".")[2]
+                if self.bitnet is not None and key in _PROJECTIONS:
+                    ws = None
+                    if tname in self.weight_scales:
+                        sf, sname = self.weight_scales[tname]
+                        if sf not in handles:
+                            handles[sf] = stack.enter_context(safe_open(str(self.path / sf), framework="pt"))
+                        ws = handles[sf].get_tensor(sname)
+                    t = self.bitnet.weight(tname, t, ws)
+                yield cname, t if isinstance(t, TernaryWeight) else _to_canonical(self.config, key, t)
 
     def describe(self) -> str:
         return f"hf:{self.path}"

@@ -22,5 +22,6 @@ from sparsedge.ops import ffn  # noqa: E402,F401
 from sparsedge.ops import delta  # noqa: E402,F401
 from sparsedge.ops import quant  # noqa: E402,F401
 from sparsedge.ops import qffn  # noqa: E402,F401
+from sparsedge.ops import bitlinear  # noqa: E402,F401
 
 __all__ = ["DISPATCH_KEYS", "NAMESPACE", "define", "has_fused", "op_names", "reference"]

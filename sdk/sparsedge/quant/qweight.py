@@ -107,20 +107,21 @@ class QWeight:
 
 
 def nbytes(w) -> int:
-    """Bytes of a weight as stored: a QWeight, a float tensor, or a tuple of them."""
+    """Bytes of a weight as stored: a QWeight or TernaryWeight, a float tensor, or a tuple of them."""
     if w is None:
         return 0
     if isinstance(w, (tuple, list)):
         return sum(nbytes(p) for p in w)
-    if isinstance(w, QWeight):
-        return w.nbytes
-    return w.numel() * w.element_size()
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return w.nbytes
 
 
 def dequantized(w) -> torch.Tensor:
-    """fp32 values of a weight (a QWeight, a float tensor, or a tuple of them concatenated by rows)."""
+    """fp32 values of a weight (a QWeight or TernaryWeight, a float tensor, or a tuple of them concatenated by
+    rows)."""
     if isinstance(w, (tuple, list)):
         return torch.cat([dequantized(p) for p in w])
-    if isinstance(w, QWeight):
-        return w.dequantize()
-    return w
+    if isinstance(w, torch.Tensor):
+        return w
+    return w.dequantize()
