@@ -44,7 +44,10 @@ class __attribute__((visibility("hidden"))) ThreadPool {
     return pool;
   }
 
-  // Split [0, n) into one contiguous chunk per thread (multiples of `grain`) and run fn on each.
+  // Split [0, n) into one contiguous chunk per thread (multiples of `grain`) and run fn on each. Chunks are
+  // claimed, not assigned: whichever thread is running takes the next unclaimed chunk, so when another process
+  // holds a core and a worker has not been scheduled yet, the caller runs that worker's chunk itself instead of
+  // waiting a scheduler tick for it. The chunk boundaries do not depend on who runs them, so results are the same.
   void run(int64_t n, int64_t grain, Fn fn, void* ctx) {
     const int want = std::max(1, at::get_num_threads());
     grain = std::max<int64_t>(grain, 1);
@@ -61,19 +64,22 @@ class __attribute__((visibility("hidden"))) ThreadPool {
     n_ = n;
     grain_ = grain;
     active_ = nt;
-    remaining_.store(nt - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_seq_cst);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
+    claim_.store(gen << kClaimBits, std::memory_order_release);  // chunk 0 of job `gen` is next
+    generation_.store(gen, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
     in_job_ = true;
     std::exception_ptr err;
     try {
-      run_chunk(0);
+      run_claimed(gen);
     } catch (...) {
       err = std::current_exception();
     }
     in_job_ = false;
-    // always join the workers before returning or rethrowing: the next job must not start while they run
-    wait_until([&] { return remaining_.load(std::memory_order_acquire) == 0; }, remaining_, master_sleeping_);
+    // always wait for every claimed chunk before returning or rethrowing: the next job must not start while one
+    // runs (a worker that claims nothing never touches this job's fn_ / ctx_)
+    wait_until([&] { return done_.load(std::memory_order_acquire) == nt; }, done_, master_sleeping_);
     if (!err) err = worker_error_;
     worker_error_ = nullptr;
     if (err) std::rethrow_exception(err);
@@ -97,6 +103,27 @@ class __attribute__((visibility("hidden"))) ThreadPool {
     const int64_t per = (chunks + active_ - 1) / active_;
     const int64_t b = std::min<int64_t>(n_, tid * per * grain_), e = std::min<int64_t>(n_, (tid + 1) * per * grain_);
     if (b < e) fn_(ctx_, b, e);
+  }
+
+  // Claim and run chunks of job `gen` until none is left. claim_ holds (job << kClaimBits) | next chunk; a thread
+  // that woke for an older job fails the job check and claims nothing. A caller that threw still counts its chunk
+  // as done (the error is rethrown after the join).
+  void run_claimed(uint64_t gen) {
+    uint64_t w = claim_.load(std::memory_order_acquire);
+    while ((w >> kClaimBits) == gen && static_cast<int>(w & kClaimMask) < active_) {
+      if (!claim_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int chunk = static_cast<int>(w & kClaimMask);
+      struct Done {  // counted even when fn throws, so the caller's join never hangs
+        ThreadPool* p;
+        ~Done() {
+          if (p->done_.fetch_add(1, std::memory_order_seq_cst) + 1 == p->active_ &&
+              p->master_sleeping_.load(std::memory_order_seq_cst))
+            p->done_.notify_one();
+        }
+      } done{this};
+      run_chunk(chunk);
+      w = claim_.load(std::memory_order_acquire);
+    }
   }
 
   template <class Ready, class Atomic>
@@ -123,7 +150,7 @@ class __attribute__((visibility("hidden"))) ThreadPool {
     }
   }
 
-  void worker(int tid, uint64_t seen) {
+  void worker(int /*tid*/, uint64_t seen) {
     while (true) {
       auto t0 = std::chrono::steady_clock::now();
       uint64_t g;
@@ -137,18 +164,14 @@ class __attribute__((visibility("hidden"))) ThreadPool {
       }
       seen = g;
       if (stop_.load()) return;
-      if (tid < active_) {
-        in_job_ = true;
-        try {
-          run_chunk(tid);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mutex_);
-          if (!worker_error_) worker_error_ = std::current_exception();
-        }
-        in_job_ = false;
-        if (remaining_.fetch_sub(1, std::memory_order_seq_cst) == 1 && master_sleeping_.load(std::memory_order_seq_cst))
-          remaining_.notify_one();
+      in_job_ = true;
+      try {
+        run_claimed(g);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!worker_error_) worker_error_ = std::current_exception();
       }
+      in_job_ = false;
     }
   }
 
@@ -157,7 +180,10 @@ class __attribute__((visibility("hidden"))) ThreadPool {
   std::mutex error_mutex_;
   std::exception_ptr worker_error_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> remaining_{0};
+  static constexpr int kClaimBits = 16;
+  static constexpr uint64_t kClaimMask = (uint64_t{1} << kClaimBits) - 1;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int> done_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<int> master_sleeping_{0};
   std::atomic<bool> stop_{false};
