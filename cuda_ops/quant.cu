@@ -8,11 +8,11 @@
 //   2. qlinear_kernel<Q>   grid (ceil(N / 8), ceil(T / 8)), 8 warps, a warp per weight row and up to 8 tokens per
 //                          block (each row read once per 8 tokens). Lanes take the row's 32-element sub-blocks
 //                          g = lane, lane + 32, ...; a sub-block's weights become 8 packed int8x4 words (nibbles
-//                          masked, q6_k's high bits merged and -32 applied per byte with __vsub4), each dotted with
-//                          the token's int8 x by 8 __dp4a (load_sub_block / sub_block_dot in quant.cuh, shared
-//                          with qsparse_ffn_rows' listed gate/up rows); the block's float part (d_w d_x, and the
-//                          q4_0 / q4_1 / q4_k offset / min term from the x sum s) is accumulated in fp32, then a warp
-//                          sum per token.
+//                          masked, q6_k's high bits merged and -32 applied per byte with __vsub4, tq2_0's 2-bit
+//                          codes shifted and masked), each dotted with the token's int8 x by 8 __dp4a
+//                          (load_sub_block / sub_block_dot in quant.cuh, shared with qsparse_ffn_rows' listed
+//                          gate/up rows); the block's float part (d_w d_x, and the q4_0 / q4_1 / q4_k / tq2_0
+//                          offset / min term from the x sum s) is accumulated in fp32, then a warp sum per token.
 //      float formats: float_linear_kernel, the same grid, fp32 dot products of the widened row with x.
 // Weight rows only need 2-byte alignment (GGUF block sizes are even; reads are 16-bit).
 #include <cuda_fp16.h>
@@ -175,6 +175,7 @@ cudaError_t qlinear(const void* x, const uint8_t* w, float* y, int64_t T, int64_
     case QType::Q4_1: qlinear_kernel<QType::Q4_1><<<grid, block, 0, stream>>>(w, xq, xd, xs, y, T, N, K, rb); break;
     case QType::Q4_K: qlinear_kernel<QType::Q4_K><<<grid, block, 0, stream>>>(w, xq, xd, xs, y, T, N, K, rb); break;
     case QType::Q6_K: qlinear_kernel<QType::Q6_K><<<grid, block, 0, stream>>>(w, xq, xd, xs, y, T, N, K, rb); break;
+    case QType::TQ2_0: qlinear_kernel<QType::TQ2_0><<<grid, block, 0, stream>>>(w, xq, xd, xs, y, T, N, K, rb); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

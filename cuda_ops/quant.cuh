@@ -51,8 +51,9 @@ struct SubBlock {
   int sc_a = 1, sc_b = 1;
 };
 
-// formats whose sub-block carries an offset (q4_0's -8 d, q4_1's m, q4_k's -d_min m)
-template <QType Q> constexpr bool kHasOffset = Q == QType::Q4_0 || Q == QType::Q4_1 || Q == QType::Q4_K;
+// formats whose sub-block carries an offset (q4_0's -8 d, q4_1's m, q4_k's -d_min m, tq2_0's -d)
+template <QType Q> constexpr bool kHasOffset =
+    Q == QType::Q4_0 || Q == QType::Q4_1 || Q == QType::Q4_K || Q == QType::TQ2_0;
 
 // sub-block g (elements 32 g .. 32 g + 31) of `row`: nibbles masked, q6_k's high bits merged and -32 applied per
 // byte with __vsub4
@@ -106,6 +107,15 @@ __device__ __forceinline__ SubBlock load_sub_block(const uint8_t* row, int64_t g
     s.sc_a = static_cast<int8_t>(__ldg(b + 192 + 2 * gg));
     s.sc_b = static_cast<int8_t>(__ldg(b + 192 + 2 * gg + 1));
     s.scale = ld_half(b + 208);
+  } else if constexpr (Q == QType::TQ2_0) {  // 2-bit codes q, weight d (q - 1): bits 2 (j % 4) of 32 bytes
+    const uint8_t* b = row + (g >> 3) * 66;
+    const int j = static_cast<int>(g & 7);
+    ld_words(b + 32 * (j >> 2), w);
+    const int sh = 2 * (j & 3);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = (w[i] >> sh) & 0x03030303u;
+    s.scale = ld_half(b + 64);
+    s.offset = -s.scale;
   }
   return s;
 }

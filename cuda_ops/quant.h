@@ -8,7 +8,7 @@
 
 namespace sparsedge::cuda {
 
-enum class QType : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q4_K = 6, Q6_K = 7 };
+enum class QType : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q4_K = 6, Q6_K = 7, TQ2_0 = 8 };
 
 struct QTypeInfo {
   const char* name;
@@ -19,7 +19,7 @@ struct QTypeInfo {
 constexpr QTypeInfo kQTypes[] = {
     {"f32", QType::F32, 1, 4},      {"f16", QType::F16, 1, 2},      {"bf16", QType::BF16, 1, 2},
     {"q8_0", QType::Q8_0, 32, 34},  {"q4_0", QType::Q4_0, 32, 18},  {"q4_1", QType::Q4_1, 32, 20},
-    {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210},
+    {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210}, {"tq2_0", QType::TQ2_0, 256, 66},
 };
 
 // Bytes of one row of K elements in format qt; 0 when K is not a positive multiple of its block.

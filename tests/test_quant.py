@@ -76,7 +76,7 @@ def test_dequantize_bit_exact(qtype):
     raw[0] = 0                                            # all-zero blocks
     if fmt.quantized:
         # chosen fp16 values in every scale field of rows 1..len(F16_EDGES)
-        offsets = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}[qtype]
+        offsets = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208], "tq2_0": [64]}[qtype]
         blocks = raw.reshape(24, K // fmt.block, fmt.type_size)
         for i, bits in enumerate(F16_EDGES):
             for off in offsets:

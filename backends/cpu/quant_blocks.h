@@ -25,12 +25,12 @@ constexpr int64_t kMinBytes = 16 * 1024; // weight bytes per thread below which 
 // on 2 threads of this CPU (Zen 5), prefetching 1-4 KiB ahead of each row stream at ~30-33 GB/s.
 constexpr int64_t kPrefetch = 4096;
 
-enum class QType { F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K };
+enum class QType { F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, TQ2_0 };
 struct QInfo { const char* name; QType type; int64_t block, size; };
 constexpr QInfo kTypes[] = {
     {"f32", QType::F32, 1, 4},      {"f16", QType::F16, 1, 2},      {"bf16", QType::BF16, 1, 2},
     {"q8_0", QType::Q8_0, 32, 34},  {"q4_0", QType::Q4_0, 32, 18},  {"q4_1", QType::Q4_1, 32, 20},
-    {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210},
+    {"q4_k", QType::Q4_K, 256, 144}, {"q6_k", QType::Q6_K, 256, 210}, {"tq2_0", QType::TQ2_0, 256, 66},
 };
 
 const QInfo& qinfo(const std::string& qtype) {
@@ -373,6 +373,42 @@ struct Q6_K {
       }
 #endif
     }
+  }
+};
+
+// tq2_0 (BitNet b1.58's ternary weights): 2-bit codes q, weight d (q - 1). Sub-block j (elements 32 j .. 32 j + 31)
+// is bits 2 (j % 4) of bytes 32 (j / 4) .. + 31; the -1 offset is folded into the x sums as q4_0's -8:
+// per sub-block d (d_x sum q x - s_x)
+struct TQ2_0 {
+  static constexpr int64_t kBlock = 256, kBytes = 66;
+  template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
+                                           const float* const* xs, Acc* acc, float* ms) {
+    const float d = f16(b + 64);
+#ifdef SPARSEDGE_AVX2
+    (void)ms;  // the offsets fold into acc
+    const __m256 dv = _mm256_set1_ps(d);
+    alignas(32) float s[C][8];
+    scales8<C>(dv, xd, s);
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fnmadd_ps(dv, _mm256_loadu_ps(xs[c]), acc[c]);
+    const __m256i m3 = _mm256_set1_epi8(0x03);
+    for (int h = 0; h < 2; ++h) {
+      __m256i v = load32(b + 32 * h);
+      for (int l = 0; l < 4; ++l, v = _mm256_srli_epi16(v, 2)) {
+        const __m256i q = _mm256_and_si256(v, m3);  // codes 0..3: u8 x s8 pairs cannot saturate
+        const int j = 4 * h + l;
+        for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(q, load32(xq[c] + 32 * j)), &s[c][j]);
+      }
+    }
+#else
+    for (int j = 0; j < 8; ++j) {
+      uint8_t q[32];
+      const uint8_t* qs = b + 32 * (j / 4);
+      for (int i = 0; i < 32; ++i) q[i] = (qs[i] >> (2 * (j % 4))) & 3;
+      for (int c = 0; c < C; ++c) acc_fma(acc[c], dot32(q, xq[c] + 32 * j), d * xd[c][j]);
+    }
+    for (int c = 0; c < C; ++c)
+      for (int j = 0; j < 8; ++j) ms[c] = std::fma(-d, xs[c][j], ms[c]);
+#endif
   }
 };
 

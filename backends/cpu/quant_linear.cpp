@@ -9,6 +9,7 @@
 //   q4_1   sum_32 q x, the min term from the x sum:  d_w d_x sum q x + m_w s_x
 //   q4_k   per 32-sub-block as q4_1 with scale d sc_j and min dmin mn_j
 //   q6_k   per 16 elements (q - 32) x weighted by the int8 sub-scale in int16/int32 lanes, then d d_x
+//   tq2_0  per 32-sub-block sum_32 q x of the 2-bit codes, the -1 offset folded as q4_0's: d (d_x sum q x - s_x)
 // Integer sums use AVX2 maddubs/madd (u8 x s8 -> s16 pairs -> s32; no pair can saturate: |u| <= 128 and
 // |x| <= 127, or u <= 63) or, where the build has AVX-VNNI / AVX512-VNNI, vpdpbusd; the float part of each
 // block is one fma of the int32 lanes with d_w d_x into 8 fp32 accumulators. Without AVX2 a scalar path
@@ -120,6 +121,15 @@ void dequant_row(QType t, const uint8_t* b, int64_t K, float* out) {
         }
       }
       break;
+    case QType::TQ2_0:
+      for (int64_t u = 0; u < K / 256; ++u, b += 66) {
+        const float d = f16(b + 64);
+        for (int e = 0; e < 256; ++e) {
+          const int q = (b[32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3;
+          out[256 * u + e] = d * static_cast<float>(q - 1);
+        }
+      }
+      break;
     default:  // Q6_K
       for (int64_t u = 0; u < K / 256; ++u, b += 210) {
         const uint8_t* ql = b;
@@ -221,6 +231,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
     case QType::Q4_0: run_quant<Q4_0>(wp, N, rb, X, T, yp); break;
     case QType::Q4_1: run_quant<Q4_1>(wp, N, rb, X, T, yp); break;
     case QType::Q4_K: run_quant<Q4_K>(wp, N, rb, X, T, yp); break;
+    case QType::TQ2_0: run_quant<TQ2_0>(wp, N, rb, X, T, yp); break;
     default: run_quant<Q6_K>(wp, N, rb, X, T, yp); break;
   }
   return y.to(x.scalar_type()).reshape(sizes);

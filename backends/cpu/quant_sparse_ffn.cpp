@@ -291,7 +291,9 @@ std::tuple<at::Tensor, at::Tensor> qffn(const char* op, const at::Tensor& x, con
     case QType::Q4_0: run<Q4_0>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
     case QType::Q4_1: run<Q4_1>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
     case QType::Q4_K: run<Q4_K>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
-    default: run<Q6_K>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
+    case QType::Q6_K: run<Q6_K>(wp, rb, X, T, I, d, D, th, ip, np, act, p, yp, cp); break;
+    default: TORCH_CHECK_VALUE(false, op, ": gate/up format ", qt.name, " has no sparse FFN kernel (q8_0, q4_0, q4_1, "
+                               "q4_k, q6_k do)");
   }
   return {y.to(x.scalar_type()), count};
 }

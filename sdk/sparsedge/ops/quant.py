@@ -3,7 +3,8 @@
   qlinear(x [.., K], w [N, row_bytes] uint8, qtype, K) -> [.., N]      y = x W^T
     w      the raw block bytes of a weight [N, K], row-major (sparsedge/quant/formats.py has the layouts);
            row_bytes = K / block * type_size
-    qtype  "q8_0" | "q4_0" | "q4_1" | "q4_k" | "q6_k" | "f16" | "bf16" | "f32"; K a multiple of its block
+    qtype  "q8_0" | "q4_0" | "q4_1" | "q4_k" | "q6_k" | "tq2_0" | "f16" | "bf16" | "f32"; K a multiple of its
+           block
     x      float (fp32; bf16 / fp16 are upcast); y comes back in x's dtype
 The composite reference dequantizes W to fp32 and multiplies in fp32: the definition of correct.
 Fused kernels (llama.cpp's arithmetic) round x to int8 per block of 32 once per call
@@ -69,7 +70,7 @@ QCASES: list[QCase] = [
     *[QCase(q, N, K, T) for q in ("q8_0", "q4_0", "q4_1")
       for (N, K, T) in ((1, 32, 1), (3, 64, 2), (7, 96, 1), (33, 576, 1), (33, 576, 5), (64, 1536, 3),
                         (130, 576, 8), (17, 256, 7), (96, 128, 40))],
-    *[QCase(q, N, K, T) for q in ("q4_k", "q6_k")
+    *[QCase(q, N, K, T) for q in ("q4_k", "q6_k", "tq2_0")
       for (N, K, T) in ((1, 256, 1), (5, 512, 2), (33, 768, 1), (33, 768, 6), (66, 1536, 8), (17, 256, 3),
                         (96, 512, 40))],
     *[QCase(q, N, K, T) for q in ("f32", "f16", "bf16")
@@ -77,6 +78,7 @@ QCASES: list[QCase] = [
     QCase("q4_1", 31, 576, 2, torch.bfloat16),
     QCase("q8_0", 31, 576, 1, torch.bfloat16),
     QCase("q4_k", 9, 256, 3, torch.bfloat16),
+    QCase("tq2_0", 9, 512, 2, torch.bfloat16),
 ]
 
 # the same cases in the one op table (tests/test_ops.py runs them on every device; the NPU has no qlinear kernel)

@@ -23,6 +23,9 @@ Block layouts (little-endian; fp16 = IEEE half; element e of a block; value = wh
                            low 4 bits  = ql[64 h + r % 64] >> (4 * (r // 64)) & 15
                            high 2 bits = qh[32 h + r % 32] >> (2 * (r // 32)) & 3
                          q = low | high << 4;  value = (d * scales[e // 16]) * (q - 32)
+  tq2_0 256 elems, 66 B  qs u8[64] | d fp16                       (BitNet b1.58's ternary weights)
+                         element e = 128 c + 32 l + m (c < 2, l < 4, m < 32): q = qs[32 c + m] >> (2 l) & 3;
+                         value = d * (q - 1)   (q in {0, 1, 2} as llama.cpp writes it; 3 reads as +2)
 
 dequantize() does the float operations in the order written above (the order of the `gguf` package's
 numpy reference, so results are bit-identical), and quantize() reproduces `gguf.quants.quantize`
@@ -66,6 +69,7 @@ FORMATS: dict[str, QFormat] = {f.name: f for f in (
     QFormat("q4_1", 3, QK, 20),
     QFormat("q4_k", 12, QK_K, 144),
     QFormat("q6_k", 14, QK_K, 210),
+    QFormat("tq2_0", 35, QK_K, 66),
 )}
 SUPPORTED: tuple[str, ...] = tuple(FORMATS)
 # the unquantized formats as torch dtypes (their bytes viewed in place)
@@ -179,6 +183,11 @@ def dequantize(raw: torch.Tensor, qtype, K: int) -> torch.Tensor:
         hi = ((qh >> shifts) & 0x03).reshape(M, nb, 8, 32)
         q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(M, nb, 16, 16)
         out = (d[..., None] * sc)[..., None] * q
+    elif name == "tq2_0":
+        qs = b[..., 0:64].reshape(M, nb, 2, 1, 32)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=raw.device).reshape(4, 1)
+        q = (((qs >> shifts) & 0x03).to(torch.int8) - 1).float().reshape(M, nb, QK_K)
+        out = _f16(b[..., 64:66])[..., None] * q
     else:  # pragma: no cover - FORMATS and this switch list the same names
         raise AssertionError(name)
     return out.reshape(*lead, K)

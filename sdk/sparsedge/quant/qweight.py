@@ -15,7 +15,7 @@ from sparsedge.quant import formats as qf
 
 
 # byte offsets of the fp16 fields (scale, and min where there is one) inside each block
-_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
+_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "tq2_0": (64,)}
 
 
 @dataclass

@@ -8,7 +8,8 @@ from sparsedge.quant import formats as qf
 
 def random_blocks(qtype, N: int, K: int, gen: torch.Generator | None = None, scale: float = 0.02) -> torch.Tensor:
     """uint8 [N, row_bytes] of valid, finite blocks: random quant bytes with fp16 scale fields in
-    (0, scale] (q4_k's dmin too, q6_k's int8 sub-scales anything). The float formats get N(0, 1) values."""
+    (0, scale] (q4_k's dmin too, q6_k's int8 sub-scales anything; tq2_0's 2-bit codes 0..3, 3 included). The float
+    formats get N(0, 1) values."""
     fmt = qf.get_format(qtype)
     if not fmt.quantized:
         return qf.quantize(torch.randn(N, K, generator=gen), fmt)
@@ -25,6 +26,8 @@ def random_blocks(qtype, N: int, K: int, gen: torch.Generator | None = None, sca
         if fmt.name == "q4_1":
             f[..., 1] = -8 * f[..., 1]
         raw[..., 0:4] = f.half().view(torch.uint8)
+    elif fmt.name == "tq2_0":  # d at the end
+        raw[..., 64:66] = half(1)
     else:  # q6_k: d at the end
         raw[..., 208:210] = (torch.rand(N, nb, 1, generator=gen) * scale / 64).half().view(torch.uint8)
     return raw.reshape(N, nb * fmt.type_size)
