@@ -360,9 +360,6 @@ def _gguf_from_hf(path, hf_model, arch: str, quantize: dict | None = None) -> No
     """Write `hf_model` as llama.cpp's convert_hf_to_gguf.py lays out `arch` (gemma3 / qwen3): its tensor names and
     metadata, Gemma's norms stored as 1 + w, q/k rows in transformers' order (NEOX RoPE: no permutation); tensors
     whose GGUF name ends in a key of `quantize` stored in that block type."""
-    import gguf
-    import numpy as np
-
     c = hf_model.config
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
@@ -373,49 +370,68 @@ def _gguf_from_hf(path, hf_model, arch: str, quantize: dict | None = None) -> No
                       "post_feedforward_layernorm": "post_ffw_norm"})
     else:
         names["post_attention_layernorm"] = "ffn_norm"
+
+    def meta(wr):
+        wr.add_block_count(c.num_hidden_layers)
+        wr.add_context_length(c.max_position_embeddings)
+        wr.add_embedding_length(c.hidden_size)
+        wr.add_feed_forward_length(c.intermediate_size)
+        wr.add_head_count(c.num_attention_heads)
+        wr.add_head_count_kv(c.num_key_value_heads)
+        wr.add_key_length(c.head_dim)
+        wr.add_value_length(c.head_dim)
+        wr.add_layer_norm_rms_eps(c.rms_norm_eps)
+        wr.add_rope_freq_base(c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"])
+        if arch == "gemma3":
+            wr.add_sliding_window(c.sliding_window)
+
+    def plus_one(g, w):  # Gemma's (1 + w) norms are stored as 1 + w
+        return w + 1 if arch == "gemma3" and g.endswith("norm.weight") else w
+    write_gguf(path, arch, hf_model, names, meta, quantize, transform=plus_one)
+
+
+def write_gguf(path, arch: str, hf_model, names: dict, meta, quantize: dict | None = None, extra=(),
+               transform=None) -> None:
+    """Write `hf_model` as a GGUF of `arch`: tensors renamed by `names` (transformers module -> GGUF name), metadata by
+    `meta(writer)`; a tensor whose GGUF name ends in a key of `quantize` is stored in that type, and the transformers
+    model gets the values the file holds; `transform(gguf_name, array)` rewrites a tensor before it is stored."""
+    import gguf
+    import numpy as np
+
+    c = hf_model.config
     wr = gguf.GGUFWriter(str(path), arch)
-    wr.add_block_count(c.num_hidden_layers)
-    wr.add_context_length(c.max_position_embeddings)
-    wr.add_embedding_length(c.hidden_size)
-    wr.add_feed_forward_length(c.intermediate_size)
-    wr.add_head_count(c.num_attention_heads)
-    wr.add_head_count_kv(c.num_key_value_heads)
-    wr.add_key_length(c.head_dim)
-    wr.add_value_length(c.head_dim)
-    wr.add_layer_norm_rms_eps(c.rms_norm_eps)
-    wr.add_rope_freq_base(c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"])
-    if arch == "gemma3":
-        wr.add_sliding_window(c.sliding_window)
+    meta(wr)
     wr.add_bos_token_id(1)
     wr.add_eos_token_id(2)
     for name, t in hf_model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         w = t.float().numpy()
-        if name == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif name == "model.norm.weight":
-            g = "output_norm.weight"
-        elif name == "lm_head.weight":
-            g = "output.weight"
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+        if name in top:
+            g = top[name]
         else:
             _, _, i, rest = name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
             g = f"blk.{i}.{names[module]}.{kind}"
-        if arch == "gemma3" and g.endswith("norm.weight"):
-            w = w + 1
+        if transform is not None:
+            w = transform(g, w)
         qt = next((q for k, q in (quantize or {}).items() if g.endswith(k)), None)
         if qt is None:
             wr.add_tensor(g, np.ascontiguousarray(w))
         else:
             q = gguf.quants.quantize(w, qt)
             wr.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qt)
-            with torch.no_grad():  # the transformers model gets the values the file holds
+            with torch.no_grad():
                 t.copy_(torch.from_numpy(gguf.quants.dequantize(q, qt)).reshape(t.shape))
+    for g, arr in extra:
+        wr.add_tensor(g, arr)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
     wr.close()
+
 
 
 def test_gemma3_gguf_exact(tmp_path):

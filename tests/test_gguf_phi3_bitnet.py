@@ -36,6 +36,7 @@ from sparsedge.quant import formats as qf
 from sparsedge.quant import load_only
 from sparsedge.quant.qweight import QWeight
 
+from .test_architectures import write_gguf as _write
 from .test_architectures import N_DECODE, SMALL, V, check_exact, hf_greedy, randomize, save_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -43,41 +44,14 @@ Q = gguf.GGMLQuantizationType
 NATIVE_TOL = 0.05  # native TQ2_0 session vs the dequantized one: the int8 rounding of x, through 2 layers
 
 
-def _write(path, arch: str, hf_model, names: dict, meta, quantize: dict | None = None, extra=()) -> None:
-    """Write `hf_model` as a GGUF of `arch`: tensors renamed by `names` (transformers module -> GGUF name), metadata by
-    `meta(writer)`; a tensor whose GGUF name ends in a key of `quantize` is stored in that type, and the transformers
-    model gets the values the file holds."""
-    c = hf_model.config
-    wr = gguf.GGUFWriter(str(path), arch)
-    meta(wr)
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
-    for name, t in hf_model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        w = t.float().numpy()
-        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
-        if name in top:
-            g = top[name]
-        else:
-            _, _, i, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            g = f"blk.{i}.{names[module]}.{kind}"
-        qt = next((q for k, q in (quantize or {}).items() if g.endswith(k)), None)
-        if qt is None:
-            wr.add_tensor(g, np.ascontiguousarray(w))
-        else:
-            q = gguf.quants.quantize(w, qt)
-            wr.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qt)
-            with torch.no_grad():
-                t.copy_(torch.from_numpy(gguf.quants.dequantize(q, qt)).reshape(t.shape))
-    for g, arr in extra:
-        wr.add_tensor(g, arr)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
+def _shape_meta(wr, c) -> None:
+    """The metadata every llama.cpp converter writes from the config's sizes."""
+    wr.add_embedding_length(c.hidden_size)
+    wr.add_feed_forward_length(c.intermediate_size)
+    wr.add_block_count(c.num_hidden_layers)
+    wr.add_head_count(c.num_attention_heads)
+    wr.add_head_count_kv(c.num_key_value_heads)
+    wr.add_layer_norm_rms_eps(c.rms_norm_eps)
 
 
 def _same_config(cfg, hf_model) -> bool:
@@ -102,12 +76,7 @@ def phi3_gguf(path, m, quantize=None, long_rope: bool = False) -> None:
     def meta(wr):
         wr.add_context_length(c.max_position_embeddings)
         wr.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
-        wr.add_embedding_length(c.hidden_size)
-        wr.add_feed_forward_length(c.intermediate_size)
-        wr.add_block_count(c.num_hidden_layers)
-        wr.add_head_count(c.num_attention_heads)
-        wr.add_head_count_kv(c.num_key_value_heads)
-        wr.add_layer_norm_rms_eps(c.rms_norm_eps)
+        _shape_meta(wr, c)
         wr.add_rope_dimension_count(n_rot)
         wr.add_rope_freq_base(c.rope_parameters["rope_theta"])
         wr.add_sliding_window(c.sliding_window or 0)
@@ -203,12 +172,7 @@ def bitnet_gguf(path, m, proj_type=Q.TQ2_0, activation: str | None = None, extra
 
     def meta(wr):
         wr.add_context_length(c.max_position_embeddings)
-        wr.add_embedding_length(c.hidden_size)
-        wr.add_feed_forward_length(c.intermediate_size)
-        wr.add_block_count(c.num_hidden_layers)
-        wr.add_head_count(c.num_attention_heads)
-        wr.add_head_count_kv(c.num_key_value_heads)
-        wr.add_layer_norm_rms_eps(c.rms_norm_eps)
+        _shape_meta(wr, c)
         wr.add_rope_freq_base(c.rope_parameters["rope_theta"])
         wr.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
         wr.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

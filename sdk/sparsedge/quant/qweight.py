@@ -18,8 +18,29 @@ from sparsedge.quant import formats as qf
 _SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "tq2_0": (64,)}
 
 
+class RowWeight:
+    """What every non-float weight kind shares: `data` on a device, N rows of K, activations in fp32
+    (subclasses give N and nbytes)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.N, self.K)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in against this weight."""
+        return torch.float32
+
+    def numel(self) -> int:
+        return self.N * self.K
+
+
 @dataclass
-class QWeight:
+class QWeight(RowWeight):
     data: torch.Tensor  # uint8 [N, row_bytes]
     qtype: str
     K: int
@@ -36,25 +57,10 @@ class QWeight:
     def N(self) -> int:
         return self.data.shape[0]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.N, self.K)
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype activations are computed in against this weight."""
-        return torch.float32
 
     @property
     def nbytes(self) -> int:
         return self.data.numel()
-
-    def numel(self) -> int:
-        return self.N * self.K
 
     def rows(self, index) -> "QWeight":
         return QWeight(self.data[index].contiguous(), self.qtype, self.K)

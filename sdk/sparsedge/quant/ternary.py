@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsedge.quant.qweight import RowWeight
+
 VALUES_PER_BYTE = 4
 
 
@@ -53,7 +55,7 @@ def absmean_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class TernaryWeight:
+class TernaryWeight(RowWeight):
     data: torch.Tensor  # uint8 [N / 4, K]
     scale: torch.Tensor  # fp32 [N]
     K: int
@@ -70,25 +72,10 @@ class TernaryWeight:
     def N(self) -> int:
         return self.data.shape[0] * VALUES_PER_BYTE
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.N, self.K)
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype activations are computed in against this weight."""
-        return torch.float32
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() + self.scale.numel() * 4
-
-    def numel(self) -> int:
-        return self.N * self.K
 
     def rows(self, index: slice) -> "TernaryWeight":
         """Rows start..stop of a slice, both multiples of 4 (whole byte rows)."""
