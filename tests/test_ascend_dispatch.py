@@ -44,7 +44,9 @@ def report():
     res = subprocess.run([sys.executable, str(ROOT / "ascendc_ops" / "emulation" / "dispatch_probe.py"), str(lib)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["stderr"] = res.stderr  # c10 warnings raised under a redispatch (no Python warning handler) land here
+    return out
 
 
 def test_build_info_and_activation_names(report):
@@ -99,6 +101,32 @@ def test_ffn_predict_q4_argument_order(report):
     # concat: workspace, idx, count, T, I, dPad = 0 (no partial-y region), mainBlocks, nPerCore
     assert a2[0] == a1[4] and a2[1:3] == [p["idx"], p["count"]]
     assert a2[3:8] == [2, 300, 0, b1, 128] and b2 == 2
+
+
+def test_qsparse_ffn_rows_q8_argument_order(report):
+    case = report["cases"]["qsparse_ffn_rows_q8_0"]
+    assert case["cmds"] == ["sparsedge_qsparse_ffn_rows_q8"] and not case["warnings"]
+    assert case["count_ok"] and case["dtype_ok"] and case["err"] < 2e-3 * max(1.0, case["scale"])
+    (k1, b1, a1), (k2, b2, a2) = map(parse, case["log"])
+    p = case["ptrs"]
+    assert k1 == "sparsedge_qffn_rows_q8" and k2 == "sparsedge_qffn_reduce"
+    # x (an fp32 copy: fp16 here), idx, count, w_gate_up, down codes, down scale, workspace, then T, d, I, act,
+    # act_param, bPerCore, nbxPad, nTile, nList
+    assert a1[0] != p["x"] and a1[1:6] == [p["idx"], p["count"], p["w"], p["codes"], p["scale"]]
+    assert a1[7:12] == [2, 64, 160, ACTIVATIONS.index("relu2"), 0.0]
+    assert a1[12:16] == [2, 8, 64, 256] and b1 == 3          # 5 blocks of 32 neurons: 2 per core on 4 cores -> 3
+    # reduce: workspace, y (fp32), down_count, T, d, mainBlocks, cols
+    assert a2[0] == a1[6] and a2[2] == p["down_count"]
+    assert a2[3:7] == [2, 64, b1, 16] and b2 == 4
+
+
+def test_qsparse_ffn_rows_other_formats_fall_back_loudly(report):
+    case = report["cases"]["qsparse_ffn_rows_q4_1"]
+    assert case["log"] == [] and case["cmds"] == []           # no kernel launched: the composite reference ran
+    assert case["count_ok"] and case["dtype_ok"] and case["err"] == 0.0
+    # TORCH_WARN_ONCE: a Python UserWarning under a plain op call; the probe redispatches, so c10 prints it to stderr
+    warned = [w for w in case["warnings"] + report["stderr"].splitlines() if "sparsedge::qsparse_ffn_rows" in w]
+    assert len(warned) == 1 and "q8_0" in warned[0] and "q4_1" in warned[0] and "composite reference" in warned[0]
 
 
 def test_delta_encode_dispatch(report):

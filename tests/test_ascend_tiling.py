@@ -106,6 +106,30 @@ def test_ffn_q4_tiling_rejects(emu):
 
 
 @pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("T,d,I", [(1, 576, 1536), (1, 2048, 8192), (1, 4096, 11008), (4, 4096, 14336),
+                                   (3, 96, 32), (1, 64, 96)])
+@pytest.mark.parametrize("cores", [1, 8, 48])
+def test_qffn_rows_q8_tiling(emu, chip, T, d, I, cores):
+    rc, t = emu.qffn_rows_q8_tiling(chip, T, d, I, cores)
+    assert rc == 0, t
+    assert t["ubLimit"] == CHIPS[chip] and t["ubBytes"] <= t["ubLimit"] and t["redUbBytes"] <= t["ubLimit"]
+    nb = I // 32                                                  # 32-neuron blocks: h is rounded per block
+    assert t["blockDim"] <= cores and t["blockDim"] * t["bPerCore"] >= nb > (t["blockDim"] - 1) * t["bPerCore"]
+    assert t["nbxPad"] % 8 == 0 and 0 <= t["nbxPad"] - d // 32 < 8
+    assert t["nTile"] % 64 == 0 and 64 <= t["nTile"] <= 256 and t["nList"] % 8 == 0
+    assert t["redCols"] % 8 == 0 and t["redBlockDim"] * t["redCols"] >= d > (t["redBlockDim"] - 1) * t["redCols"]
+    assert t["wsBytes"] == T * t["blockDim"] * d * 4 + T * t["blockDim"] * 32
+
+
+def test_qffn_rows_q8_tiling_rejects(emu):
+    assert emu.qffn_rows_q8_tiling("310B", 1, 100, 64, 8)[0] == 1    # d not a multiple of 32 (q8_0 blocks)
+    assert emu.qffn_rows_q8_tiling("310B", 1, 64, 48, 8)[0] == 1     # I not a multiple of 32 (W_down blocks)
+    assert emu.qffn_rows_q8_tiling("310B", 0, 64, 64, 8)[0] == 1
+    assert emu.qffn_rows_q8_tiling("910B", 1, 8192, 64, 8)[0] == 2   # SD_ERR_UB: rows of 8192 do not fit
+    assert emu.qffn_rows_q8_tiling("310B", 1, 4096, 64, 8)[0] == 0
+
+
+@pytest.mark.parametrize("chip", CHIPS)
 @pytest.mark.parametrize("T,H,D", [(1, 3, 64), (512, 8, 128), (100000, 2, 64), (7, 5, 40), (64, 32, 256)])
 def test_delta_encode_tiling(emu, chip, T, H, D):
     rc, t = emu.delta_encode_tiling(chip, T, H, D, 8)
@@ -162,6 +186,21 @@ def test_q4_kernels_reserve_the_tiled_ub(emu, chip, T, d, G, I):
                              chip=chip, cores=4)
     _, t = emu.ffn_q4_tiling(chip, T, d, G, I, 4)
     assert res["ub"] == (t["ubBytes"], t["concatUbBytes"])
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("T,d,I", [(1, 576, 1536), (3, 96, 64), (2, 256, 480)])
+def test_qffn_kernels_reserve_the_tiled_ub(emu, chip, T, d, I):
+    from sparsedge.ops.ffn import compact_active
+    from sparsedge.quant import formats as qf
+    g = torch.Generator().manual_seed(3)
+    w = qf.quantize(torch.randn(2 * I, d, generator=g) / 8, "q8_0")
+    idx, count = compact_active(torch.rand(T, I, generator=g) < 0.5)
+    codes = torch.randint(-127, 128, (I, d), dtype=torch.int8, generator=g)
+    scale = (torch.rand(I // 32, d, generator=g) * 0.01).half()
+    res = emu.qffn_rows_q8(_f16(g, T, d), idx, count, w, codes, scale, activation="relu", chip=chip, cores=4)
+    _, t = emu.qffn_rows_q8_tiling(chip, T, d, I, 4)
+    assert res["ub"] == (t["ubBytes"], t["redUbBytes"])
 
 
 @pytest.mark.parametrize("chip", CHIPS)

@@ -13,6 +13,8 @@
 #include "aclrtlaunch_sparsedge_ffn_f16.h"
 #include "aclrtlaunch_sparsedge_ffn_q4_f16.h"
 #include "aclrtlaunch_sparsedge_ffn_reduce_f16.h"
+#include "aclrtlaunch_sparsedge_qffn_reduce.h"
+#include "aclrtlaunch_sparsedge_qffn_rows_q8.h"
 #ifdef SPARSEDGE_HAS_BF16  // 910B builds only (see CMakeLists.txt)
 #include "aclrtlaunch_sparsedge_delta_attention_decode_bf16.h"
 #include "aclrtlaunch_sparsedge_delta_encode_bf16.h"
@@ -61,6 +63,19 @@ void sd_launch_ffn_q4(int dtype, uint32_t blockDim, void* stream, void* x, void*
                       uint32_t hPad, uint32_t ngPad, uint32_t nPerCore, uint32_t nTile, uint32_t qRows) {
     SD_DISPATCH(dtype, sparsedge_ffn_q4, blockDim, stream, x, q, scale, thresh, ws, T, d, G, I, act, actParam, hPad,
                 ngPad, nPerCore, nTile, qRows);
+}
+void sd_launch_qffn_rows_q8(uint32_t blockDim, void* stream, void* x, void* idx, void* count, void* wGateUp,
+                            void* downCodes, void* downScale, void* ws, uint32_t T, uint32_t d, uint32_t I,
+                            uint32_t act, float actParam, uint32_t bPerCore, uint32_t nbxPad, uint32_t nTile,
+                            uint32_t nList) {
+    check(ACLRT_LAUNCH_KERNEL(sparsedge_qffn_rows_q8)(blockDim, stream, x, idx, count, wGateUp, downCodes, downScale,
+                                                      ws, T, d, I, act, actParam, bPerCore, nbxPad, nTile, nList),
+          "sparsedge_qffn_rows_q8");
+}
+void sd_launch_qffn_reduce(uint32_t blockDim, void* stream, void* ws, void* y, void* downCount, uint32_t T, uint32_t d,
+                           uint32_t mainBlocks, uint32_t cols) {
+    check(ACLRT_LAUNCH_KERNEL(sparsedge_qffn_reduce)(blockDim, stream, ws, y, downCount, T, d, mainBlocks, cols),
+          "sparsedge_qffn_reduce");
 }
 void sd_launch_delta_encode(int dtype, uint32_t blockDim, void* stream, void* k, void* ref, void* theta, void* values,
                             void* chan, void* offsets, void* status, uint32_t T, uint32_t H, uint32_t D, uint32_t cap,

@@ -8,6 +8,7 @@
 //   * with -DSPARSEDGE_FAKE_NPU against tests' fake OpCommand / NPUStream / acl shims and the emulated
 //     launchers, then calls the registered PrivateUse1 kernels on CPU tensors (tests/test_ascend_dispatch.py).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -232,6 +233,84 @@ std::tuple<at::Tensor, at::Tensor> ffn_predict_q4(const at::Tensor& x, const at:
     return {idx, count};
 }
 
+// ------------------------------------------------------------------------------- quantized FFN rows
+// qsparse_ffn_rows (sdk/sparsedge/ops/qffn.py). The AscendC kernel (kernels/qffn.cpp) covers W8 only: q8_0 gate/up
+// rows and a q8_0 W_down by neuron (int8 codes, no mins). Other formats run the op's composite reference, with a
+// warning: CompositeExplicitAutograd is an alias key and cannot be redispatched to, but its kernel fills every backend
+// key without a direct registration, and no sparsedge library registers PrivateUse3, so a redispatch there runs the
+// reference (sparsedge.ops.qffn.qsparse_ffn_rows_ref), whose torch ops dispatch on the tensors' own (NPU) keys.
+using QffnRowsFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, c10::string_view, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&, c10::string_view, double);
+
+std::tuple<at::Tensor, at::Tensor> qsparse_ffn_rows(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count,
+                                                    const at::Tensor& w_gate_up, c10::string_view qtype,
+                                                    const at::Tensor& codes, const at::Tensor& scale,
+                                                    const at::Tensor& minv, c10::string_view activation,
+                                                    double act_param) {
+    uint32_t act = activation_id(std::string(activation));  // unknown names: ValueError, before any fallback
+    if (qtype != "q8_0" || codes.scalar_type() != at::kChar || minv.numel() != 0) {
+        static const auto op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("sparsedge::qsparse_ffn_rows", "")
+                                   .typed<QffnRowsFn>();
+        TORCH_CHECK(op.hasComputedKernelForDispatchKey(c10::DispatchKey::PrivateUse3),
+                    "sparsedge (npu): qsparse_ffn_rows has an AscendC kernel for q8_0 gate/up with a q8_0 W_down only, "
+                    "and the composite reference is not registered (import sparsedge.ops)");
+        TORCH_WARN_ONCE("[npu] sparsedge::qsparse_ffn_rows has an AscendC kernel for q8_0 gate/up rows with a q8_0 "
+                        "W_down only (got gate/up ", qtype, ", W_down ", codes.scalar_type() == at::kChar ? "int8" : "4-bit",
+                        " codes); using the composite reference path, which is much slower.");
+        return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::PrivateUse3), x, idx, count, w_gate_up, qtype,
+                             codes, scale, minv, activation, act_param);
+    }
+    SD_CHECK_DEVICE(x, "x");
+    SD_CHECK_DEVICE(w_gate_up, "w_gate_up");
+    SD_CHECK_DEVICE(codes, "down_codes");
+    TORCH_CHECK_VALUE(x.dim() == 2 && at::isFloatingType(x.scalar_type()),
+                      "qsparse_ffn_rows: x must be a float [T, d] tensor, got ", x.scalar_type(), " ", x.sizes());
+    const int64_t T = x.size(0), d = x.size(1), I = codes.dim() == 2 ? codes.size(0) : 0;
+    TORCH_CHECK_VALUE(d > 0 && d % 32 == 0, "qsparse_ffn_rows: d=", d, " must be a positive multiple of 32 (q8_0)");
+    TORCH_CHECK_VALUE(I > 0 && I % 32 == 0 && codes.size(1) == d,
+                      "qsparse_ffn_rows: down codes must be int8 [I, d] with I a positive multiple of 32, got ",
+                      codes.sizes());
+    TORCH_CHECK_VALUE(w_gate_up.dim() == 2 && w_gate_up.scalar_type() == at::kByte && w_gate_up.size(0) == 2 * I &&
+                          w_gate_up.size(1) == d / 32 * 34,
+                      "qsparse_ffn_rows: w_gate_up must be uint8 [", 2 * I, ", ", d / 32 * 34, "] (q8_0 gate and up rows "
+                      "of K=", d, "), got ", w_gate_up.scalar_type(), " ", w_gate_up.sizes());
+    TORCH_CHECK_VALUE(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.size(0) == I / 32 &&
+                          scale.size(1) == d,
+                      "qsparse_ffn_rows: down scale must be float16 [", I / 32, ", ", d, "], got ", scale.sizes());
+    TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == T && idx.size(1) == I && idx.scalar_type() == at::kInt &&
+                          count.numel() == T && count.scalar_type() == at::kInt,
+                      "qsparse_ffn_rows: idx must be int32 [", T, ", ", I, "] and count int32 [", T,
+                      "] (ffn_predict's output)");
+    at::Tensor y = at::empty({T, d}, x.options().dtype(at::kFloat));
+    at::Tensor down = at::empty({T}, x.options().dtype(at::kInt));
+    if (T == 0) return {y.to(x.scalar_type()), down};
+    int c = chip();
+    SdQffnTiling t;
+    check_tiling(sd_qffn_rows_q8_tiling(c, uint32_t(T), uint32_t(d), uint32_t(I), core_num(c, x), &t),
+                 "qsparse_ffn_rows (q8_0)");
+    // the kernel reads x in fp32 (x is rounded to int8 blocks from its fp32 values, as the reference does); count is
+    // clamped to [0, I] on the device (reading it back here would synchronise the stream)
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor ic = idx.contiguous(), cc = count.contiguous(), wc = w_gate_up.contiguous(), dc = codes.contiguous(),
+               sc = scale.contiguous();
+    at::Tensor ws = workspace(t.wsBytes, x);
+    void* s = stream();
+    at_npu::native::OpCommand cmd;
+    cmd.Name("sparsedge_qsparse_ffn_rows_q8");
+    cmd.SetCustomHandler([=]() -> int {
+        sd_launch_qffn_rows_q8(t.blockDim, s, ptr(xf), ptr(ic), ptr(cc), ptr(wc), ptr(dc), ptr(sc), ptr(ws),
+                               uint32_t(T), uint32_t(d), uint32_t(I), act, float(act_param), t.bPerCore, t.nbxPad,
+                               t.nTile, t.nList);
+        sd_launch_qffn_reduce(t.redBlockDim, s, ptr(ws), ptr(y), ptr(down), uint32_t(T), uint32_t(d), t.blockDim,
+                              t.redCols);
+        return 0;
+    });
+    cmd.Run();
+    return {x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()), down};
+}
+
 // ---------------------------------------------------------------------------------------- delta
 at::Tensor delta_encode(const at::Tensor& k, at::Tensor& ref, const at::Tensor& theta, at::Tensor& values,
                         at::Tensor& chan, at::Tensor& offsets, int64_t start) {
@@ -329,11 +408,12 @@ TORCH_LIBRARY_IMPL(sparsedge, PrivateUse1, m) {
     m.impl("sparse_ffn_rows", &sparsedge_npu::sparse_ffn_rows);
     m.impl("delta_encode", &sparsedge_npu::delta_encode);
     m.impl("delta_attention", &sparsedge_npu::delta_attention);
+    m.impl("qsparse_ffn_rows", &sparsedge_npu::qsparse_ffn_rows);
 }
 
 // which kernels this library carries (read by sparsedge.backends.npu for `sparsedge doctor`)
 extern "C" const char* sparsedge_ascend_build_info() {
-    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,ffn_predict_q4"
+    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,ffn_predict_q4,qsparse_ffn_rows"
 #ifdef SPARSEDGE_SOC_VERSION
            ";soc=" SPARSEDGE_SOC_VERSION
 #endif

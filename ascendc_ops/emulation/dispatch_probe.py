@@ -7,12 +7,17 @@ import ctypes
 import json
 import math
 import sys
+import warnings
 
 import torch
 
 import sparsedge.ops as ops
 from sparsedge.ops.delta import delta_attention_ref, delta_encode_ref
 from sparsedge.ops.ffn import ffn_predict_q4_ref, ffn_predict_ref, q4_scores, sparse_ffn_ref, sparse_ffn_rows_ref
+from sparsedge.ops.qffn import qsparse_ffn_rows_ref
+from sparsedge.quant import formats as qf
+from sparsedge.quant.down_t import DownT
+from sparsedge.quant.qweight import QWeight
 
 lib_path = sys.argv[1]
 torch.ops.load_library(lib_path)
@@ -84,6 +89,27 @@ report["cases"]["ffn_predict_q4"] = {
     "log": log, "cmds": cmds, "ok": bool(torch.equal(cnt4, cnr4) and all(
         torch.equal(idx4[t, : cnr4[t]], idr4[t, : cnr4[t]]) for t in range(T))),
     "ptrs": {"x": ptr(x4), "q": ptr(q4), "scale": ptr(s4), "thresh": ptr(th4), "idx": ptr(idx4), "count": ptr(cnt4)}}
+
+# qsparse_ffn_rows: the W8 kernel (q8_0 gate/up, q8_0 W_down), and the composite fallback for other formats
+dq, Iq = 64, 160
+wq = {f: qf.quantize(torch.randn(2 * Iq, dq, generator=g) / 8, f) for f in ("q8_0", "q4_1")}
+dn = {f: DownT.from_qweight(QWeight(qf.quantize(torch.randn(dq, Iq, generator=g) / 12, f), f, Iq)) for f in ("q8_0", "q4_1")}
+xq = x[:, :dq].contiguous()
+iq = torch.zeros(T, Iq, dtype=torch.int32)
+cq = torch.tensor([37, 0], dtype=torch.int32)  # 37 neurons for token 0, none for token 1
+iq[0, :37] = torch.randperm(Iq, generator=g)[:37].sort().values.int()
+for f in ("q8_0", "q4_1"):
+    args = (xq, iq, cq, wq[f], f, *dn[f].tensors(), "relu2", 0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (yq, dcq), log, cmds = call("qsparse_ffn_rows", *args)
+    yqr, dcqr = qsparse_ffn_rows_ref(*args)
+    report["cases"][f"qsparse_ffn_rows_{f}"] = {
+        "log": log, "cmds": cmds, "err": err(yq, yqr), "scale": float(yqr.float().abs().max()),
+        "count_ok": bool(torch.equal(dcq, dcqr)), "dtype_ok": yq.dtype == xq.dtype,
+        "warnings": [str(w.message) for w in caught],
+        "ptrs": {"x": ptr(xq), "idx": ptr(iq), "count": ptr(cq), "w": ptr(wq[f]), "codes": ptr(dn[f].codes),
+                 "scale": ptr(dn[f].scale), "down_count": ptr(dcq)}}
 
 H, Hq, D, Tmax = 2, 4, 64, 40
 k = (torch.randn(Tmax, H, D, generator=g) * 0.4).cumsum(0).half()

@@ -26,8 +26,10 @@ SOURCES = [
     ROOT / "include" / "sparsedge_tiling.h",
     ROOT / "host" / "sparsedge_tiling.cpp",
     ROOT / "include" / "sparsedge_launch.h",
+    ROOT / "kernels" / "sparsedge_kernel_common.h",
     ROOT / "kernels" / "sparse_ffn.cpp",
     ROOT / "kernels" / "delta_attention.cpp",
+    ROOT / "kernels" / "qffn.cpp",
     ROOT / "emulation" / "harness_selftest.cpp",
     SHARED_INCLUDE / "sparsedge" / "activations.h",
 ]
@@ -89,6 +91,12 @@ class SdFfnQ4Tiling(ctypes.Structure):
                [(n, ctypes.c_uint32) for n in ("concatBlockDim", "concatUbBytes")]
 
 
+class SdQffnTiling(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("blockDim", "bPerCore", "nbxPad", "nTile", "nList", "ubBytes",
+                                               "ubLimit")] + [("wsBytes", ctypes.c_uint64)] + \
+               [(n, ctypes.c_uint32) for n in ("redBlockDim", "redCols", "redUbBytes")]
+
+
 class SdDeltaEncodeTiling(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint32) for n in ("blockDim", "dPad", "maxTokens", "ubBytes", "ubLimit")]
 
@@ -137,6 +145,11 @@ class Emu:
         rc = self.lib.sd_ffn_q4_tiling(CHIPS[chip], T, d, G, I, elem_bytes, cores, ctypes.byref(t))
         return rc, _as_dict(t)
 
+    def qffn_rows_q8_tiling(self, chip, T, d, I, cores):
+        t = SdQffnTiling()
+        rc = self.lib.sd_qffn_rows_q8_tiling(CHIPS[chip], T, d, I, cores, ctypes.byref(t))
+        return rc, _as_dict(t)
+
     def delta_encode_tiling(self, chip, T, H, D, cores, elem_bytes=2):
         t = SdDeltaEncodeTiling()
         rc = self.lib.sd_delta_encode_tiling(CHIPS[chip], T, H, D, elem_bytes, cores, ctypes.byref(t))
@@ -182,6 +195,23 @@ class Emu:
                                     I, ACT_IDS[activation], ctypes.c_float(act_param), _p(idx), _p(count), ub)
         self._check(rc)
         return {"idx": idx, "count": count, "ub": (ub[0], ub[1])}
+
+    def qffn_rows_q8(self, x, idx, count, w_gate_up, codes, scale, *, activation="silu", act_param=0.0,
+                     chip="310B", cores=4):
+        """qsparse_ffn_rows with q8_0 gate/up and W_down (kernels/qffn.cpp): x [T, d] (any float dtype; the kernel
+        reads fp32, as the binding converts), idx int32 [T, I], count int32 [T], w_gate_up uint8 [2I, d/32*34],
+        codes int8 [I, d], scale fp16 [I/32, d] -> y fp32 [T, d], down_count int32 [T], ub."""
+        T, d = x.shape
+        I = codes.shape[0]
+        x32 = x.float().contiguous()
+        y = torch.empty(T, d, dtype=torch.float32)
+        down = torch.zeros(T, dtype=torch.int32)
+        ub = (ctypes.c_uint64 * 2)()
+        args = [t.contiguous() for t in (idx, count, w_gate_up, codes, scale)]
+        rc = self.lib.sd_emu_qffn_rows_q8(CHIPS[chip], cores, _p(x32), *map(_p, args), T, d, I, ACT_IDS[activation],
+                                          ctypes.c_float(act_param), _p(y), _p(down), ub)
+        self._check(rc)
+        return {"y": y, "down_count": down, "ub": (ub[0], ub[1])}
 
     def delta_encode(self, k, ref, theta, values, chan, offsets, start, *, chip="310B", cores=4):
         T, H, D = k.shape

@@ -12,6 +12,7 @@
 #include "../include/sparsedge_launch.h"
 #include "../include/sparsedge_tiling.h"
 #include "../kernels/delta_attention.cpp"
+#include "../kernels/qffn.cpp"
 #include "../kernels/sparse_ffn.cpp"
 #include "sparsedge/activations.h"
 
@@ -103,6 +104,24 @@ void sd_launch_ffn_q4(int dtype, uint32_t blockDim, void* stream, void* x, void*
             sparsedge_ffn_q4_f16(GM(x), GM(q), GM(scale), GM(thresh), GM(ws), T, d, G, I, act, actParam, hPad, ngPad,
                                  nPerCore, nTile, qRows);
     });
+}
+void sd_launch_qffn_rows_q8(uint32_t blockDim, void* stream, void* x, void* idx, void* count, void* wGateUp,
+                            void* downCodes, void* downScale, void* ws, uint32_t T, uint32_t d, uint32_t I,
+                            uint32_t act, float actParam, uint32_t bPerCore, uint32_t nbxPad, uint32_t nTile,
+                            uint32_t nList) {
+    (void)stream;
+    record("sparsedge_qffn_rows_q8", blockDim, x, idx, count, wGateUp, downCodes, downScale, ws, T, d, I, act, actParam,
+           bPerCore, nbxPad, nTile, nList);
+    run(blockDim, [&] {
+        sparsedge_qffn_rows_q8(GM(x), GM(idx), GM(count), GM(wGateUp), GM(downCodes), GM(downScale), GM(ws), T, d, I,
+                               act, actParam, bPerCore, nbxPad, nTile, nList);
+    });
+}
+void sd_launch_qffn_reduce(uint32_t blockDim, void* stream, void* ws, void* y, void* downCount, uint32_t T, uint32_t d,
+                           uint32_t mainBlocks, uint32_t cols) {
+    (void)stream;
+    record("sparsedge_qffn_reduce", blockDim, ws, y, downCount, T, d, mainBlocks, cols);
+    run(blockDim, [&] { sparsedge_qffn_reduce(GM(ws), GM(y), GM(downCount), T, d, mainBlocks, cols); });
 }
 void sd_launch_delta_encode(int dtype, uint32_t blockDim, void* stream, void* k, void* ref, void* theta, void* values,
                             void* chan, void* offsets, void* status, uint32_t T, uint32_t H, uint32_t D, uint32_t cap,
@@ -197,6 +216,24 @@ int sd_emu_ffn_q4(int chip, int dtype, uint32_t coreNum, void* x, void* q, void*
                          t.ngPad, t.nPerCore, t.nTile, t.qRows);
         ub[0] = g_last_ub;
         sd_launch_ffn_concat(t.concatBlockDim, nullptr, ws.data(), idxOut, countOut, T, I, 0, t.blockDim, t.nPerCore);
+        ub[1] = g_last_ub;
+    })
+}
+
+// qsparse_ffn_rows (W8): main kernel, then sparsedge_qffn_reduce. x fp32 [T, d], y fp32 [T, d].
+int sd_emu_qffn_rows_q8(int chip, uint32_t coreNum, void* x, void* idx, void* count, void* wGateUp, void* downCodes,
+                        void* downScale, uint32_t T, uint32_t d, uint32_t I, uint32_t act, float actParam, void* y,
+                        void* downOut, uint64_t* ub) {
+    EMU_TRY({
+        sd_emu_set_chip(chip);
+        SdQffnTiling t;
+        int rc = sd_qffn_rows_q8_tiling(chip, T, d, I, coreNum, &t);
+        if (rc != SD_OK) throw std::runtime_error("sd_qffn_rows_q8_tiling failed with status " + std::to_string(rc));
+        std::vector<uint8_t> ws(t.wsBytes + 64, 0xCD);
+        sd_launch_qffn_rows_q8(t.blockDim, nullptr, x, idx, count, wGateUp, downCodes, downScale, ws.data(), T, d, I,
+                               act, actParam, t.bPerCore, t.nbxPad, t.nTile, t.nList);
+        ub[0] = g_last_ub;
+        sd_launch_qffn_reduce(t.redBlockDim, nullptr, ws.data(), y, downOut, T, d, t.blockDim, t.redCols);
         ub[1] = g_last_ub;
     })
 }

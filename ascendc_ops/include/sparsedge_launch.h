@@ -26,6 +26,13 @@ void sd_launch_ffn_concat(uint32_t blockDim, void* stream, void* workspace, void
 void sd_launch_ffn_q4(int dtype, uint32_t blockDim, void* stream, void* x, void* q, void* scale, void* thresh,
                       void* workspace, uint32_t T, uint32_t d, uint32_t G, uint32_t I, uint32_t act, float actParam,
                       uint32_t hPad, uint32_t ngPad, uint32_t nPerCore, uint32_t nTile, uint32_t qRows);
+// qsparse_ffn_rows, W8 (kernels/qffn.cpp): x fp32, q8_0 gate/up rows, q8_0 W_down by neuron; no dtype variants
+void sd_launch_qffn_rows_q8(uint32_t blockDim, void* stream, void* x, void* idx, void* count, void* wGateUp,
+                            void* downCodes, void* downScale, void* workspace, uint32_t T, uint32_t d, uint32_t I,
+                            uint32_t act, float actParam, uint32_t bPerCore, uint32_t nbxPad, uint32_t nTile,
+                            uint32_t nList);
+void sd_launch_qffn_reduce(uint32_t blockDim, void* stream, void* workspace, void* y, void* downCount, uint32_t T,
+                           uint32_t d, uint32_t mainBlocks, uint32_t cols);
 void sd_launch_delta_encode(int dtype, uint32_t blockDim, void* stream, void* k, void* ref, void* theta, void* values,
                             void* chan, void* offsets, void* status, uint32_t T, uint32_t H, uint32_t D, uint32_t cap,
                             uint32_t offStride, uint32_t start, uint32_t dPad, uint32_t maxTokens);

@@ -84,6 +84,20 @@ typedef struct {
     uint32_t concatUbBytes;
 } SdFfnQ4Tiling;
 
+typedef struct {
+    uint32_t blockDim;      // cores launched: the I/32 neuron blocks split bPerCore per core
+    uint32_t bPerCore;      // 32-neuron blocks owned by one core (its listed neurons' h are rounded per block)
+    uint32_t nbxPad;        // x blocks (d/32) rounded up to 8 (32 B of fp32)
+    uint32_t nTile;         // neurons per activation / rounding tile, multiple of 64, at most 256
+    uint32_t nList;         // idx entries per DataCopyPad, multiple of 8
+    uint32_t ubBytes;
+    uint32_t ubLimit;
+    uint64_t wsBytes;       // partial y [T, blockDim, d] fp32 + counters [T, blockDim, 8] int32
+    uint32_t redBlockDim;   // cores of sparsedge_qffn_reduce
+    uint32_t redCols;       // columns of y per reduce core (multiple of 8: 32 B of fp32)
+    uint32_t redUbBytes;
+} SdQffnTiling;
+
 // modes of the FFN kernel
 enum SdFfnMode { SD_FFN_FUSED = 0, SD_FFN_ROWS = 1, SD_FFN_PREDICT = 2 };
 
@@ -94,6 +108,9 @@ int sd_ffn_tiling(int chip, int mode, uint32_t T, uint32_t d, uint32_t r, uint32
 // G/2 fp32 lanes per group); elemBytes is x's (2: fp16 / bf16).
 int sd_ffn_q4_tiling(int chip, uint32_t T, uint32_t d, uint32_t G, uint32_t I, uint32_t elemBytes, uint32_t coreNum,
                      SdFfnQ4Tiling* out);
+// qsparse_ffn_rows with q8_0 gate/up rows and a q8_0 W_down by neuron (kernels/qffn.cpp); x is fp32 (the binding
+// converts). d and I multiples of 32; SD_ERR_UB when the rows of width d do not fit (d above ~4400 on 910B).
+int sd_qffn_rows_q8_tiling(int chip, uint32_t T, uint32_t d, uint32_t I, uint32_t coreNum, SdQffnTiling* out);
 int sd_delta_encode_tiling(int chip, uint32_t T, uint32_t H, uint32_t D, uint32_t elemBytes, uint32_t coreNum,
                            SdDeltaEncodeTiling* out);
 int sd_delta_attn_tiling(int chip, uint32_t H, uint32_t Hq, uint32_t D, uint32_t n, uint32_t elemBytes,
@@ -229,6 +246,58 @@ int sd_ffn_q4_tiling(int chip, uint32_t T, uint32_t d, uint32_t G, uint32_t I, u
     t.concatBlockDim = T < coreNum ? T : coreNum;
     t.concatUbBytes = sd_ub32(t.blockDim * SD_WS_ROW_INTS * 4u) + sd_ub32(t.nPerCore * 4u);
     if (t.concatUbBytes > t.ubLimit) return SD_ERR_UB;
+    *out = t;
+    return SD_OK;
+}
+
+// UB of the W8 quantized rows kernel; the order mirrors QffnRowsQ8Kernel::Init.
+static uint32_t sd_qffn_ub(uint32_t d, uint32_t nbxPad, uint32_t nTile, uint32_t nList) {
+    uint32_t ub = 0, red = nbxPad > 64u ? nbxPad : 64u;
+    ub += sd_ub32(d * 4u);                            // xq: x rounded to int8 values, held in fp32
+    ub += sd_ub32(2u * nbxPad * 4u);                  // dx (gate copy | up copy)
+    ub += SD_BUFFER_NUM * sd_ub32(4u * d);            // guQue: gate codes | up codes (d B each) | 2 x d/32 scales (32 B each)
+    ub += sd_ub32(2u * d * 2u);                       // codes as half
+    ub += sd_ub32(2u * d * 4u);                       // codes as fp32 (also scales, |x|, down rows)
+    ub += 2u * sd_ub32(2u * nbxPad * 4u);             // dw -> c = dw * dx, group dots
+    ub += sd_reduce_tmp_bytes(red) + SD_BLOCK;        // redTmp + redDst
+    ub += 4u * sd_ub32(nTile * 4u);                   // g, u, h, tmp
+    ub += sd_ub32(nTile / 8u);                        // mask bits
+    ub += sd_ub32(nTile * 4u);                        // the tile's listed neurons
+    ub += sd_ub32(nList * 4u);                        // idx chunk
+    ub += SD_BUFFER_NUM * sd_ub32(d);                 // downQue: int8 code rows
+    ub += sd_ub32(d * 2u);                            // scaleQue: the fp16 scale row of a block of 32 neurons
+    ub += sd_ub32(d * 4u);                            // block accumulator (exact integer sums)
+    ub += sd_ub32(d * 4u);                            // y accumulator
+    ub += SD_BLOCK;                                   // cntQue
+    return ub;
+}
+
+int sd_qffn_rows_q8_tiling(int chip, uint32_t T, uint32_t d, uint32_t I, uint32_t coreNum, SdQffnTiling* out) {
+    if (!out || T == 0 || d == 0 || I == 0 || d % 32u != 0 || I % 32u != 0 || coreNum == 0) return SD_ERR_ARG;
+    if (d > 65504u) return SD_ERR_ARG;  // keeps every byte count of a row and of a DataCopyPad block in range
+    SdQffnTiling t = {0};
+    t.ubLimit = sd_chip_ub_bytes(chip);
+    uint32_t nb = I / 32u;
+    t.bPerCore = sd_ceil_div(nb, coreNum);
+    t.blockDim = sd_ceil_div(nb, t.bPerCore);
+    t.nbxPad = sd_align(d / 32u, 8u);
+    t.nList = 256u;
+    uint32_t nTile = sd_align(t.bPerCore * 32u, 64u);
+    if (nTile > 256u) nTile = 256u;
+    for (;;) {
+        uint32_t ub = sd_qffn_ub(d, t.nbxPad, nTile, t.nList);
+        if (ub <= t.ubLimit) { t.ubBytes = ub; break; }
+        if (nTile > 64u) { nTile -= 64u; continue; }
+        if (t.nList > 8u) { t.nList /= 2u; continue; }
+        return SD_ERR_UB;
+    }
+    t.nTile = nTile;
+    t.wsBytes = (uint64_t)T * t.blockDim * d * 4u + (uint64_t)T * t.blockDim * SD_WS_ROW_INTS * 4u;
+    t.redCols = sd_align(sd_ceil_div(d, coreNum), 8u);
+    t.redBlockDim = sd_ceil_div(d, t.redCols);
+    t.redUbBytes = SD_BUFFER_NUM * sd_ub32(t.redCols * 4u) + sd_ub32(t.redCols * 4u) +
+                   sd_ub32(t.blockDim * SD_WS_ROW_INTS * 4u) + sd_ub32(sd_align(T, 8u) * 4u);
+    if (t.redUbBytes > t.ubLimit) return SD_ERR_UB;
     *out = t;
     return SD_OK;
 }

@@ -25,76 +25,16 @@
  * the reference does, integer group dots exact in fp32, sum_g dot_g * fp32(scale_g * xs_g) in fp32 where the
  * reference uses fp64, so decisions can differ only for neurons within a few fp32 ulps of their threshold.
  */
-#include "kernel_operator.h"
-using namespace AscendC;
+#include "sparsedge_kernel_common.h"
 
 namespace sparsedge {
-constexpr int32_t BUFFER_NUM = 2;
-constexpr uint32_t WS_ROW_INTS = 8;  // per (token, core) counter record: [active, down, 0...] = 32 B
-enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_FATRELU = 4, ACT_DRELU = 5, ACT_RELU2 = 6 };
 enum { MODE_FUSED = 0, MODE_ROWS = 1, MODE_PREDICT = 2 };
-
-__aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
-__aicore__ inline uint32_t Align(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
 
 struct FfnParams {
     uint32_t T, d, r, I, mode, act;
     float actParam, tau;
     uint32_t dPad, rPad, nPerCore, nTile, p2Rows;
 };
-
-// ---- h = act(g) * u over n lanes (n * 4 B a multiple of 256 B; pad lanes with g = u = 0 give h = 0).
-// tmp: n fp32 scratch, mask: n bits. Shared by SparseFfnKernel and FfnPredictQ4Kernel.
-__aicore__ inline void ActivateLanes(const LocalTensor<float>& g, const LocalTensor<float>& u, const LocalTensor<float>& h,
-                                     const LocalTensor<float>& tmp, const LocalTensor<uint8_t>& mask, uint32_t n,
-                                     uint32_t act, float actParam, float tau)
-{
-    switch (act) {
-        case ACT_SILU:  // g * sigmoid(g)
-            Muls(tmp, g, -1.0f, n);
-            Exp(tmp, tmp, n);
-            Adds(tmp, tmp, 1.0f, n);
-            Div(h, g, tmp, n);
-            break;
-        case ACT_GELU:  // 0.5 g (1 + erf(g / sqrt 2))
-            Muls(tmp, g, 0.70710678118654752f, n);
-            Erf(tmp, tmp, n);
-            Adds(tmp, tmp, 1.0f, n);
-            Mul(tmp, tmp, g, n);
-            Muls(h, tmp, 0.5f, n);
-            break;
-        case ACT_GELU_TANH:  // 0.5 g (1 + tanh z) = g * sigmoid(2z),  z = sqrt(2/pi) (g + 0.044715 g^3)
-            Mul(tmp, g, g, n);
-            Mul(tmp, tmp, g, n);
-            Muls(tmp, tmp, 0.044715f, n);
-            Add(tmp, tmp, g, n);
-            Muls(tmp, tmp, -1.5957691216057308f, n);
-            Exp(tmp, tmp, n);
-            Adds(tmp, tmp, 1.0f, n);
-            Div(h, g, tmp, n);
-            break;
-        case ACT_FATRELU:  // g if g > t else 0
-            CompareScalar(mask, g, actParam, CMPMODE::GT, n);
-            Select(h, mask, g, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
-            break;
-        case ACT_RELU2:
-            Relu(h, g, n);
-            Mul(h, h, h, n);
-            break;
-        default:  // relu, drelu
-            Relu(h, g, n);
-            break;
-    }
-    PipeBarrier<PIPE_V>();
-    if (tau > 0.0f) {  // CATS-style: keep lanes with |act(g)| >= tau
-        Abs(tmp, h, n);
-        CompareScalar(mask, tmp, tau, CMPMODE::GE, n);
-    }
-    if (act == ACT_DRELU) Relu(u, u, n);
-    Mul(h, h, u, n);
-    if (tau > 0.0f) Select(h, mask, h, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, n);
-    PipeBarrier<PIPE_V>();
-}
 
 template <typename T>
 class SparseFfnKernel {

@@ -18,6 +18,10 @@ a predictor costs as many bytes as the rows it saves. The down third is what exa
 The composite reference: x rounded as the kernels round it (quant.quantize_activations), gate/up and the
 down product in float64 from the dequantized weights, h_kept rounded the same way; fused kernels differ from
 it by fp32 accumulation, and by one int8 step of h where fp32 h lies on a rounding boundary.
+
+NPU (ascendc_ops/kernels/qffn.cpp): qsparse_ffn_rows with q8_0 gate/up and a q8_0 W_down only, with the same arithmetic
+(x and h rounded to int8 as above, exact integer block dots, fp32 sums); other formats run this composite reference
+from the binding, with a warning. qsparse_ffn has no NPU kernel.
 """
 from __future__ import annotations
 
@@ -158,7 +162,9 @@ CASES = [
     _case("q4_k", "q4_0", 512, 128, 2, 0.3, "gelu", torch.bfloat16),
     _case("q4_1", "q8_0", 64, 32, 1, 0.5, "silu", torch.bfloat16),
 ]
-# the listed-rows variant: relu-family activations (the SVD predictor's home) and SiLU, lists from empty to full
+# the listed-rows variant: relu-family activations (the SVD predictor's home) and SiLU, lists from empty to full.
+# These mix 4-bit formats in (and are fp32, which the NPU device does not run): CPU and CUDA only; the NPU's AscendC
+# kernel covers q8_0 gate/up with a q8_0 W_down (W8), its cases follow.
 CASES += [Case("qsparse_ffn_rows", {"qtype": gu, "down": down, "d": d, "I": I, "T": T, "keep": keep, "act": act},
                dtype, devices=("cpu", "cuda"))
           for (gu, down, d, I, T, keep, act, dtype) in (
@@ -170,3 +176,21 @@ CASES += [Case("qsparse_ffn_rows", {"qtype": gu, "down": down, "d": d, "I": I, "
               ("q4_k", "q4_1", 256, 64, 2, 0.4, "silu", torch.float32),
               ("q6_k", "q8_0", 512, 32, 1, 0.6, "relu", torch.bfloat16),
               ("q4_1", "q4_1", 576, 1536, 1, 0.1, "relu", torch.float32))]
+# W8 (q8_0 gate/up, q8_0 W_down): every device, the NPU's kernel included (ascendc_ops/kernels/qffn.cpp; the NPU device
+# runs fp16 / bf16 x). Decode first, a few tokens, lists empty / odd / full, SiLU and the relu family, 1 to 8 cores,
+# SmolLM2's shape. No GELU here: down_count is h != 0, and an fp32 GELU of a very negative g underflows to exactly 0
+# where the fp64 reference's does not (every fused kernel, the CPU's included, counts those neurons differently).
+CASES += [Case("qsparse_ffn_rows", {"qtype": "q8_0", "down": "q8_0", "d": d, "I": I, "T": T, "keep": keep, "act": act,
+                                    **({"cores": cores} if cores else {})}, dtype)
+          for (d, I, T, keep, act, cores, dtype) in (
+              (96, 64, 1, 0.5, "silu", None, torch.float16),
+              (96, 128, 1, 0.0, "relu", None, torch.float16),
+              (64, 64, 1, 1.0, "fatrelu", None, torch.float16),
+              (256, 96, 3, 0.3, "relu2", 7, torch.float16),
+              (128, 160, 2, 0.6, "silu", 1, torch.bfloat16),
+              (64, 32, 5, 0.5, "drelu", None, torch.float16),
+              (160, 224, 1, 0.2, "relu", 3, torch.float16),
+              (576, 1536, 1, 0.4, "silu", None, torch.float16),
+              (576, 1536, 1, 0.1, "relu", 8, torch.bfloat16),
+              (576, 1536, 2, 0.4, "silu", 1, torch.float16),
+              (576, 1536, 4, 0.3, "relu", None, torch.float16))]
