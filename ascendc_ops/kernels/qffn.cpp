@@ -394,16 +394,7 @@ private:
         SetFlag<HardEvent::V_MTE3>(0);
         WaitFlag<HardEvent::V_MTE3>(0);
         DataCopy(wsY_[rec * p_.d], yAcc, p_.d);
-        LocalTensor<int32_t> c = cntQue_.AllocTensor<int32_t>();
-        for (uint32_t i = 0; i < WS_ROW_INTS; ++i) c.SetValue(i, 0);
-        c.SetValue(0, (int32_t)nDown_);
-        cntQue_.EnQue(c);
-        c = cntQue_.DeQue<int32_t>();
-        DataCopy(wsCnt_[rec * WS_ROW_INTS], c, WS_ROW_INTS);
-        cntQue_.FreeTensor(c);
-        // the next token reuses yAcc: make sure this token's copy-out is done
-        SetFlag<HardEvent::MTE3_V>(0);
-        WaitFlag<HardEvent::MTE3_V>(0);
+        StoreCounts(cntQue_, wsCnt_, rec, (int32_t)nDown_, 0);
     }
 
     QffnParams p_;

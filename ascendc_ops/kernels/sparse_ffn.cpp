@@ -343,17 +343,7 @@ private:
             WaitFlag<HardEvent::V_MTE3>(0);
             DataCopy(wsY_[rec * p_.dPad], yAcc, p_.dPad);
         }
-        LocalTensor<int32_t> c = cntQue_.AllocTensor<int32_t>();
-        for (uint32_t i = 0; i < WS_ROW_INTS; ++i) c.SetValue(i, 0);
-        c.SetValue(0, (int32_t)nAct_);
-        c.SetValue(1, (int32_t)nDown_);
-        cntQue_.EnQue(c);
-        c = cntQue_.DeQue<int32_t>();
-        DataCopy(wsCnt_[rec * WS_ROW_INTS], c, WS_ROW_INTS);
-        cntQue_.FreeTensor(c);
-        // the next token reuses yAcc / the row queue: make sure this token's copy-out is done
-        SetFlag<HardEvent::MTE3_V>(0);
-        WaitFlag<HardEvent::MTE3_V>(0);
+        StoreCounts(cntQue_, wsCnt_, rec, (int32_t)nAct_, (int32_t)nDown_);
     }
 
     FfnParams p_;

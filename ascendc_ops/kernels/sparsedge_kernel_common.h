@@ -13,6 +13,23 @@ constexpr uint32_t WS_ROW_INTS = 8;  // per (token, core) counter record: [activ
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_FATRELU = 4, ACT_DRELU = 5, ACT_RELU2 = 6 };
 
 __aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+// One (token, core) counter record [c0, c1, 0...] out to the GM workspace through a VECOUT queue, then wait for the
+// copy-out: the next token reuses the caller's accumulators and queues.
+template <class Que>
+__aicore__ inline void StoreCounts(Que& q, GlobalTensor<int32_t>& ws, uint64_t rec, int32_t c0, int32_t c1)
+{
+    LocalTensor<int32_t> c = q.template AllocTensor<int32_t>();
+    for (uint32_t i = 0; i < WS_ROW_INTS; ++i) c.SetValue(i, 0);
+    c.SetValue(0, c0);
+    c.SetValue(1, c1);
+    q.EnQue(c);
+    c = q.template DeQue<int32_t>();
+    DataCopy(ws[rec * WS_ROW_INTS], c, WS_ROW_INTS);
+    q.FreeTensor(c);
+    SetFlag<HardEvent::MTE3_V>(0);
+    WaitFlag<HardEvent::MTE3_V>(0);
+}
 __aicore__ inline uint32_t Align(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
 
 // ---- h = act(g) * u over n lanes (n * 4 B a multiple of 256 B; pad lanes with g = u = 0 give h = 0).
