@@ -394,7 +394,7 @@ private:
         SetFlag<HardEvent::V_MTE3>(0);
         WaitFlag<HardEvent::V_MTE3>(0);
         DataCopy(wsY_[rec * p_.d], yAcc, p_.d);
-        StoreCounts(cntQue_, wsCnt_, rec, (int32_t)nDown_, 0);
+        StoreCounts(cntQue_, wsCnt_, rec, 0, (int32_t)nDown_);  // field 1: kept down rows, as sparse_ffn
     }
 
     QffnParams p_;
@@ -458,14 +458,9 @@ public:
             LocalTensor<int32_t> cnt = cntBuf_.Get<int32_t>();
             LocalTensor<int32_t> dOut = downBuf_.Get<int32_t>();
             for (uint32_t t = 0; t < T_; ++t) {
-                DataCopy(cnt, wsCnt_[(uint64_t)t * B_ * WS_ROW_INTS], B_ * WS_ROW_INTS);
-                SetFlag<HardEvent::MTE2_S>(0);
-                WaitFlag<HardEvent::MTE2_S>(0);
-                int32_t dn = 0;
-                for (uint32_t b = 0; b < B_; ++b) dn += cnt.GetValue(b * WS_ROW_INTS);
+                int32_t unused = 0, dn = 0;
+                SumCounts(cnt, wsCnt_, t, B_, unused, dn);
                 dOut.SetValue(t, dn);
-                SetFlag<HardEvent::S_MTE2>(0);
-                WaitFlag<HardEvent::S_MTE2>(0);
             }
             SetFlag<HardEvent::S_MTE3>(0);
             WaitFlag<HardEvent::S_MTE3>(0);

@@ -414,18 +414,10 @@ public:
             LocalTensor<int32_t> cOut = countBuf_.Get<int32_t>();
             LocalTensor<int32_t> dOut = downBuf_.Get<int32_t>();
             for (uint32_t t = 0; t < T_n; ++t) {
-                DataCopy(cnt, wsCnt_[(uint64_t)t * B_ * WS_ROW_INTS], B_ * WS_ROW_INTS);
-                SetFlag<HardEvent::MTE2_S>(0);
-                WaitFlag<HardEvent::MTE2_S>(0);
                 int32_t a = 0, dn = 0;
-                for (uint32_t b = 0; b < B_; ++b) {
-                    a += cnt.GetValue(b * WS_ROW_INTS);
-                    dn += cnt.GetValue(b * WS_ROW_INTS + 1);
-                }
+                SumCounts(cnt, wsCnt_, t, B_, a, dn);
                 cOut.SetValue(t, a);
                 dOut.SetValue(t, dn);
-                SetFlag<HardEvent::S_MTE2>(0);
-                WaitFlag<HardEvent::S_MTE2>(0);
             }
             SetFlag<HardEvent::S_MTE3>(0);
             WaitFlag<HardEvent::S_MTE3>(0);

@@ -30,6 +30,23 @@ __aicore__ inline void StoreCounts(Que& q, GlobalTensor<int32_t>& ws, uint64_t r
     SetFlag<HardEvent::MTE3_V>(0);
     WaitFlag<HardEvent::MTE3_V>(0);
 }
+
+// The B cores' counter records of token t, summed field by field: (sum of c0, sum of c1). cnt: B * WS_ROW_INTS ints.
+__aicore__ inline void SumCounts(LocalTensor<int32_t>& cnt, GlobalTensor<int32_t>& ws, uint32_t t, uint32_t B,
+                                 int32_t& c0, int32_t& c1)
+{
+    DataCopy(cnt, ws[(uint64_t)t * B * WS_ROW_INTS], B * WS_ROW_INTS);
+    SetFlag<HardEvent::MTE2_S>(0);
+    WaitFlag<HardEvent::MTE2_S>(0);
+    c0 = 0;
+    c1 = 0;
+    for (uint32_t b = 0; b < B; ++b) {
+        c0 += cnt.GetValue(b * WS_ROW_INTS);
+        c1 += cnt.GetValue(b * WS_ROW_INTS + 1);
+    }
+    SetFlag<HardEvent::S_MTE2>(0);
+    WaitFlag<HardEvent::S_MTE2>(0);
+}
 __aicore__ inline uint32_t Align(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
 
 // ---- h = act(g) * u over n lanes (n * 4 B a multiple of 256 B; pad lanes with g = u = 0 give h = 0).
