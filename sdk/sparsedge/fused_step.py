@@ -55,7 +55,17 @@ def _proj(w):
 
 
 def _key(model, cache) -> tuple:
-    return (id(model), *(id(layer.ffn) for layer in model.layers), *(id(lc) for lc in cache.layers))
+    # _modules lookups: nn.Module attribute access costs ~0.5 us each, and this runs every token
+    return (id(model), *(id(layer._modules["ffn"]) for layer in model.layers), *(id(lc) for lc in cache.layers))
+
+
+def _counters(model, cache) -> tuple:
+    """What run() updates after the C++ loop, gathered once per plan: the counter lists the Python path keeps
+    (in place: reset_stats zeroes them in place) and the dense caches whose length it sets."""
+    from sparsedge.model import DenseFFN
+    att = [layer.attention._n for layer in model.layers]
+    ffn = [layer.ffn._n for layer in model.layers if type(layer.ffn) is DenseFFN]
+    return att, ffn, [lc for lc in cache.layers if type(lc) is DenseLayerCache]
 
 
 def _build(model, cache):
@@ -106,13 +116,13 @@ def plan_for(model, cache):
     if cached is not None and cached[0] == key:
         return cached[1]
     plan = _build(model, cache)
-    cache._fused_plan = (key, plan)
+    cache._fused_plan = (key, plan, _counters(model, cache) if plan is not None else None)
     return plan
 
 
 def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
     """logits [1, V] of the next token; what Transformer.forward(token, pos, cache) computes."""
-    from sparsedge.model import DenseFFN, linear
+    from sparsedge.model import linear
 
     cfg = model.config
     emb = model.tok_embeddings
@@ -125,13 +135,14 @@ def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
     # the counters the Python path keeps
     model._n[0] += 1
     model._n[1] += 1
-    for layer, lc in zip(model.layers, cache.layers):
-        layer.attention._n[0] += 1
-        if type(lc) is DenseLayerCache:  # the other caches keep their own length in attend()
-            lc.length = pos + 1
-        if type(layer.ffn) is DenseFFN:
-            layer.ffn._n[0] += 1
-            layer.ffn._n[1] += 1
+    att, ffn, dense = cache._fused_plan[2]
+    for n in att:
+        n[0] += 1
+    for n in ffn:
+        n[0] += 1
+        n[1] += 1
+    for lc in dense:  # the other caches keep their own length in attend()
+        lc.length = pos + 1
     logits = linear(h, model.lm_head)
     if cfg.final_logit_softcap:
         c = cfg.final_logit_softcap

@@ -34,6 +34,15 @@ from sparsedge.activations import activate
 ops = torch.ops.sparsedge
 
 
+def _zero_counts(module, n: int) -> None:
+    """module._n = [0] * n, in place after the first time (sparsedge.fused_step holds the lists it updates)."""
+    counts = module.__dict__.get("_n")
+    if counts is None:
+        module._n = [0] * n
+    else:
+        counts[:] = [0] * n
+
+
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b) for a weight held as a float tensor, a QWeight (its own blocks), a TernaryWeight (BitNet
     b1.58's BitLinear: x rounded to int8 per token, sparsedge::bitlinear), or a tuple of them (row blocks of one
@@ -145,7 +154,7 @@ class DenseFFN(nn.Module):
         return nbytes(self.w_gate_up) + nbytes(self.w_down_t) + nbytes(self.w_down)
 
     def reset_stats(self) -> None:
-        self._n = [0, 0]  # calls, tokens
+        _zero_counts(self, 2)  # calls, tokens
 
     def stats(self) -> dict:
         calls, tokens = self._n
@@ -177,7 +186,7 @@ class Attention(nn.Module):
         return nbytes(self.wqkv) + nbytes(self.wo) + nbytes(self.bqkv)
 
     def reset_stats(self) -> None:
-        self._n = [0]  # calls
+        _zero_counts(self, 1)  # calls
 
     def stats(self) -> dict:
         return {"weight_bytes": self._n[0] * self.weight_bytes()}
@@ -359,7 +368,7 @@ class Transformer(nn.Module):
         return nbytes(self.lm_head) + norms * self.norm.element_size()
 
     def reset_stats(self) -> None:
-        self._n = [0, 0]  # calls, tokens
+        _zero_counts(self, 2)  # calls, tokens
 
     def stats(self) -> dict:
         calls, tokens = self._n
