@@ -21,7 +21,6 @@ def key_scales_from_captures(per_layer: list[list[tuple]], n_heads: int, n_kv_he
             out.append(torch.zeros(n_kv_heads, D, dtype=torch.float64))
             continue
         q = torch.cat([s[0] for s in samples]).double()
-        D = q.shape[-1]
         q_rms = q.reshape(q.shape[0], n_kv_heads, G, D).pow(2).mean((0, 2)).sqrt().clamp_min(1e-12)  # [H, D]
         dk = torch.cat([s[1][1:].double() - s[1][:-1].double() for s in samples])  # temporal key deltas
         dk_rms = dk.pow(2).mean(0).sqrt()  # [H, D]

@@ -31,7 +31,7 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from sparsedge.delta.config import DEFAULT_SINKS, DEFAULT_WINDOW, SECTION
+from sparsedge.delta.config import DEFAULT_SINKS, DEFAULT_WINDOW, SECTION, delta_layers
 from sparsedge.calibrate.balance import key_scales_from_captures, scale_captures
 from sparsedge.delta.cache import DeltaLayerCache
 
@@ -73,12 +73,6 @@ class _Capture:
         return self.inner.truncate(n)
 
 
-def delta_layers(cfg) -> list[int]:
-    """The layers a delta cache runs on: the global ones (sliding-window layers keep their window cache,
-    DeltaConfig.make_cache says why)."""
-    return [i for i in range(cfg.n_layers) if not cfg.window(i)]
-
-
 def capture(model, windows: list[list[int]]) -> list[list[tuple]]:
     """Per layer, per window: (q [T, Hq, D], k [T, H, D], v [T, H, D], dense out [T, Hq, D] fp32); empty for the
     sliding-window layers, which run their own window cache (so the captured inputs of later layers are the
@@ -91,8 +85,8 @@ def capture(model, windows: list[list[int]]) -> list[list[tuple]]:
     model.ensure_rope(max(len(w) for w in windows))
     with torch.inference_mode():
         for w in tqdm(windows, desc="capture q/k/v", unit="window"):
-            layers = [_Capture(layer_cache(cfg, i, len(w), model.dtype, model.device), per_layer[i]) if i in keep
-                      else layer_cache(cfg, i, len(w), model.dtype, model.device) for i in range(cfg.n_layers)]
+            layers = [layer_cache(cfg, i, len(w), model.dtype, model.device) for i in range(cfg.n_layers)]
+            layers = [_Capture(c, per_layer[i]) if i in keep else c for i, c in enumerate(layers)]
             model(torch.tensor(w, dtype=torch.long, device=model.device), 0, KVCache(layers, len(w)))
     return per_layer
 

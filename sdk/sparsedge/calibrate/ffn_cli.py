@@ -235,12 +235,9 @@ def run_down(args, session, v: Variant, t0: float) -> dict:
     from sparsedge.calibrate import downskip
 
     model = session.model
-    from sparsedge.quant.down_t import DOWN_FORMATS
-    kquant = sorted({f.w_down.qtype for f in (layer.ffn for layer in model.layers)
-                     if getattr(f, "quantized", False) and f.w_down.qtype not in DOWN_FORMATS})
-    if kquant:  # said before the long pass, not only when the artifact is loaded
-        logger.warning(f"W_down is stored as {', '.join(kquant)}: the down-row skip will run exactly but still read "
-                       f"every row (no speed gain; a by-neuron layout exists for {', '.join(DOWN_FORMATS)})")
+    from sparsedge.ffn.downskip import masked_down, warn_masked
+    for qtype in sorted({layer.ffn.w_down.qtype for layer in model.layers if masked_down(layer.ffn)}):
+        warn_masked(qtype)  # said before the long pass, not only when the artifact is loaded
     text = read_text(args.text, getattr(args, "text_start", 0.0))
     windows = token_windows(session.tokenizer, text, args.tokens, args.seq_len, require=True, flag="--tokens")
     windows, held = split_held(windows, args, min_fit=1)

@@ -147,15 +147,22 @@ class DeltaConfig:
         start, while the dense window reads W keys; and the part a window could encode is small and bounded
         (W minus the exact local window, no sinks). docs/results/gemma3.md measures what this leaves."""
         from sparsedge.kv_cache import KVCache, layer_cache
-        if all(model_config.window(i) for i in range(model_config.n_layers)):
+        glob = set(delta_layers(model_config))
+        if not glob:
             raise ValueError(f"delta attention runs on global layers only, and every layer of {model_config.name} "
                              f"attends to its last {model_config.sliding_window} positions; run it with the dense "
                              f"KV cache")
         if len(self.theta) != model_config.n_layers:
             raise ValueError(f"delta config has theta for {len(self.theta)} layers, model has {model_config.n_layers}")
-        return KVCache([layer_cache(model_config, i, max_seq_len, dtype, device) if model_config.window(i)
-                        else self.make_layer_cache(model_config, i, max_seq_len, dtype, device)
+        return KVCache([self.make_layer_cache(model_config, i, max_seq_len, dtype, device) if i in glob
+                        else layer_cache(model_config, i, max_seq_len, dtype, device)
                         for i in range(model_config.n_layers)], max_seq_len)
+
+
+def delta_layers(model_config) -> list[int]:
+    """The layers a delta cache runs on: the global ones (sliding-window layers keep their window cache,
+    DeltaConfig.make_cache says why)."""
+    return [i for i in range(model_config.n_layers) if not model_config.window(i)]
 
 
 def _expand_theta(theta, L: int, H: int) -> list[list[float]]:

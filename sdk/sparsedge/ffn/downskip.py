@@ -51,7 +51,13 @@ def down_by_neuron(dense, layer_index: int = -1) -> DownT:
 _WARNED: set = set()
 
 
-def _warn_masked(qtype: str) -> None:
+def masked_down(dense) -> bool:
+    """Whether a DenseFFN's down-skip runs masked: quantized gate/up in one format, W_down in a format without a
+    by-neuron layout (a Q4_K_M file's q4_k / q6_k). The thresholds then run exactly, but every row is still read."""
+    return dense.quantized and isinstance(dense.w_gate_up, QWeight) and dense.w_down.qtype not in DOWN_FORMATS
+
+
+def warn_masked(qtype: str) -> None:
     """Once per format: the thresholds run exactly, but without a by-neuron layout every W_down row is read."""
     if qtype not in _WARNED:
         _WARNED.add(qtype)
@@ -77,10 +83,10 @@ class DownSkipFFN(nn.Module):
         self.down_t = None
         if dense.quantized:
             self.d = dense.w_down.N
-            if dense.w_down.qtype in DOWN_FORMATS or not isinstance(dense.w_gate_up, QWeight):
+            if masked_down(dense):  # the same decision, every row still read (see sparse())
+                warn_masked(dense.w_down.qtype)
+            else:
                 self.down_t = down_by_neuron(dense, layer_index)
-            else:  # e.g. a Q4_K_M file's q4_k / q6_k W_down: the same decision, every row still read (see sparse())
-                _warn_masked(dense.w_down.qtype)
         else:
             self.d = dense.w_down_t.shape[1]
         self.reset_stats()
