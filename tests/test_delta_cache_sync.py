@@ -61,7 +61,7 @@ class HostReads:
 
 
 def _reference_ops():
-    return types.SimpleNamespace(delta_encode=reference("delta_encode"), delta_attention=reference("delta_attention"))
+    return types.SimpleNamespace(**{name: reference(name) for name in ("delta_encode", "delta_attention", "delta_step")})
 
 
 # --- (a) no host read on the decode path ---------------------------------------------------------------------

@@ -122,48 +122,54 @@ void pv_blocked(const T* v, int64_t D, const float* P, int64_t Rp, int64_t R, in
 
 // ---------------------------------------------------------------------------------------------
 // delta_encode
+// Head h of keys k [T_, H, D] (fp32) at positions start..: returns its nonzero count, or -(entries needed) when the
+// packed buffer would overflow (nothing of that token is written).
+template <typename T>
+int64_t encode_head(const float* k, float* ref, const float* theta, T* values, uint8_t* chan, int32_t* offsets,
+                    int64_t T_, int64_t H, int64_t D, int64_t cap, int64_t off_stride, int64_t start, int64_t h) {
+  float* rf = ref + h * D;
+  T* vals = values + h * cap;
+  uint8_t* ch = chan + h * cap;
+  int32_t* off = offsets + h * off_stride;
+  const float th = theta[h];
+  int64_t pos = off[start];
+  int64_t count_h = 0;
+  for (int64_t t = 0; t < T_; ++t) {
+    const float* kt = k + (t * H + h) * D;
+    int64_t cnt = 0;
+    for (int64_t c = 0; c < D; ++c) cnt += std::fabs(kt[c] - rf[c]) > th;
+    if (pos + cnt > cap) return -(pos + cnt);
+    for (int64_t c = 0; c < D; ++c) {
+      const float d = kt[c] - rf[c];
+      if (std::fabs(d) > th) {
+        const T stored = from_f32<T>(d);
+        vals[pos] = stored;
+        ch[pos] = static_cast<uint8_t>(c);
+        rf[c] += to_f32(stored);
+        ++pos;
+      }
+    }
+    off[start + t + 1] = static_cast<int32_t>(pos);
+    count_h += cnt;
+  }
+  return count_h;
+}
+
 template <typename T>
 void encode_heads(const float* k, float* ref, const float* theta, T* values, uint8_t* chan, int32_t* offsets,
                   int64_t T_, int64_t H, int64_t D, int64_t cap, int64_t off_stride, int64_t start,
                   int64_t* nnz, std::vector<int64_t>& overflow) {
   sparsedge::cpu::parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      float* rf = ref + h * D;
-      T* vals = values + h * cap;
-      uint8_t* ch = chan + h * cap;
-      int32_t* off = offsets + h * off_stride;
-      const float th = theta[h];
-      int64_t pos = off[start];
-      int64_t count_h = 0;
-      for (int64_t t = 0; t < T_; ++t) {
-        const float* kt = k + (t * H + h) * D;
-        int64_t cnt = 0;
-        for (int64_t c = 0; c < D; ++c) cnt += std::fabs(kt[c] - rf[c]) > th;
-        if (pos + cnt > cap) {
-          overflow[h] = pos + cnt;
-          break;
-        }
-        for (int64_t c = 0; c < D; ++c) {
-          const float d = kt[c] - rf[c];
-          if (std::fabs(d) > th) {
-            const T stored = from_f32<T>(d);
-            vals[pos] = stored;
-            ch[pos] = static_cast<uint8_t>(c);
-            rf[c] += to_f32(stored);
-            ++pos;
-          }
-        }
-        off[start + t + 1] = static_cast<int32_t>(pos);
-        count_h += cnt;
-      }
-      nnz[h] = count_h;
+      const int64_t r = encode_head(k, ref, theta, values, chan, offsets, T_, H, D, cap, off_stride, start, h);
+      if (r < 0) overflow[h] = -r;
+      nnz[h] = std::max<int64_t>(r, 0);
     }
   });
 }
 
-at::Tensor delta_encode_impl(const at::Tensor& k_in, at::Tensor& ref, const at::Tensor& theta_in, at::Tensor& values,
-                             at::Tensor& chan, at::Tensor& offsets, int64_t start) {
-  TORCH_CHECK(k_in.dim() == 3, "delta_encode: k must be [T, H, D]");
+void check_encode_buffers(const at::Tensor& ref, const at::Tensor& values, const at::Tensor& chan,
+                          const at::Tensor& offsets, int64_t H, int64_t D) {
   SPARSEDGE_CHECK_CPU_CONTIG(ref);
   SPARSEDGE_CHECK_CPU_CONTIG(values);
   SPARSEDGE_CHECK_CPU_CONTIG(chan);
@@ -171,10 +177,16 @@ at::Tensor delta_encode_impl(const at::Tensor& k_in, at::Tensor& ref, const at::
   TORCH_CHECK(ref.scalar_type() == at::kFloat, "delta_encode: ref must be float32");
   TORCH_CHECK(chan.scalar_type() == at::kByte, "delta_encode: chan must be uint8");
   TORCH_CHECK(offsets.scalar_type() == at::kInt, "delta_encode: offsets must be int32");
-  const int64_t T = k_in.size(0), H = k_in.size(1), D = k_in.size(2);
   TORCH_CHECK(D <= 256, "delta_encode: head_dim must be <= 256 (uint8 channel indices)");
   TORCH_CHECK(ref.size(0) == H && ref.size(1) == D, "delta_encode: ref must be [H, D]");
   TORCH_CHECK(values.size(0) == H && chan.sizes() == values.sizes(), "delta_encode: values/chan must be [H, cap]");
+}
+
+at::Tensor delta_encode_impl(const at::Tensor& k_in, at::Tensor& ref, const at::Tensor& theta_in, at::Tensor& values,
+                             at::Tensor& chan, at::Tensor& offsets, int64_t start) {
+  TORCH_CHECK(k_in.dim() == 3, "delta_encode: k must be [T, H, D]");
+  const int64_t T = k_in.size(0), H = k_in.size(1), D = k_in.size(2);
+  check_encode_buffers(ref, values, chan, offsets, H, D);
   TORCH_CHECK(offsets.size(0) == H && start >= 0 && start + T < offsets.size(1),
               "delta_encode: positions ", start, "..", start + T - 1, " exceed the offsets table [H, ",
               offsets.size(1), "]");
@@ -599,11 +611,83 @@ at::Tensor delta_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, 
   return q_in.scalar_type() == at::kFloat ? out : out.to(q_in.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------
+// delta_step: the decode step of sparsedge.delta.cache in one call (V write, encode of the key leaving the window,
+// empty delta ranges for the window's positions, attention, ring update), in the reference's order, with the
+// encode and attention code above, so buffers and outputs are bit-identical to the op sequence it replaces. Why:
+// that sequence was five op calls and their Python per layer and token, about as long as the attention itself
+// at 2K tokens on a 576-wide model.
+template <typename T>
+void put_rows(T* dst, int64_t dst_stride, const at::Tensor& src, int64_t H, int64_t D) {  // dst[h * stride + c] = src[h, c]
+  const at::Tensor s = src.to(at::kFloat).contiguous();
+  const float* p = s.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t c = 0; c < D; ++c) dst[h * dst_stride + c] = from_f32<T>(p[h * D + c]);
+}
+
+at::Tensor delta_step_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& ref,
+                           const at::Tensor& theta_in, at::Tensor& values, at::Tensor& chan, at::Tensor& offsets,
+                           const at::Tensor& sink_k, at::Tensor& window_k, at::Tensor& v_cache, int64_t pos,
+                           int64_t n_sink, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == 1 && k.size(0) == 1 && v.size(0) == 1,
+              "delta_step: one token per call (q [1, Hq, D], k and v [1, H, D])");
+  const int64_t H = k.size(1), D = k.size(2);
+  TORCH_CHECK(v.size(1) == H && v.size(2) == D, "delta_step: k and v must both be [1, H, D]");
+  SPARSEDGE_CHECK_CPU_CONTIG(v_cache);
+  SPARSEDGE_CHECK_CPU_CONTIG(window_k);
+  const int64_t Tmax = v_cache.size(1);
+  TORCH_CHECK(pos >= n_sink && pos >= window && pos < Tmax, "delta_step: position ", pos, " needs n_sink (", n_sink,
+              ") <= pos, window (", window, ") <= pos and pos < ", Tmax, " (the cache's tokens)");
+  TORCH_CHECK(v_cache.size(0) == H && v_cache.size(2) == D, "delta_step: v_cache must be [H, Tmax, D]");
+  TORCH_CHECK(window == 0 || (window_k.size(0) == H && window_k.size(1) == window && window_k.size(2) == D),
+              "delta_step: window_k must be [H, window, D]");
+  check_encode_buffers(ref, values, chan, offsets, H, D);
+  TORCH_CHECK(offsets.size(0) == H && offsets.size(1) == Tmax + 1, "delta_step: offsets must be [H, Tmax + 1]");
+  TORCH_CHECK(window_k.scalar_type() == values.scalar_type() && v_cache.scalar_type() == values.scalar_type(),
+              "delta_step: values, window_k and v_cache must share the cache dtype");
+  const auto theta = theta_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(theta.numel() == H, "delta_step: theta must have one entry per KV head");
+  const int64_t e = pos - window, slot = window ? pos % window : 0, cap = values.size(1);
+  SPARSEDGE_DISPATCH_FLOATS(values.scalar_type(), "delta_step", [&] {
+    using T = scalar_t;
+    put_rows<T>(v_cache.data_ptr<T>() + pos * D, Tmax * D, v[0], H, D);
+    // the key that leaves the window: from its ring slot (which k takes after the attention), or k itself
+    std::vector<float> key(H * D);
+    if (window) {
+      const T* w = window_k.data_ptr<T>() + slot * D;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t c = 0; c < D; ++c) key[h * D + c] = to_f32(w[h * window * D + c]);
+    } else {
+      const at::Tensor kf = k.to(at::kFloat).contiguous();
+      std::memcpy(key.data(), kf.data_ptr<float>(), H * D * sizeof(float));
+    }
+    int32_t* off = offsets.data_ptr<int32_t>();
+    for (int64_t h = 0; h < H; ++h) {  // sequential: D compares per head are far below a parallel region's cost
+      const int64_t r = encode_head(key.data(), ref.data_ptr<float>(), theta.data_ptr<float>(), values.data_ptr<T>(),
+                                    chan.data_ptr<uint8_t>(), off, 1, H, D, cap, Tmax + 1, e, h);
+      TORCH_CHECK(r >= 0, "delta buffer capacity exceeded: head ", h, " needs ", -r, " > ", cap, " entries");
+    }
+    for (int64_t h = 0; h < H; ++h) {  // positions e + 1..pos are in the window: empty delta ranges
+      int32_t* o = off + h * (Tmax + 1);
+      std::fill(o + e + 2, o + pos + 2, o[e + 1]);
+    }
+  });
+  at::Tensor out = delta_attention_impl(q, k, v_cache, values, chan, offsets, sink_k, window_k, pos, n_sink, window,
+                                        scale);
+  if (window) {
+    SPARSEDGE_DISPATCH_FLOATS(values.scalar_type(), "delta_step", [&] {
+      put_rows<scalar_t>(window_k.data_ptr<scalar_t>() + slot * D, window * D, k[0], H, D);
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsedge, CPU, m) {
   m.impl("delta_encode", &delta_encode_impl);
   m.impl("delta_attention", &delta_attention_impl);
+  m.impl("delta_step", &delta_step_impl);
 }
 
 }  // namespace sparsedge::cpu

@@ -57,6 +57,8 @@ import math
 import torch
 from loguru import logger
 
+from sparsedge.ops.schema import has_fused
+
 ops = torch.ops.sparsedge
 
 MIN_DENSE_TOKENS = 16  # grow when fewer dense tokens than this (or than remain) fit in the free space
@@ -87,6 +89,12 @@ class DeltaLayerCache:
         self.theta = th.clone().to(self.device)
         cap = self._round(max(1, math.ceil(self.initial_density * Tmax * D)))
         cap = min(cap, Tmax * D)
+        # host-side counters, shared with the C++ decode loop (backends/cpu/decode_loop.cpp), which runs the decode
+        # step itself (`delta_step`) and advances them: [length, encoded, used bound, first position stepped since
+        # the statistics were last recorded (-1: none)]. The properties below read them through a numpy view.
+        self.state = torch.tensor([0, 0, 0, -1], dtype=torch.int64)
+        self._st = self.state.numpy()
+        self._fused_step = has_fused("delta_step", self.device.type)
         kw = dict(device=self.device)
         self.ref = torch.zeros(H, D, dtype=torch.float32, **kw)
         self.values = torch.zeros(H, cap, dtype=dtype, **kw)
@@ -96,12 +104,34 @@ class DeltaLayerCache:
         self.window_k = torch.zeros(H, self.window, D, dtype=dtype, **kw)
         self.v_cache = torch.zeros(H, Tmax, D, dtype=dtype, **kw)
         self._ring: list = [None] * self.window  # slot -> window_k[:, slot] as [1, H, D] (made on first use)
-        self.length = 0
-        self.encoded = 0  # positions 0..encoded-1 are delta-encoded (deferred encoding, see above)
-        # host-side upper bound of max_h offsets[h, encoded] (the packed entries in use), exact after a read
-        self._used_bound = 0
         self.grow_events = 0
         self.reset_stats()
+
+    @property
+    def length(self) -> int:
+        return int(self._st[0])
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self._st[0] = n
+
+    @property
+    def encoded(self) -> int:
+        """Positions 0..encoded-1 are delta-encoded (deferred encoding, see above)."""
+        return int(self._st[1])
+
+    @encoded.setter
+    def encoded(self, n: int) -> None:
+        self._st[1] = n
+
+    @property
+    def _used_bound(self) -> int:
+        """Host-side upper bound of max_h offsets[h, encoded] (the packed entries in use), exact after a read."""
+        return int(self._st[2])
+
+    @_used_bound.setter
+    def _used_bound(self, n: int) -> None:
+        self._st[2] = n
 
     @staticmethod
     def _round(n: int) -> int:
@@ -126,7 +156,9 @@ class DeltaLayerCache:
         chan = torch.zeros(self.H, new, dtype=torch.uint8, device=self.device)
         values[:, :old] = self.values
         chan[:, :old] = self.chan
-        self.values, self.chan = values, chan
+        # set_: the tensors keep their identity, so a C++ decode plan holding them sees the new storage
+        self.values.set_(values)
+        self.chan.set_(chan)
         self.grow_events += 1
 
     def _encode(self, k: torch.Tensor, start: int) -> None:
@@ -139,16 +171,22 @@ class DeltaLayerCache:
             return
         i = 0
         while i < T:
-            used = int(self.offsets[:, start + i].max())  # exact entries in use (one device read)
-            remaining = T - i
-            fit = (self.capacity - used) // D
-            if fit < min(remaining, MIN_DENSE_TOKENS):
-                self._grow(used + min(remaining, MIN_DENSE_TOKENS) * D, used, start + i)
-                fit = (self.capacity - used) // D
-            c = min(remaining, fit)
+            c = self._room(start + i, T - i)
             ops.delta_encode(k[i:i + c], self.ref, self.theta, self.values, self.chan, self.offsets, start + i)
             i += c
-            self._used_bound = used + c * D
+            self._used_bound += c * D
+
+    def _room(self, pos: int, tokens: int) -> int:
+        """How many of `tokens` dense tokens fit after the entries in use by positions < pos (exact: one device
+        read), growing the buffer first when fewer than min(tokens, MIN_DENSE_TOKENS) do. Sets the bound exact."""
+        D = self.D
+        used = int(self.offsets[:, pos].max())
+        fit = (self.capacity - used) // D
+        if fit < min(tokens, MIN_DENSE_TOKENS):
+            self._grow(used + min(tokens, MIN_DENSE_TOKENS) * D, used, pos)
+            fit = (self.capacity - used) // D
+        self._used_bound = used
+        return min(tokens, fit)
 
     def _ring_slot(self, slot: int) -> torch.Tensor:
         """window_k[:, slot] as a [1, H, D] view (cached: the decode step reads and writes one slot)."""
@@ -203,6 +241,7 @@ class DeltaLayerCache:
         e0 = self.encoded
         if T == 1 and start >= self.n_sink and e0 == start - self.window:
             return self._step(q, k, v, start)
+        self._sync()
         self._write(k, v, start)
         out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
                                   self.window_k, start, self.n_sink, self.window, self.scale)
@@ -212,34 +251,47 @@ class DeltaLayerCache:
 
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
         """The decode step past the sinks: the key at e = p - W leaves the ring and is encoded (W = 0: the new
-        key itself). What _write, the kernel, _commit and _count do for T = 1, with less Python per token."""
-        W = self.window
+        key itself). What _write, the kernel, _commit and _count do for T = 1, as one `delta_step` op where the
+        device has it fused. The C++ decode loop runs the same op and the same counter updates when the bound
+        says the key fits (else it calls attend, which grows here)."""
+        W, D = self.window, self.D
         e = p - W
-        self.v_cache.select(1, p).copy_(v[0])
-        if W:
-            slot = self._ring_slot(p % W)  # position e's ring slot, which p's key then takes
-            self._encode(slot, e)
-            self.encoded = e + 1
-            self.offsets.narrow(1, e + 2, W).copy_(self.offsets.narrow(1, e + 1, 1))  # p - W + 1..p: empty
-        else:
-            self._encode(k, p)
-            self.encoded = p + 1
-        out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
-                                  self.window_k, p, self.n_sink, W, self.scale)
-        if W:
-            slot.copy_(k)
-        self.length = p + 1
-        HD = self.H * self.D
-        self._enc_entries += HD
-        self._add_run(self._enc_runs, e, e + 1)
-        if e >= self.n_sink:
-            self._scored_entries += (e - self.n_sink + 1) * HD
-            self._add_run(self._query_runs, e + 1, e + 2)
+        if self._used_bound + D > self.capacity:
+            self._room(e, 1)
+        if self._fused_step:
+            out = ops.delta_step(q, k, v, self.ref, self.theta, self.values, self.chan, self.offsets, self.sink_k,
+                                 self.window_k, self.v_cache, p, self.n_sink, W, self.scale)
+        else:  # the same sequence op by op (its composite reference would run the reference kernels)
+            self.v_cache.select(1, p).copy_(v[0])
+            if W:
+                slot = self._ring_slot(p % W)  # position e's ring slot, which p's key then takes
+                ops.delta_encode(slot, self.ref, self.theta, self.values, self.chan, self.offsets, e)
+                self.offsets.narrow(1, e + 2, W).copy_(self.offsets.narrow(1, e + 1, 1))  # p - W + 1..p: empty
+            else:
+                ops.delta_encode(k, self.ref, self.theta, self.values, self.chan, self.offsets, p)
+            out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
+                                      self.window_k, p, self.n_sink, W, self.scale)
+            if W:
+                slot.copy_(k)
+        st = self._st
+        st[0], st[1] = p + 1, e + 1
+        st[2] += D
+        if st[3] < 0:
+            st[3] = p
         return out
+
+    def _sync(self) -> None:
+        """Record the statistics of the decode steps taken since the last record (by _step or the C++ loop,
+        which only advance the counters): they are the consecutive positions f..length-1."""
+        f = int(self._st[3])
+        if f >= 0:
+            self._st[3] = -1
+            self._count(f, self.length - f, f - self.window)
 
     def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append keys/values k, v [T, H, D] without computing attention: the cache state a prefill of these
         positions leaves (used to set up long contexts in benchmarks without an O(T^2) prefill)."""
+        self._sync()
         start = self.length
         if start + k.shape[0] > self.Tmax:
             raise ValueError(f"positions up to {start + k.shape[0]} exceed the delta cache's {self.Tmax} tokens")
@@ -300,6 +352,7 @@ class DeltaLayerCache:
 
     def _fold(self) -> None:
         """Fold the pending runs into the nonzero counts: one gather over the prefix sums of tot, one read."""
+        self._sync()
         qr, er = self._query_runs, self._enc_runs
         if not qr and not er:
             return
@@ -334,9 +387,11 @@ class DeltaLayerCache:
         self._enc_entries = self._enc_nnz = 0  # entries of encoded keys; the nonzero ones
         self._query_runs: list = []  # [a, b): one query scored through deltas per tot index in a..b-1
         self._enc_runs: list = []  # [a, b): keys a..b-1 encoded by attend calls
+        self._st[3] = -1  # decode steps not recorded yet are dropped too
 
     # --- rollback ---------------------------------------------------------------------------
     def truncate(self, n: int) -> bool:
+        self._sync()
         if n >= self.length:
             return True
         if n <= 0:

@@ -104,6 +104,32 @@ def delta_attention_ref(q, k, v_cache, values, chan, offsets, sink_k, window_k,
     return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
 
 
+def delta_step_ref(q, k, v, ref, theta, values, chan, offsets, sink_k, window_k, v_cache,
+                   pos: int, n_sink: int, window: int, scale: float):
+    """One decode step at `pos` past the sinks and the first window (pos >= n_sink, pos >= window; positions before
+    pos - window already encoded, pos - window not): what sparsedge.delta.cache does per token in one op.
+    v_cache[:, pos] = v; the key leaving the window (position pos - window, read from its ring slot; with no window
+    the new key itself) is encoded, and the window's positions get empty delta ranges; attention of q at pos as
+    delta_attention; then the ring slot takes k. q [1, Hq, D], k and v [1, H, D] -> [1, Hq, D]."""
+    if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
+        raise ValueError("delta_step: one token per call (q [1, Hq, D], k and v [1, H, D])")
+    if pos < n_sink or pos < window or pos >= v_cache.shape[1]:
+        raise ValueError(f"delta_step: position {pos} needs n_sink ({n_sink}) <= pos, window ({window}) <= pos "
+                         f"and pos < {v_cache.shape[1]} (the cache's tokens)")
+    e = pos - window
+    v_cache[:, pos] = v[0]
+    if window:
+        slot = pos % window
+        delta_encode_ref(window_k[:, slot].unsqueeze(0), ref, theta, values, chan, offsets, e)
+        offsets[:, e + 2:pos + 2] = offsets[:, e + 1:e + 2]
+    else:
+        delta_encode_ref(k, ref, theta, values, chan, offsets, pos)
+    out = delta_attention_ref(q, k, v_cache, values, chan, offsets, sink_k, window_k, pos, n_sink, window, scale)
+    if window:
+        window_k[:, slot] = k[0]
+    return out
+
+
 define("delta_encode(Tensor k, Tensor(a!) ref, Tensor theta, Tensor(b!) values, Tensor(c!) chan, "
        "Tensor(d!) offsets, int start) -> Tensor",
        delta_encode_ref,
@@ -112,6 +138,12 @@ define("delta_attention(Tensor q, Tensor k, Tensor v_cache, Tensor values, Tenso
        "Tensor sink_k, Tensor window_k, int start, int n_sink, int window, float scale) -> Tensor",
        delta_attention_ref,
        lambda q, k, v_cache, values, chan, offsets, sink_k, window_k, start, n_sink, window, scale:
+       torch.empty_like(q))
+define("delta_step(Tensor q, Tensor k, Tensor v, Tensor(a!) ref, Tensor theta, Tensor(b!) values, Tensor(c!) chan, "
+       "Tensor(d!) offsets, Tensor sink_k, Tensor(e!) window_k, Tensor(f!) v_cache, int pos, int n_sink, int window, "
+       "float scale) -> Tensor",
+       delta_step_ref,
+       lambda q, k, v, ref, theta, values, chan, offsets, sink_k, window_k, v_cache, pos, n_sink, window, scale:
        torch.empty_like(q))
 
 
@@ -153,4 +185,16 @@ CASES = [
     # theta = 0, no sinks, no window: every score through the deltas, still dense causal attention
     Case("delta_attention", dict(H=2, G=4, D=64, n_sink=0, window=0, theta=0.0, chunks=[300], vs_dense=True)),
     Case("delta_attention", dict(H=1, D=64, bad="offsets"), raises="outside the packed buffer", devices=("cpu",)),
+    # delta_step: a prefill by the reference, then decode steps through the op; every buffer and output against the
+    # reference's steps (GQA, sinks, windows incl. none and one, per-head thetas, growth of the delta range)
+    *sweep("delta_step", (torch.float32, torch.bfloat16, torch.float16), at=rows(
+        "H G D n_sink window prefill steps", (3, 3, 64, 4, 16, 30, 12), (2, 4, 128, 0, 0, 9, 6),
+        (1, 1, 64, 2, 1, 5, 6), (3, 1, 40, 0, 8, 8, 10)), theta=[0.0, 0.4, 1e9]),
+    Case("delta_step", dict(H=3, G=2, D=64, n_sink=4, window=8, prefill=20, steps=8, theta=(0.3, 0.15, 0.6),
+                            keys="walk")),
+    *sweep("delta_step", (torch.float32,), at=rows("H G D n_sink window prefill steps", (3, 3, 64, 4, 64, 1100, 3)),
+           theta=[0.4], cores=[2]),
+    Case("delta_step", dict(H=2, G=1, D=64, n_sink=4, window=16, prefill=8, steps=1), raises="position 8 needs"),
+    Case("delta_step", dict(H=2, G=1, D=64, n_sink=0, window=0, prefill=4, steps=3, cap=260, key_scale=10.0),
+         raises="capacity exceeded"),
 ]

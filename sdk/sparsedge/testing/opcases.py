@@ -644,6 +644,54 @@ def _delta_bad_offsets(c: Case) -> Program:
     return Program(make, run, run_all_close(("out",)), D)
 
 
+@program("delta_step")
+def _delta_step(c: Case) -> Program:
+    """`steps` decode steps after a prefill of `prefill` tokens, whose state (keys before prefill - window encoded,
+    the rest in the window ring, as sparsedge.delta.cache leaves it) the reference builds. Outputs, the packed
+    buffers, the ring and v_cache against the reference's steps."""
+    p = c.params
+    H, G, D, S, W, n0 = p["H"], p["G"], p["D"], p["n_sink"], p["window"], p["prefill"]
+    n = n0 + p["steps"]
+    e0 = max(0, n0 - W)
+
+    def make():
+        g = generator(c)
+        keys = (_keys(g, n, H, D, p, torch.float32) * p.get("key_scale", 1.0)).to(c.dtype)
+        vals = randn(g, n, H, D, dtype=c.dtype)
+        qs = randn(g, n, H * G, D, dtype=c.dtype)
+        st = _delta_state(H, D, n, p.get("cap", n * D), S, W, c.dtype)
+        theta = _theta(p, H)
+        if e0:
+            sparsedge.ops.reference("delta_encode")(keys[:e0], st["ref"], theta, st["values"], st["chan"],
+                                                    st["offsets"], 0)
+        st["offsets"][:, e0 + 1:n0 + 1] = st["offsets"][:, e0:e0 + 1]
+        ns = min(S, n0)
+        st["sink_k"][:, :ns] = keys[:ns].transpose(0, 1)
+        for j in range(e0, n0):
+            st["window_k"][:, j % W] = keys[j]
+        st["v_cache"][:, :n0] = vals[:n0].transpose(0, 1)
+        return dict(st=st, keys=keys, vals=vals, qs=qs, theta=theta)
+
+    def run(rt, i):
+        st = {k: rt.to(v.clone()) for k, v in i["st"].items()}
+        theta, outs = rt.to(i["theta"]), []
+        for pos in range(n0, n):
+            outs.append(rt.op("delta_step")(
+                rt.to(i["qs"][pos:pos + 1]), rt.to(i["keys"][pos:pos + 1]), rt.to(i["vals"][pos:pos + 1]), st["ref"],
+                theta, st["values"], st["chan"], st["offsets"], st["sink_k"], st["window_k"], st["v_cache"], pos, S,
+                W, D ** -0.5))
+        return {"outs": outs, **st}
+
+    def check(got, want, tol):
+        _check_buffers(got, want, n - W, tol)
+        equal(got["offsets"][:, n - W:n + 1], want["offsets"][:, n - W:n + 1], "offsets of the window")
+        for name in ("window_k", "v_cache", "sink_k"):
+            assert torch.equal(got[name], want[name]), f"{name} differs from the reference's"
+        for j, (a, b) in enumerate(zip(got["outs"], want["outs"], strict=True)):
+            close(a, b, tol, f"delta_step at position {n0 + j}")
+    return Program(make, run, check, sum(H * G * D * (pos + 1) for pos in range(n0, n)))
+
+
 @program("qlinear")
 def _qlinear(c: Case) -> Program:
     """Fused kernels round x to int8 per block of 32 (as llama.cpp does): checked against the composite reference
