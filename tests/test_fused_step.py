@@ -8,6 +8,7 @@ import torch
 
 from sparsedge import Session, fused_step
 from sparsedge import stats as work
+from sparsedge.delta.cache import DeltaLayerCache
 from sparsedge.ffn.module import attach_tensors, detach_predictors
 from sparsedge.generate import decode_one_token, new_cache, prefill
 
@@ -71,11 +72,38 @@ def test_smollm2_native_is_bit_identical():
     assert_same(*both_paths(s.model, s.tokenizer.encode("The capital of France is"), 6, lambda: s.new_cache(64)))
 
 
-def test_delta_cache_is_bit_identical(stories_path):
-    """Delta attention's cache runs its own attend() (called back from the C++ loop): same logits, same statistics."""
-    s = Session.load(stories_path, backend="cpu", progress=False, delta={"theta": 0.5, "window": 8, "sinks": 2})
-    a, b = both_paths(s.model, s.tokenizer.encode("Once upon a time"), 16, lambda: s.new_cache(64))
+DELTA_BUFFERS = ("ref", "values", "chan", "offsets", "sink_k", "window_k", "v_cache")
+
+
+@pytest.mark.parametrize("window,sinks", [(8, 2), (0, 0), (1, 4)])
+def test_delta_cache_is_bit_identical(stories_path, monkeypatch, window, sinks):
+    """The delta cache's decode steps run as `delta_step` in the C++ loop (its attend is called back only for the
+    steps that must grow the buffer, which this small initial capacity forces): same logits, statistics, buffers
+    and counters as the Python path, and truncate / a further prefill behave the same afterwards."""
+    s = Session.load(stories_path, backend="cpu", progress=False,
+                     delta={"theta": 0.1, "window": window, "sinks": sinks, "initial_density": 0.05, "growth": 0.05})
+    steps = []  # (fused?, position) of every _step the Python side ran
+    orig = DeltaLayerCache._step
+    monkeypatch.setattr(DeltaLayerCache, "_step", lambda self, q, k, v, p: steps.append((fused_step.enabled, p)) or
+                        orig(self, q, k, v, p))
+    ids = s.tokenizer.encode("Once upon a time, there was a little girl")
+    a, b = both_paths(s.model, ids, 48, lambda: s.new_cache(64))
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
+    assert sum(lc.stats()["zero_delta_entries"] for lc in a[2].layers) > 0
+    n_layers, n = len(s.model.layers), 48 * len(s.model.layers)
+    python_steps = sum(1 for fused, _ in steps if not fused)
+    cpp_fallbacks = sum(1 for fused, _ in steps if fused)
+    assert python_steps == n - n_layers * (window > len(ids))  # every layer's every decode step past the window
+    assert 0 < cpp_fallbacks < python_steps // 4  # the C++ loop ran the rest itself
+    grown = [lc.grow_events for lc in a[2].layers]
+    assert min(grown) > 0 and grown == [lc.grow_events for lc in b[2].layers]
+    for x, y in zip(a[2].layers, b[2].layers):
+        for name in DELTA_BUFFERS:
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert torch.equal(x.state[:3], y.state[:3])  # length, encoded, used bound (the 4th: when stats were read)
+        assert x.stats() == y.stats() and x.k_bytes() == y.k_bytes()
+        assert x.truncate(x.length - 1) == y.truncate(y.length - 1)
+        assert x.length == y.length and x.stats() == y.stats()
 
 
 def test_plan_is_not_used_where_it_does_not_apply(stories_path, tiny_q4):

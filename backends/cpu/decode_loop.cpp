@@ -38,6 +38,10 @@ struct Ops {
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>
       attention = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
           "sparsedge::dense_attention");
+  using DeltaStep = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&,
+                               at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                               int64_t, int64_t, int64_t, double);
+  c10::TypedOperatorHandle<DeltaStep> delta_step = op<DeltaStep>("sparsedge::delta_step");
   using QSparse = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view,
                                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, c10::string_view, double);
@@ -56,12 +60,34 @@ struct Proj {
   }
 };
 
+// A DeltaLayerCache (sdk/sparsedge/delta/cache.py): its buffers (the same tensor objects; growth swaps their
+// storage in place) and its host counters `state` = [length, encoded, used bound, first unrecorded step].
+struct DeltaCache {
+  at::Tensor ref, theta, values, chan, offsets, sink_k, window_k, v_cache, state;
+  int64_t n_sink = 0, window = 0;
+  double scale = 1.0;
+  // The decode step the cache's own _step would take, when it would take it without growing: position `pos` is
+  // next, past the sinks, the key leaving the window is the next to encode, and the bound says it fits.
+  bool step_fits(int64_t pos, int64_t D) const {
+    const int64_t* s = state.data_ptr<int64_t>();
+    return s[0] == pos && pos >= n_sink && s[1] == pos - window && pos < v_cache.size(1) &&
+           s[2] + D <= values.size(1);
+  }
+  // what _step does to the counters after the op
+  void advance(int64_t pos, int64_t D) const {
+    int64_t* s = state.data_ptr<int64_t>();
+    s[0] = pos + 1, s[1] = pos - window + 1, s[2] += D;
+    if (s[3] < 0) s[3] = pos;
+  }
+};
+
 struct Layer {
   Proj qkv, o, gate_up, down;
   bool down_t = false;  // float W_downᵀ (linear_t) instead of a W_down projection
   at::Tensor ffn_norm, next_norm, k_cache, v_cache;
   double scale = 1.0;
   pybind11::object attend;  // a cache's attend(q, k, v, start) for caches other than the dense one (delta, windows)
+  std::optional<DeltaCache> delta;  // a delta cache's decode step runs here when it fits (else attend grows it)
   // the pieces beyond Llama (sparsedge.model.ExtendedAttention and the general path); undefined when absent
   at::Tensor q_norm, k_norm, sub_norm, post_attn_norm, post_ffn_norm;
   bool local_rope = false;  // the sliding layers' own RoPE tables (Gemma 3)
@@ -94,6 +120,14 @@ class DecodePlan {
     l.sub_norm = sub_norm.value_or(at::Tensor());
     l.post_attn_norm = post_attn_norm.value_or(at::Tensor()), l.post_ffn_norm = post_ffn_norm.value_or(at::Tensor());
     l.local_rope = local_rope;
+  }
+  void set_delta(at::Tensor ref, at::Tensor theta, at::Tensor values, at::Tensor chan, at::Tensor offsets,
+                 at::Tensor sink_k, at::Tensor window_k, at::Tensor v_cache, at::Tensor state, int64_t n_sink,
+                 int64_t window, double scale) {
+    TORCH_CHECK(state.scalar_type() == at::kLong && state.numel() == 4 && state.is_contiguous() && state.is_cpu(),
+                "DecodePlan: a delta cache's state must be a contiguous int64 CPU tensor of 4 counters");
+    layers_.back().delta = DeltaCache{ref, theta, values, chan, offsets, sink_k, window_k, v_cache, state,
+                                      n_sink, window, scale};
   }
   void set_dense_ffn(at::Tensor w_gate_up, std::string gu_qtype, int64_t gu_k, at::Tensor w_down, std::string down_qtype,
                      int64_t down_k, bool down_t, int64_t I, std::string act) {
@@ -137,7 +171,12 @@ class DecodePlan {
       const at::Tensor q = qk.slice(1, 0, hq_), k = qk.slice(1, hq_);
       const at::Tensor v = qkv.slice(1, qs + kvs).reshape({1, hkv_, d_});
       at::Tensor out;
-      if (!l.attend.is_none()) {  // the cache's own step (its bookkeeping stays in Python)
+      if (l.delta && l.delta->step_fits(start, d_)) {
+        DeltaCache& c = *l.delta;
+        out = o.delta_step.call(q, k, v, c.ref, c.theta, c.values, c.chan, c.offsets, c.sink_k, c.window_k, c.v_cache,
+                                start, c.n_sink, c.window, c.scale);
+        c.advance(start, d_);
+      } else if (!l.attend.is_none()) {  // the cache's own attend (its bookkeeping stays in Python)
         out = l.attend(q, k, v, start).cast<at::Tensor>();
       } else {
         l.k_cache.slice(1, start, start + 1).copy_(k.transpose(0, 1));
@@ -188,6 +227,7 @@ void register_decode_loop(pybind11::module& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, double>())
       .def("add_attention", &DecodePlan::add_attention)
       .def("set_extras", &DecodePlan::set_extras)
+      .def("set_delta", &DecodePlan::set_delta)
       .def("set_dense_ffn", &DecodePlan::set_dense_ffn)
       .def("set_skip_ffn", &DecodePlan::set_skip_ffn)
       .def("run", &DecodePlan::run);

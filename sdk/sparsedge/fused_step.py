@@ -8,8 +8,9 @@ The plan covers, on CPU:
 - the plain and the general decoder path (scaled embeddings, q/k norms, sub-norm, post-norms, the sliding layers'
   RoPE tables, logit softcapping: Gemma 3, Qwen3);
 - attention with one weight per projection (a float tensor or one QWeight);
-- any cache: the dense one in C++, the delta and windowed caches through their own `attend`, called back from
-  the loop, so their Python bookkeeping stays the one implementation;
+- any cache: the dense one in C++; the delta cache's decode step as one `delta_step` op in C++ (its host
+  counters are a tensor the loop advances; it calls the cache's `attend` back when the buffer must grow or the
+  step is not a plain decode step); windowed caches through their own `attend`, called back from the loop;
 - FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or a `DownSkipFFN` on block weights.
 Anything else (predictor FFNs, BitNet's FFN sub-norm, CUDA/NPU) returns None and runs the Python path. Plans are
 cached on the cache object and rebuilt when the model's FFN modules or the cache's layers change.
@@ -69,6 +70,7 @@ def _counters(model, cache) -> tuple:
 
 
 def _build(model, cache):
+    from sparsedge.delta.cache import DeltaLayerCache
     from sparsedge.ffn.downskip import DownSkipFFN
     from sparsedge.model import Attention, DenseFFN, ExtendedAttention
 
@@ -89,6 +91,9 @@ def _build(model, cache):
         next_norm = model.layers[i + 1].attn_norm if i + 1 < n else model.norm
         plan.add_attention(*qkv, att.bqkv, *o, *((lc.k, lc.v) if dense_cache else (_NONE, _NONE)),
                            float(getattr(lc, "scale", 1.0)), layer.ffn_norm, next_norm, None if dense_cache else lc.attend)
+        if type(lc) is DeltaLayerCache and lc._fused_step:  # its decode step in C++ (attend where it must grow)
+            plan.set_delta(lc.ref, lc.theta, lc.values, lc.chan, lc.offsets, lc.sink_k, lc.window_k, lc.v_cache,
+                           lc.state, lc.n_sink, lc.window, lc.scale)
         plan.set_extras(getattr(att, "q_norm", None), getattr(att, "k_norm", None), getattr(att, "sub_norm", None),
                         layer.post_attn_norm, layer.post_ffn_norm, bool(layer.local_rope and model.rope_local))
         if type(ffn) is DenseFFN:
