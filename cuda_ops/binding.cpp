@@ -428,6 +428,38 @@ at::Tensor delta_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, 
   return out;
 }
 
+// The delta cache's decode step (sdk/sparsedge/ops/delta.py delta_step_ref) as the kernels above plus two slice
+// copies, in the reference's order: one op call per layer instead of five, and no host read (the encode's
+// overflow read-back happens only when the buffer is near full, as in delta_encode_cuda).
+at::Tensor delta_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& ref,
+                           const at::Tensor& theta, at::Tensor& values, at::Tensor& chan, at::Tensor& offsets,
+                           const at::Tensor& sink_k, at::Tensor& window_k, at::Tensor& v_cache, int64_t pos,
+                           int64_t n_sink, int64_t window, double scale) {
+  const char* op = "delta_step";
+  SD_CHECK_CUDA(op, q);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == 1 && k.size(0) == 1 && v.size(0) == 1,
+              op, ": one token per call (q [1, Hq, D], k and v [1, H, D])");
+  const int64_t Tmax = v_cache.size(1), H = k.size(1);
+  TORCH_CHECK(pos >= n_sink && pos >= window && pos < Tmax, op, ": position ", pos, " needs n_sink (", n_sink,
+              ") <= pos, window (", window, ") <= pos and pos < ", Tmax, " (the cache's tokens)");
+  TORCH_CHECK(window == 0 || (window_k.dim() == 3 && window_k.size(1) == window), op,
+              ": window_k must be [H, window, D], got ", window_k.sizes());
+  c10::cuda::CUDAGuard guard(q.device());
+  const int64_t e = pos - window;
+  v_cache.select(1, pos).copy_(v[0]);
+  if (window == 0) {
+    delta_encode_cuda(k, ref, theta, values, chan, offsets, pos);
+    return delta_attention_cuda(q, k, v_cache, values, chan, offsets, sink_k, window_k, pos, n_sink, window, scale);
+  }
+  const at::Tensor slot = window_k.select(1, pos % window);  // position e's key, which k replaces afterwards
+  delta_encode_cuda(slot.unsqueeze(0), ref, theta, values, chan, offsets, e);
+  offsets.narrow(1, e + 2, window).copy_(offsets.narrow(1, e + 1, 1).expand({H, window}));  // the window: empty
+  at::Tensor out =
+      delta_attention_cuda(q, k, v_cache, values, chan, offsets, sink_k, window_k, pos, n_sink, window, scale);
+  slot.copy_(k[0]);
+  return out;
+}
+
 at::Tensor attention_cuda(const char* op, const at::Tensor& q_in, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, int64_t start, double scale, int64_t window) {
   TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: no window), got ", window);
@@ -521,6 +553,7 @@ TORCH_LIBRARY_IMPL(sparsedge, CUDA, m) {
   m.impl("sparse_ffn", &sparse_ffn_cuda);
   m.impl("delta_encode", &delta_encode_cuda);
   m.impl("delta_attention", &delta_attention_cuda);
+  m.impl("delta_step", &delta_step_cuda);
   m.impl("dense_attention", &dense_attention_cuda);
   m.impl("dense_attention_window", &dense_attention_window_cuda);
   m.impl("linear", &linear_cuda);
