@@ -7,7 +7,8 @@ For each context C both sessions prefill the first C tokens of --text once, then
 tokens per round, rounds interleaved between the sessions (each continues its own cache, so the context grows
 by rounds x new tokens over the run). Reports median/best decode tok/s, the ratio, and the K-cache bytes each
 holds (sparsedge.stats: delta entries, offsets, references, sinks and window against a dense K cache).
-Weights are the file's own blocks unless --dtype is given.
+Weights are the file's own blocks unless --dtype is given. With --predictors ART a third session runs both methods
+(the FFN artifact and delta attention), so the combination's speed is measured in the same interleaved rounds.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--text", required=True, help="text whose first tokens are the prompt")
+    p.add_argument("--predictors", default=None,
+                   help="FFN artifact folder: also run a session with it and the delta cache ('both')")
 
 
 def _decode(session, cache, token: int, pos: int, n: int) -> tuple[float, int]:
@@ -54,9 +57,12 @@ def run(args) -> dict:
         raise SystemExit(f"--contexts up to {max(contexts)} + --rounds x --new-tokens need {need} positions, past the "
                          f"{trained} the model was trained on; use a context of at most "
                          f"{trained - args.rounds * args.new_tokens - 8}")
-    sessions = {"dense": Session.load(args.model, dtype=args.dtype, max_seq_len=need, progress=False),
-                "delta": Session.load(args.model, dtype=args.dtype, max_seq_len=need, delta=delta_from_cli(args.delta),
-                                      progress=False)}
+    load = dict(dtype=args.dtype, max_seq_len=need, progress=False)
+    sessions = {"dense": Session.load(args.model, **load),
+                "delta": Session.load(args.model, delta=delta_from_cli(args.delta), **load)}
+    predictors = getattr(args, "predictors", None)
+    if predictors:
+        sessions["both"] = Session.load(args.model, predictors=predictors, delta=delta_from_cli(args.delta), **load)
     tok = sessions["dense"].tokenizer
     ids = tok.encode(read_text(args.text)[: 8 * max(contexts)])
     if len(ids) < max(contexts):
@@ -85,10 +91,17 @@ def run(args) -> dict:
                          "decode_tokens_per_s_best": args.new_tokens / min(st["times"]),
                          "prefill_s": st["prefill_s"], "k_cache_bytes": ws.k_cache_bytes,
                          "k_cache_dense_bytes": ws.k_cache_dense_bytes, "attn_sparsity": ws.attn_sparsity}
-        row["delta_vs_dense"] = row["delta"]["decode_tokens_per_s_median"] / row["dense"]["decode_tokens_per_s_median"]
-        logger.info(f"context {C}: dense {row['dense']['decode_tokens_per_s_median']:.1f} tok/s, delta "
-                    f"{row['delta']['decode_tokens_per_s_median']:.1f} tok/s ({row['delta_vs_dense']:.2f}x), K cache "
+        dense_rate = row["dense"]["decode_tokens_per_s_median"]
+        row["delta_vs_dense"] = row["delta"]["decode_tokens_per_s_median"] / dense_rate
+        both = ""
+        if "both" in row:
+            row["both_vs_dense"] = row["both"]["decode_tokens_per_s_median"] / dense_rate
+            row["both"]["ffn_down_sparsity"] = work.read(sessions["both"].model, state["both"]["cache"]).ffn_down_sparsity
+            both = f", both {row['both']['decode_tokens_per_s_median']:.1f} tok/s ({row['both_vs_dense']:.2f}x)"
+        logger.info(f"context {C}: dense {dense_rate:.1f} tok/s, delta {row['delta']['decode_tokens_per_s_median']:.1f} "
+                    f"tok/s ({row['delta_vs_dense']:.2f}x){both}, K cache "
                     f"{row['delta']['k_cache_bytes'] / max(1, row['dense']['k_cache_bytes']):.2f} of dense")
         rows.append(row)
     return {"bench": "long", "model": args.model, "weights": args.dtype or "native", "delta": str(args.delta),
+            "predictors": str(predictors) if predictors else None,
             "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows, "env": environment("cpu")}
