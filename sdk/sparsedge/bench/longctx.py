@@ -96,7 +96,6 @@ def run(args) -> dict:
         both = ""
         if "both" in row:
             row["both_vs_dense"] = row["both"]["decode_tokens_per_s_median"] / dense_rate
-            row["both"]["ffn_down_sparsity"] = work.read(sessions["both"].model, state["both"]["cache"]).ffn_down_sparsity
             both = f", both {row['both']['decode_tokens_per_s_median']:.1f} tok/s ({row['both_vs_dense']:.2f}x)"
         logger.info(f"context {C}: dense {dense_rate:.1f} tok/s, delta {row['delta']['decode_tokens_per_s_median']:.1f} "
                     f"tok/s ({row['delta_vs_dense']:.2f}x){both}, K cache "
