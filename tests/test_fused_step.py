@@ -108,12 +108,8 @@ def test_delta_cache_is_bit_identical(stories_path, monkeypatch, window, sinks):
 
 def test_plan_is_not_used_where_it_does_not_apply(stories_path, tiny_q4):
     s = Session.load(stories_path, backend="cpu", progress=False)
-    from sparsedge.ffn.module import attach_tensors as attach
-    I, d, L = s.model.config.intermediate_size, s.model.config.dim, s.model.config.n_layers
-    attach(s.model, {k: v for i in range(L) for k, v in {f"layers.{i}.p1": torch.zeros(4, d),
-                                                         f"layers.{i}.p2": torch.zeros(I, 4),
-                                                         f"layers.{i}.bias": torch.ones(I)}.items()})
-    assert fused_step.plan_for(s.model, s.new_cache(32)) is None  # predictor FFNs run in Python
+    s.model.layers[1].ffn.tau = 0.1  # a dense FFN with a runtime CATS threshold runs in Python
+    assert fused_step.plan_for(s.model, s.new_cache(32)) is None
     m = native(tiny_q4)
     cache = new_cache(m, 32)
     plan = fused_step.plan_for(m, cache)
@@ -141,3 +137,52 @@ def test_general_path_models_are_bit_identical(tmp_path, arch):
         hf = transformers.Qwen3ForCausalLM(cfg)
     s = build(tmp_path, hf)
     assert_same(*both_paths(s.model, list(range(3, 15)), 14, lambda: s.new_cache(64)))
+
+
+def _svd_tensors(model, rank=8, bias=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(model.config.n_layers):
+        d, I = model.config.dim, model.config.intermediate_size
+        out[f"layers.{i}.p1"] = torch.randn(rank, d, generator=g) / d ** 0.5
+        out[f"layers.{i}.p2"] = torch.randn(I, rank, generator=g)
+        out[f"layers.{i}.bias"] = torch.full((I,), float(bias))
+    return out
+
+
+def _assert_sparse_ffn_same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
+    assert 0.05 < a[1].ffn_sparsity < 0.95  # the predictor skipped neurons, and the loop counted them
+
+
+def test_predictor_ffns_are_bit_identical(stories_path):
+    """SparseFFN (SVD predictor, sparse_ffn) and Q4SparseFFN (ffn_predict_q4 + sparse_ffn_rows) on float weights run
+    in the C++ loop: same logits and statistics as the Python path."""
+    from sparsedge.testing.synthetic import all_keeping_q4_predictors
+
+    s = Session.load(stories_path, backend="cpu", progress=False)
+    m, ids = s.model, s.tokenizer.encode("Once upon a time")
+    attach_tensors(m, _svd_tensors(m))
+    assert type(m.layers[0].ffn).__name__ == "SparseFFN"
+    _assert_sparse_ffn_same(*both_paths(m, ids, 10, lambda: s.new_cache(64)))
+    detach_predictors(m)
+    q4 = all_keeping_q4_predictors(m)
+    for k in q4:
+        if k.endswith(".thresh"):
+            q4[k] = torch.full_like(q4[k], 0.02)  # some neurons inactive
+    attach_tensors(m, q4)
+    assert type(m.layers[0].ffn).__name__ == "Q4SparseFFN"
+    _assert_sparse_ffn_same(*both_paths(m, ids, 10, lambda: s.new_cache(64)))
+    detach_predictors(m)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_svd_predictor_on_block_weights_is_bit_identical(qtype):
+    """A relu model on block weights: ffn_predict + qsparse_ffn_rows from the C++ loop, bit-identical."""
+    from sparsedge.testing.synthetic import quantize_transformer, random_transformer, tiny_config
+
+    m = quantize_transformer(random_transformer(tiny_config("relu"), seed=5), qtype)
+    attach_tensors(m, _svd_tensors(m, bias=0.0, seed=1))
+    assert m.layers[0].ffn.down_t is not None
+    _assert_sparse_ffn_same(*both_paths(m, list(range(3, 15)), 10, lambda: new_cache(m, 64)))
+    detach_predictors(m)

@@ -46,6 +46,24 @@ struct Ops {
                                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, c10::string_view, double);
   c10::TypedOperatorHandle<QSparse> qsparse_ffn = op<QSparse>("sparsedge::qsparse_ffn");
+  using Pair = std::tuple<at::Tensor, at::Tensor>;
+  c10::TypedOperatorHandle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>
+      ffn_predict = op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "sparsedge::ffn_predict");
+  using PredictQ4 = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+                         double);
+  c10::TypedOperatorHandle<PredictQ4> ffn_predict_q4 = op<PredictQ4>("sparsedge::ffn_predict_q4");
+  using QRows = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double);
+  c10::TypedOperatorHandle<QRows> qsparse_ffn_rows = op<QRows>("sparsedge::qsparse_ffn_rows");
+  using Rows = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, c10::string_view, double, double);
+  c10::TypedOperatorHandle<Rows> sparse_ffn_rows = op<Rows>("sparsedge::sparse_ffn_rows");
+  using Sparse = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, c10::string_view, double, double);
+  c10::TypedOperatorHandle<Sparse> sparse_ffn = op<Sparse>("sparsedge::sparse_ffn");
 };
 
 // a projection as sparsedge.model.linear runs it: qlinear (+ bias after) for block weights, linear(x, w, b) else
@@ -97,6 +115,14 @@ struct Layer {
   bool skip = false;
   at::Tensor codes, dscale, dmin, thresh, counter;
   double act_param = 0.0;
+  // a predictor FFN (sdk/sparsedge/ffn/module.py), the ops its `sparse` runs, by kind:
+  //   "svd_q": ffn_predict(p = p1, p2, bias) + qsparse_ffn_rows(w = gate_up blocks, codes, scale, min; qtype)
+  //   "svd":   sparse_ffn(p = p1, p2, bias; w = w_gate, w_up, w_down_t)
+  //   "q4":    ffn_predict_q4(p = q, scale, thresh) + sparse_ffn_rows(w = w_gate, w_up, w_down_t)
+  // and its int64 [tokens, predicted, down rows] counter
+  std::string predictor;
+  at::Tensor p[3], w[4];
+  double tau = 0.0;
 };
 
 class DecodePlan {
@@ -146,6 +172,18 @@ class DecodePlan {
     l.counter = counter;
   }
 
+  void set_predictor_ffn(std::string kind, at::Tensor p0, at::Tensor p1, at::Tensor p2, at::Tensor w0, at::Tensor w1,
+                         at::Tensor w2, std::optional<at::Tensor> w3, std::string qtype, std::string act,
+                         double act_param, double tau, at::Tensor counter) {
+    TORCH_CHECK(kind == "svd_q" || kind == "svd" || kind == "q4", "DecodePlan: unknown predictor FFN kind ", kind);
+    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 3 && counter.is_contiguous());
+    Layer& l = layers_.back();
+    l.predictor = kind;
+    l.p[0] = p0, l.p[1] = p1, l.p[2] = p2;
+    l.w[0] = w0, l.w[1] = w1, l.w[2] = w2, l.w[3] = w3.value_or(at::Tensor());
+    l.gate_up.qtype = qtype, l.act = act, l.act_param = act_param, l.tau = tau, l.counter = counter;
+  }
+
   // h: the first layer's normed input [1, dim]; residual [1, dim] (updated in place); cos/sin: the model's tables.
   // Returns the last layer's output after the final norm.
   at::Tensor run(at::Tensor h, at::Tensor residual, const at::Tensor& cos_t, const at::Tensor& sin_t,
@@ -189,7 +227,28 @@ class DecodePlan {
       if (l.post_attn_norm.defined()) a = o.rms_norm.call(a, l.post_attn_norm, eps_);
       h = o.add_rms_norm.call(residual, a, l.ffn_norm, eps_);
       at::Tensor f;
-      if (l.skip) {
+      if (!l.predictor.empty()) {
+        at::Tensor count, down_count;
+        if (l.predictor == "svd") {
+          std::tie(f, count, down_count) = o.sparse_ffn.call(h, l.p[0], l.p[1], l.p[2], l.w[0], l.w[1], l.w[2], l.act,
+                                                             l.act_param, l.tau);
+        } else {
+          at::Tensor idx;
+          if (l.predictor == "svd_q") {
+            std::tie(idx, count) = o.ffn_predict.call(h, l.p[0], l.p[1], l.p[2]);
+            std::tie(f, down_count) = o.qsparse_ffn_rows.call(h, idx, count, l.w[0], l.gate_up.qtype, l.w[1], l.w[2],
+                                                              l.w[3], l.act, l.act_param);
+          } else {
+            std::tie(idx, count) = o.ffn_predict_q4.call(h, l.p[0], l.p[1], l.p[2], l.act, l.act_param);
+            std::tie(f, down_count) = o.sparse_ffn_rows.call(h, idx, count, l.w[0], l.w[1], l.w[2], l.act,
+                                                             l.act_param, 0.0);
+          }
+        }
+        int64_t* c = l.counter.data_ptr<int64_t>();
+        c[0] += 1;
+        c[1] += count.data_ptr<int32_t>()[0];
+        c[2] += down_count.data_ptr<int32_t>()[0];
+      } else if (l.skip) {
         auto [y, kept] = o.qsparse_ffn.call(h, l.gate_up.w, l.gate_up.qtype, l.codes, l.dscale, l.dmin, l.thresh,
                                             l.act, l.act_param);
         int64_t* c = l.counter.data_ptr<int64_t>();
@@ -230,6 +289,7 @@ void register_decode_loop(pybind11::module& m) {
       .def("set_delta", &DecodePlan::set_delta)
       .def("set_dense_ffn", &DecodePlan::set_dense_ffn)
       .def("set_skip_ffn", &DecodePlan::set_skip_ffn)
+      .def("set_predictor_ffn", &DecodePlan::set_predictor_ffn)
       .def("run", &DecodePlan::run);
 }
 

@@ -11,8 +11,11 @@ The plan covers, on CPU:
 - any cache: the dense one in C++; the delta cache's decode step as one `delta_step` op in C++ (its host
   counters are a tensor the loop advances; it calls the cache's `attend` back when the buffer must grow or the
   step is not a plain decode step); windowed caches through their own `attend`, called back from the loop;
-- FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32) or a `DownSkipFFN` on block weights.
-Anything else (predictor FFNs, BitNet's FFN sub-norm, CUDA/NPU) returns None and runs the Python path. Plans are
+- FFNs that are a `DenseFFN` (one gate/up weight; SiLU, or GELU in fp32), a `DownSkipFFN` on block weights, or a
+  predictor FFN (`SparseFFN` on float or block weights, `Q4SparseFFN` on float weights), whose decode step is the
+  same op calls as its `sparse` (predictor, then the listed rows).
+Anything else (a runtime CATS tau on a dense FFN, BitNet's FFN sub-norm, CUDA/NPU) returns None and runs the Python
+path. Plans are
 cached on the cache object and rebuilt when the model's FFN modules or the cache's layers change.
 
 Statistics: the C++ loop skips the modules' Python counters, so `run` adds them afterwards (a DownSkipFFN's
@@ -72,6 +75,7 @@ def _counters(model, cache) -> tuple:
 def _build(model, cache):
     from sparsedge.delta.cache import DeltaLayerCache
     from sparsedge.ffn.downskip import DownSkipFFN
+    from sparsedge.ffn.module import Q4SparseFFN, SparseFFN
     from sparsedge.model import Attention, DenseFFN, ExtendedAttention
 
     mod = _kernels()
@@ -107,9 +111,34 @@ def _build(model, cache):
             w = ffn.dense.w_gate_up
             plan.set_skip_ffn(w.data, w.qtype, *ffn.down_t.tensors(), ffn.thresh, ffn.dense.activation,
                               float(ffn.dense.act_param), ffn._acc)
+        elif type(ffn) in (SparseFFN, Q4SparseFFN):
+            if not _predictor_ffn(plan, ffn):
+                return None
         else:
             return None
     return plan
+
+
+def _predictor_ffn(plan, ffn) -> bool:
+    """Hand a predictor FFN's decode step (what its `sparse` runs) to the plan; False where the plan cannot."""
+    from sparsedge.ffn.module import Q4SparseFFN
+
+    d, act, param = ffn.dense, ffn.activation, float(ffn.act_param)
+    if type(ffn) is Q4SparseFFN:
+        if d.quantized:
+            return False
+        plan.set_predictor_ffn("q4", ffn.q, ffn.scale, ffn.thresh, d.w_gate, d.w_up, d.w_down_t, None, "", act, param,
+                               0.0, ffn._acc)
+    elif ffn.down_t is not None:
+        w = d.w_gate_up
+        plan.set_predictor_ffn("svd_q", ffn.p1, ffn.p2, ffn.bias, w.data, *ffn.down_t.tensors(), w.qtype, act, param,
+                               0.0, ffn._acc)
+    elif not d.quantized:
+        plan.set_predictor_ffn("svd", ffn.p1, ffn.p2, ffn.bias, d.w_gate, d.w_up, d.w_down_t, None, "", act, param,
+                               ffn.tau, ffn._acc)
+    else:
+        return False
+    return True
 
 
 def plan_for(model, cache):

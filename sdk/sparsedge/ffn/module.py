@@ -106,12 +106,18 @@ class SparseFFN(nn.Module):
         self._n = [0]  # tokens through the sparse path
         self._pending: list = []
         self._sums = torch.zeros(2, dtype=torch.int64)
+        # [tokens, predicted, down rows] of the decode steps the C++ layer loop ran (sparsedge.fused_step); zeroed
+        # in place, since the loop holds this tensor
+        if getattr(self, "_acc", None) is None:
+            self._acc = torch.zeros(3, dtype=torch.int64)
+        self._acc.zero_()
 
     def stats(self) -> dict:
         """The sparse path's work (prefill through the dense path is counted by the DenseFFN inside)."""
         self._fold()
+        loop_tokens, loop_active, loop_down = (int(v) for v in self._acc.tolist())
         active, down = (int(v) for v in self._sums.tolist())
-        tokens = self._n[0]
+        tokens, active, down = self._n[0] + loop_tokens, active + loop_active, down + loop_down
         if self.down_t is not None:  # block rows of gate/up, code rows + block scales of down
             rows = 2 * active * self.dense.w_gate_up.data.shape[1] + self.down_t.read_bytes(down, tokens)
         else:
