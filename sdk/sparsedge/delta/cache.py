@@ -65,6 +65,13 @@ MIN_DENSE_TOKENS = 16  # grow when fewer dense tokens than this (or than remain)
 MAX_PENDING_RUNS = 256  # fold the statistics records (one device read) when this many runs pile up
 
 
+def _counter(i: int, doc: str) -> property:
+    """An int attribute stored in slot i of the cache's host counters (`state`, shared with the C++ loop)."""
+    def set_(self, n: int) -> None:
+        self._st[i] = n
+    return property(lambda self: int(self._st[i]), set_, doc=doc)
+
+
 class DeltaLayerCache:
     def __init__(self, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device,
                  theta, window: int = 64, sinks: int = 4, initial_density: float = 0.5, growth: float = 0.25,
@@ -107,31 +114,9 @@ class DeltaLayerCache:
         self.grow_events = 0
         self.reset_stats()
 
-    @property
-    def length(self) -> int:
-        return int(self._st[0])
-
-    @length.setter
-    def length(self, n: int) -> None:
-        self._st[0] = n
-
-    @property
-    def encoded(self) -> int:
-        """Positions 0..encoded-1 are delta-encoded (deferred encoding, see above)."""
-        return int(self._st[1])
-
-    @encoded.setter
-    def encoded(self, n: int) -> None:
-        self._st[1] = n
-
-    @property
-    def _used_bound(self) -> int:
-        """Host-side upper bound of max_h offsets[h, encoded] (the packed entries in use), exact after a read."""
-        return int(self._st[2])
-
-    @_used_bound.setter
-    def _used_bound(self, n: int) -> None:
-        self._st[2] = n
+    length = _counter(0, "Positions cached.")
+    encoded = _counter(1, "Positions 0..encoded-1 are delta-encoded (deferred encoding, see above).")
+    _used_bound = _counter(2, "Upper bound of max_h offsets[h, encoded] (packed entries in use), exact after a read.")
 
     @staticmethod
     def _round(n: int) -> int:
