@@ -35,6 +35,12 @@ the last reset) folded against `offsets` when read (`stats()`), and before anyth
 (`truncate`); `k_bytes()` reads offsets when called. A prefill (T > 1) reads counts only when its chunk might
 not fit.
 
+The decode step (one token past the sinks and the first window) is one `delta_step` op where the device has it
+fused. Its host counters (length, encoded, the bound, and the first step not yet recorded in the statistics) live
+in `state`, an int64 CPU tensor that the C++ decode loop (backends/cpu/decode_loop.cpp) shares: the loop runs the
+same op and advances the same counters itself, and calls `attend` back only when the bound says the buffer may
+have to grow. The statistics of those steps are recorded (`_sync`) the next time Python looks at them.
+
 Statistics (`stats()`, summed by the Session over layers; `attn_sparsity = zero / scored`):
   scored_delta_entries  sum over the queries of every attend call, of H * D * (number of keys that query
                         scores through deltas, i.e. keys j with S <= j <= p - W for the query at p)
