@@ -347,10 +347,15 @@ at::Tensor delta_encode(const at::Tensor& k, at::Tensor& ref, const at::Tensor& 
         });
         cmd.Run();
     }
-    // the packed buffer must never overflow silently: one small device->host read per call
-    at::Tensor st = status.cpu();
-    const int32_t* sv = st.data_ptr<int32_t>();
-    TORCH_CHECK(sv[0] == 0, "delta buffer capacity exceeded: head ", sv[1], " needs ", sv[2], " > ", sv[3], " entries");
+    // the packed buffer must never overflow silently. Positions < start hold at most D entries each, so when
+    // (start + T) * D <= cap it cannot, and the device->host read (a stream sync) is skipped: the common case of a
+    // buffer sized for the context, and every decode step until the buffer nears full
+    if ((start + T) * D > int64_t(cap)) {
+        at::Tensor st = status.cpu();
+        const int32_t* sv = st.data_ptr<int32_t>();
+        TORCH_CHECK(sv[0] == 0, "delta buffer capacity exceeded: head ", sv[1], " needs ", sv[2], " > ", sv[3],
+                    " entries");
+    }
     return (offsets.select(1, start + T) - offsets.select(1, start)).to(at::kLong);
 }
 
@@ -399,6 +404,34 @@ at::Tensor delta_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     return out;
 }
 
+// The delta cache's decode step (sdk/sparsedge/ops/delta.py delta_step_ref): the two kernels above plus slice copies
+// on the stream, in the reference's order. One op call per layer instead of five from Python.
+at::Tensor delta_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& ref,
+                      const at::Tensor& theta, at::Tensor& values, at::Tensor& chan, at::Tensor& offsets,
+                      const at::Tensor& sink_k, at::Tensor& window_k, at::Tensor& v_cache, int64_t pos,
+                      int64_t n_sink, int64_t window, double scale) {
+    SD_CHECK_DEVICE(q, "q");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == 1 && k.size(0) == 1 && v.size(0) == 1,
+                "delta_step: one token per call (q [1, Hq, D], k and v [1, H, D])");
+    const int64_t Tmax = v_cache.size(1), H = k.size(1);
+    TORCH_CHECK(pos >= n_sink && pos >= window && pos < Tmax, "delta_step: position ", pos, " needs n_sink (", n_sink,
+                ") <= pos, window (", window, ") <= pos and pos < ", Tmax, " (the cache's tokens)");
+    TORCH_CHECK(window == 0 || (window_k.dim() == 3 && window_k.size(1) == window),
+                "delta_step: window_k must be [H, window, D]");
+    const int64_t e = pos - window;
+    v_cache.select(1, pos).copy_(v[0]);
+    if (window == 0) {
+        delta_encode(k, ref, theta, values, chan, offsets, pos);
+        return delta_attention(q, k, v_cache, values, chan, offsets, sink_k, window_k, pos, n_sink, window, scale);
+    }
+    at::Tensor slot = window_k.select(1, pos % window);  // position e's key, which k replaces afterwards
+    delta_encode(slot.unsqueeze(0), ref, theta, values, chan, offsets, e);
+    offsets.narrow(1, e + 2, window).copy_(offsets.narrow(1, e + 1, 1).expand({H, window}));  // the window: empty
+    at::Tensor out = delta_attention(q, k, v_cache, values, chan, offsets, sink_k, window_k, pos, n_sink, window, scale);
+    slot.copy_(k[0]);
+    return out;
+}
+
 }  // namespace sparsedge_npu
 
 TORCH_LIBRARY_IMPL(sparsedge, PrivateUse1, m) {
@@ -408,12 +441,14 @@ TORCH_LIBRARY_IMPL(sparsedge, PrivateUse1, m) {
     m.impl("sparse_ffn_rows", &sparsedge_npu::sparse_ffn_rows);
     m.impl("delta_encode", &sparsedge_npu::delta_encode);
     m.impl("delta_attention", &sparsedge_npu::delta_attention);
+    m.impl("delta_step", &sparsedge_npu::delta_step);
     m.impl("qsparse_ffn_rows", &sparsedge_npu::qsparse_ffn_rows);
 }
 
 // which kernels this library carries (read by sparsedge.backends.npu for `sparsedge doctor`)
 extern "C" const char* sparsedge_ascend_build_info() {
-    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,ffn_predict_q4,qsparse_ffn_rows"
+    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,delta_step,ffn_predict_q4,"
+           "qsparse_ffn_rows"
 #ifdef SPARSEDGE_SOC_VERSION
            ";soc=" SPARSEDGE_SOC_VERSION
 #endif

@@ -23,11 +23,12 @@ from sparsedge.backends.base import Backend, register_backend
 
 ENV_LIB = "SPARSEDGE_ASCEND_LIB"
 LIB_NAME = "libsparsedge_ascend.so"
-# ops with an AscendC kernel in ascendc_ops/kernels (the others always run their composite reference on NPU).
+# ops with an AscendC kernel in ascendc_ops/kernels (the others always run their composite reference on NPU);
+# delta_step is delta_encode + delta_attention and slice copies, composed in the binding.
 # qsparse_ffn_rows: the kernel covers q8_0 gate/up with a q8_0 W_down; the binding runs the composite reference, with a
 # warning, for the other formats (its op-table cases on other formats are marked devices=("cpu", "cuda")).
-NPU_KERNEL_OPS = ("ffn_predict", "sparse_ffn", "sparse_ffn_rows", "delta_encode", "delta_attention", "ffn_predict_q4",
-                  "qsparse_ffn_rows")
+NPU_KERNEL_OPS = ("ffn_predict", "sparse_ffn", "sparse_ffn_rows", "delta_encode", "delta_attention", "delta_step",
+                  "ffn_predict_q4", "qsparse_ffn_rows")
 
 _state: dict = {"tried": False, "path": None, "error": None, "build_info": None}
 

@@ -194,7 +194,8 @@ CASES = [
                             keys="walk")),
     *sweep("delta_step", (torch.float32,), at=rows("H G D n_sink window prefill steps", (3, 3, 64, 4, 64, 1100, 3)),
            theta=[0.4], cores=[2]),
-    Case("delta_step", dict(H=2, G=1, D=64, n_sink=4, window=16, prefill=8, steps=1), raises="position 8 needs"),
-    Case("delta_step", dict(H=2, G=1, D=64, n_sink=0, window=0, prefill=4, steps=3, cap=260, key_scale=10.0),
-         raises="capacity exceeded"),
+    *[Case("delta_step", dict(H=2, G=1, D=64, n_sink=4, window=16, prefill=8, steps=1), dt, raises="position 8 needs")
+      for dt in (torch.float32, torch.float16)],
+    *[Case("delta_step", dict(H=2, G=1, D=64, n_sink=0, window=0, prefill=4, steps=3, cap=260, key_scale=10.0), dt,
+           raises="capacity exceeded") for dt in (torch.float32, torch.float16)],
 ]
