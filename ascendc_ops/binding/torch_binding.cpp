@@ -447,8 +447,8 @@ TORCH_LIBRARY_IMPL(sparsedge, PrivateUse1, m) {
 
 // which kernels this library carries (read by sparsedge.backends.npu for `sparsedge doctor`)
 extern "C" const char* sparsedge_ascend_build_info() {
-    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,delta_step,ffn_predict_q4,"
-           "qsparse_ffn_rows"
+    // one literal: tests/test_ops.py reads this list from the source
+    return "ops=ffn_predict,sparse_ffn,sparse_ffn_rows,delta_encode,delta_attention,delta_step,ffn_predict_q4,qsparse_ffn_rows"
 #ifdef SPARSEDGE_SOC_VERSION
            ";soc=" SPARSEDGE_SOC_VERSION
 #endif
