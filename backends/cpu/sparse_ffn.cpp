@@ -41,11 +41,11 @@ inline void dot2(const T* a, const T* b, const float* x, int64_t n, float* oa, f
   if constexpr (kSimd<T>) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    const T* pa = next_a ? next_a : a;  // the next rows, prefetched in step (see accumulate_rows)
+    const T* pa = next_a ? next_a : a;  // the next rows, prefetched in step into L2 (see accumulate_rows)
     const T* pb = next_b ? next_b : b;
     for (; i + 16 <= n; i += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(pa + i), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pb + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pa + i), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(pb + i), _MM_HINT_T1);
       const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
       a0 = _mm256_fmadd_ps(load8(a + i), x0, a0);
       b0 = _mm256_fmadd_ps(load8(b + i), x0, b0);
