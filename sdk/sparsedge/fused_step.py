@@ -88,7 +88,7 @@ def _build(model, cache):
         att, ffn, lc = layer.attention, layer.ffn, cache.layers[i]
         if type(att) not in (Attention, ExtendedAttention) or not hasattr(lc, "attend"):
             return None
-        dense_cache = type(lc) is DenseLayerCache  # else its attend() runs, called back from the C++ loop
+        dense_cache = type(lc) is DenseLayerCache  # else its attend() is called back (the delta step: see below)
         qkv, o = _proj(att.wqkv), _proj(att.wo)
         if qkv is None or o is None or (att.bqkv is not None and att.bqkv.dtype != model.dtype):
             return None
