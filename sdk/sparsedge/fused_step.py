@@ -95,7 +95,7 @@ def _build(model, cache):
         next_norm = model.layers[i + 1].attn_norm if i + 1 < n else model.norm
         plan.add_attention(*qkv, att.bqkv, *o, *((lc.k, lc.v) if dense_cache else (_NONE, _NONE)),
                            float(getattr(lc, "scale", 1.0)), layer.ffn_norm, next_norm, None if dense_cache else lc.attend)
-        if type(lc) is DeltaLayerCache and lc._fused_step:  # its decode step in C++ (attend where it must grow)
+        if type(lc) is DeltaLayerCache:  # its decode step in C++ (attend where it must grow)
             plan.set_delta(lc.ref, lc.theta, lc.values, lc.chan, lc.offsets, lc.sink_k, lc.window_k, lc.v_cache,
                            lc.state, lc.n_sink, lc.window, lc.scale)
         plan.set_extras(getattr(att, "q_norm", None), getattr(att, "k_norm", None), getattr(att, "sub_norm", None),

@@ -63,8 +63,6 @@ import math
 import torch
 from loguru import logger
 
-from sparsedge.ops.schema import has_fused
-
 ops = torch.ops.sparsedge
 
 MIN_DENSE_TOKENS = 16  # grow when fewer dense tokens than this (or than remain) fit in the free space
@@ -107,7 +105,6 @@ class DeltaLayerCache:
         # the statistics were last recorded (-1: none)]. The properties below read them through a numpy view.
         self.state = torch.tensor([0, 0, 0, -1], dtype=torch.int64)
         self._st = self.state.numpy()
-        self._fused_step = has_fused("delta_step", self.device.type)
         kw = dict(device=self.device)
         self.ref = torch.zeros(H, D, dtype=torch.float32, **kw)
         self.values = torch.zeros(H, cap, dtype=dtype, **kw)
@@ -116,7 +113,6 @@ class DeltaLayerCache:
         self.sink_k = torch.zeros(H, self.n_sink, D, dtype=dtype, **kw)
         self.window_k = torch.zeros(H, self.window, D, dtype=dtype, **kw)
         self.v_cache = torch.zeros(H, Tmax, D, dtype=dtype, **kw)
-        self._ring: list = [None] * self.window  # slot -> window_k[:, slot] as [1, H, D] (made on first use)
         self.grow_events = 0
         self.reset_stats()
 
@@ -180,11 +176,8 @@ class DeltaLayerCache:
         return min(tokens, fit)
 
     def _ring_slot(self, slot: int) -> torch.Tensor:
-        """window_k[:, slot] as a [1, H, D] view (cached: the decode step reads and writes one slot)."""
-        r = self._ring[slot]
-        if r is None:
-            r = self._ring[slot] = self.window_k[:, slot].unsqueeze(0)
-        return r
+        """window_k[:, slot] as a [1, H, D] view."""
+        return self.window_k[:, slot].unsqueeze(0)
 
     def _encode_upto(self, target: int, k: torch.Tensor, start: int) -> None:
         """Encode positions encoded..target-1: those before `start` from the ring (they are still there:
@@ -242,28 +235,15 @@ class DeltaLayerCache:
 
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
         """The decode step past the sinks: the key at e = p - W leaves the ring and is encoded (W = 0: the new
-        key itself). What _write, the kernel, _commit and _count do for T = 1, as one `delta_step` op where the
-        device has it fused. The C++ decode loop runs the same op and the same counter updates when the bound
-        says the key fits (else it calls attend, which grows here)."""
+        key itself). What _write, the kernel, _commit and _count do for T = 1, as one `delta_step` op (every backend
+        that fuses the delta ops fuses this one too). The C++ decode loop runs the same op and the same counter
+        updates when the bound says the key fits (else it calls attend, which grows here)."""
         W, D = self.window, self.D
         e = p - W
         if self._used_bound + D > self.capacity:
             self._room(e, 1)
-        if self._fused_step:
-            out = ops.delta_step(q, k, v, self.ref, self.theta, self.values, self.chan, self.offsets, self.sink_k,
-                                 self.window_k, self.v_cache, p, self.n_sink, W, self.scale)
-        else:  # the same sequence op by op (its composite reference would run the reference kernels)
-            self.v_cache.select(1, p).copy_(v[0])
-            if W:
-                slot = self._ring_slot(p % W)  # position e's ring slot, which p's key then takes
-                ops.delta_encode(slot, self.ref, self.theta, self.values, self.chan, self.offsets, e)
-                self.offsets.narrow(1, e + 2, W).copy_(self.offsets.narrow(1, e + 1, 1))  # p - W + 1..p: empty
-            else:
-                ops.delta_encode(k, self.ref, self.theta, self.values, self.chan, self.offsets, p)
-            out = ops.delta_attention(q, k, self.v_cache, self.values, self.chan, self.offsets, self.sink_k,
-                                      self.window_k, p, self.n_sink, W, self.scale)
-            if W:
-                slot.copy_(k)
+        out = ops.delta_step(q, k, v, self.ref, self.theta, self.values, self.chan, self.offsets, self.sink_k,
+                             self.window_k, self.v_cache, p, self.n_sink, W, self.scale)
         st = self._st
         st[0], st[1] = p + 1, e + 1
         st[2] += D
