@@ -115,13 +115,13 @@ struct Layer {
   bool skip = false;
   at::Tensor codes, dscale, dmin, thresh, counter;
   double act_param = 0.0;
-  // a predictor FFN (sdk/sparsedge/ffn/module.py), the ops its `sparse` runs, by kind:
-  //   "svd_q": ffn_predict(p = p1, p2, bias) + qsparse_ffn_rows(w = gate_up blocks, codes, scale, min; qtype)
-  //   "svd":   sparse_ffn(p = p1, p2, bias; w = w_gate, w_up, w_down_t)
-  //   "q4":    ffn_predict_q4(p = q, scale, thresh) + sparse_ffn_rows(w = w_gate, w_up, w_down_t)
+  // a predictor FFN (sdk/sparsedge/ffn/module.py): the ops its `sparse` runs, by kind, on
+  //   SvdQuant: ffn_predict(p = p1, p2, bias) + qsparse_ffn_rows(gate_up blocks, codes, dscale, dmin as above)
+  //   Svd:      sparse_ffn(p = p1, p2, bias; w = w_gate, w_up, w_down_t)
+  //   Q4:       ffn_predict_q4(p = q, scale, thresh) + sparse_ffn_rows(w = w_gate, w_up, w_down_t)
   // and its int64 [tokens, predicted, down rows] counter
-  std::string predictor;
-  at::Tensor p[3], w[4];
+  enum class Predictor { None, SvdQuant, Svd, Q4 } predictor = Predictor::None;
+  at::Tensor p[3], w[3];
   double tau = 0.0;
 };
 
@@ -172,16 +172,25 @@ class DecodePlan {
     l.counter = counter;
   }
 
+  // kind "svd_q": w0..w3 = gate_up blocks, down codes, scale, min (qtype: the blocks'); "svd" / "q4": w0..w2 =
+  // w_gate, w_up, w_down_t
   void set_predictor_ffn(std::string kind, at::Tensor p0, at::Tensor p1, at::Tensor p2, at::Tensor w0, at::Tensor w1,
                          at::Tensor w2, std::optional<at::Tensor> w3, std::string qtype, std::string act,
                          double act_param, double tau, at::Tensor counter) {
-    TORCH_CHECK(kind == "svd_q" || kind == "svd" || kind == "q4", "DecodePlan: unknown predictor FFN kind ", kind);
     TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 3 && counter.is_contiguous());
     Layer& l = layers_.back();
-    l.predictor = kind;
+    if (kind == "svd_q") {
+      TORCH_CHECK(w3.has_value(), "DecodePlan: svd_q needs the down min tensor");
+      l.predictor = Layer::Predictor::SvdQuant;
+      l.gate_up = Proj{w0, at::Tensor(), qtype, 0};
+      l.codes = w1, l.dscale = w2, l.dmin = *w3;
+    } else {
+      TORCH_CHECK(kind == "svd" || kind == "q4", "DecodePlan: unknown predictor FFN kind ", kind);
+      l.predictor = kind == "svd" ? Layer::Predictor::Svd : Layer::Predictor::Q4;
+      l.w[0] = w0, l.w[1] = w1, l.w[2] = w2;
+    }
     l.p[0] = p0, l.p[1] = p1, l.p[2] = p2;
-    l.w[0] = w0, l.w[1] = w1, l.w[2] = w2, l.w[3] = w3.value_or(at::Tensor());
-    l.gate_up.qtype = qtype, l.act = act, l.act_param = act_param, l.tau = tau, l.counter = counter;
+    l.act = act, l.act_param = act_param, l.tau = tau, l.counter = counter;
   }
 
   // h: the first layer's normed input [1, dim]; residual [1, dim] (updated in place); cos/sin: the model's tables.
@@ -227,22 +236,22 @@ class DecodePlan {
       if (l.post_attn_norm.defined()) a = o.rms_norm.call(a, l.post_attn_norm, eps_);
       h = o.add_rms_norm.call(residual, a, l.ffn_norm, eps_);
       at::Tensor f;
-      if (!l.predictor.empty()) {
-        at::Tensor count, down_count;
-        if (l.predictor == "svd") {
-          std::tie(f, count, down_count) = o.sparse_ffn.call(h, l.p[0], l.p[1], l.p[2], l.w[0], l.w[1], l.w[2], l.act,
-                                                             l.act_param, l.tau);
-        } else {
-          at::Tensor idx;
-          if (l.predictor == "svd_q") {
+      if (l.predictor != Layer::Predictor::None) {
+        at::Tensor idx, count, down_count;
+        switch (l.predictor) {
+          case Layer::Predictor::Svd:
+            std::tie(f, count, down_count) = o.sparse_ffn.call(h, l.p[0], l.p[1], l.p[2], l.w[0], l.w[1], l.w[2],
+                                                               l.act, l.act_param, l.tau);
+            break;
+          case Layer::Predictor::SvdQuant:
             std::tie(idx, count) = o.ffn_predict.call(h, l.p[0], l.p[1], l.p[2]);
-            std::tie(f, down_count) = o.qsparse_ffn_rows.call(h, idx, count, l.w[0], l.gate_up.qtype, l.w[1], l.w[2],
-                                                              l.w[3], l.act, l.act_param);
-          } else {
+            std::tie(f, down_count) = o.qsparse_ffn_rows.call(h, idx, count, l.gate_up.w, l.gate_up.qtype, l.codes,
+                                                              l.dscale, l.dmin, l.act, l.act_param);
+            break;
+          default:  // Q4
             std::tie(idx, count) = o.ffn_predict_q4.call(h, l.p[0], l.p[1], l.p[2], l.act, l.act_param);
             std::tie(f, down_count) = o.sparse_ffn_rows.call(h, idx, count, l.w[0], l.w[1], l.w[2], l.act,
                                                              l.act_param, 0.0);
-          }
         }
         int64_t* c = l.counter.data_ptr<int64_t>();
         c[0] += 1;
