@@ -651,20 +651,12 @@ at::Tensor delta_step_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   SPARSEDGE_DISPATCH_FLOATS(values.scalar_type(), "delta_step", [&] {
     using T = scalar_t;
     put_rows<T>(v_cache.data_ptr<T>() + pos * D, Tmax * D, v[0], H, D);
-    // the key that leaves the window: from its ring slot (which k takes after the attention), or k itself
-    std::vector<float> key(H * D);
-    if (window) {
-      const T* w = window_k.data_ptr<T>() + slot * D;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t c = 0; c < D; ++c) key[h * D + c] = to_f32(w[h * window * D + c]);
-    } else {
-      const at::Tensor kf = k.to(at::kFloat).contiguous();
-      std::memcpy(key.data(), kf.data_ptr<float>(), H * D * sizeof(float));
-    }
+    // the key that leaves the window, in fp32: from its ring slot (which k takes after the attention), or k itself
+    const at::Tensor key = (window ? window_k.select(1, slot) : k[0]).to(at::kFloat).contiguous();  // [H, D]
     int32_t* off = offsets.data_ptr<int32_t>();
     for (int64_t h = 0; h < H; ++h) {  // sequential: D compares per head are far below a parallel region's cost
-      const int64_t r = encode_head(key.data(), ref.data_ptr<float>(), theta.data_ptr<float>(), values.data_ptr<T>(),
-                                    chan.data_ptr<uint8_t>(), off, 1, H, D, cap, Tmax + 1, e, h);
+      const int64_t r = encode_head(key.data_ptr<float>(), ref.data_ptr<float>(), theta.data_ptr<float>(),
+                                    values.data_ptr<T>(), chan.data_ptr<uint8_t>(), off, 1, H, D, cap, Tmax + 1, e, h);
       TORCH_CHECK(r >= 0, "delta buffer capacity exceeded: head ", h, " needs ", -r, " > ", cap, " entries");
     }
     for (int64_t h = 0; h < H; ++h) {  // positions e + 1..pos are in the window: empty delta ranges
