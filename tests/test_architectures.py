@@ -372,15 +372,10 @@ def _gguf_from_hf(path, hf_model, arch: str, quantize: dict | None = None) -> No
         names["post_attention_layernorm"] = "ffn_norm"
 
     def meta(wr):
-        wr.add_block_count(c.num_hidden_layers)
+        shape_meta(wr, c)
         wr.add_context_length(c.max_position_embeddings)
-        wr.add_embedding_length(c.hidden_size)
-        wr.add_feed_forward_length(c.intermediate_size)
-        wr.add_head_count(c.num_attention_heads)
-        wr.add_head_count_kv(c.num_key_value_heads)
         wr.add_key_length(c.head_dim)
         wr.add_value_length(c.head_dim)
-        wr.add_layer_norm_rms_eps(c.rms_norm_eps)
         wr.add_rope_freq_base(c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"])
         if arch == "gemma3":
             wr.add_sliding_window(c.sliding_window)
@@ -388,6 +383,16 @@ def _gguf_from_hf(path, hf_model, arch: str, quantize: dict | None = None) -> No
     def plus_one(g, w):  # Gemma's (1 + w) norms are stored as 1 + w
         return w + 1 if arch == "gemma3" and g.endswith("norm.weight") else w
     write_gguf(path, arch, hf_model, names, meta, quantize, transform=plus_one)
+
+
+def shape_meta(wr, c) -> None:
+    """The metadata every llama.cpp converter writes from the config's sizes."""
+    wr.add_embedding_length(c.hidden_size)
+    wr.add_feed_forward_length(c.intermediate_size)
+    wr.add_block_count(c.num_hidden_layers)
+    wr.add_head_count(c.num_attention_heads)
+    wr.add_head_count_kv(c.num_key_value_heads)
+    wr.add_layer_norm_rms_eps(c.rms_norm_eps)
 
 
 def write_gguf(path, arch: str, hf_model, names: dict, meta, quantize: dict | None = None, extra=(),

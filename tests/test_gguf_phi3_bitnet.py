@@ -37,21 +37,12 @@ from sparsedge.quant import load_only
 from sparsedge.quant.qweight import QWeight
 
 from .test_architectures import write_gguf as _write
-from .test_architectures import N_DECODE, SMALL, V, check_exact, hf_greedy, randomize, save_tokenizer
+from .test_architectures import (N_DECODE, SMALL, V, check_exact, hf_greedy, randomize, save_tokenizer,
+                                 shape_meta)
 
 transformers = pytest.importorskip("transformers")
 Q = gguf.GGMLQuantizationType
 NATIVE_TOL = 0.05  # native TQ2_0 session vs the dequantized one: the int8 rounding of x, through 2 layers
-
-
-def _shape_meta(wr, c) -> None:
-    """The metadata every llama.cpp converter writes from the config's sizes."""
-    wr.add_embedding_length(c.hidden_size)
-    wr.add_feed_forward_length(c.intermediate_size)
-    wr.add_block_count(c.num_hidden_layers)
-    wr.add_head_count(c.num_attention_heads)
-    wr.add_head_count_kv(c.num_key_value_heads)
-    wr.add_layer_norm_rms_eps(c.rms_norm_eps)
 
 
 def _same_config(cfg, hf_model) -> bool:
@@ -76,7 +67,7 @@ def phi3_gguf(path, m, quantize=None, long_rope: bool = False) -> None:
     def meta(wr):
         wr.add_context_length(c.max_position_embeddings)
         wr.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
-        _shape_meta(wr, c)
+        shape_meta(wr, c)
         wr.add_rope_dimension_count(n_rot)
         wr.add_rope_freq_base(c.rope_parameters["rope_theta"])
         wr.add_sliding_window(c.sliding_window or 0)
@@ -172,7 +163,7 @@ def bitnet_gguf(path, m, proj_type=Q.TQ2_0, activation: str | None = None, extra
 
     def meta(wr):
         wr.add_context_length(c.max_position_embeddings)
-        _shape_meta(wr, c)
+        shape_meta(wr, c)
         wr.add_rope_freq_base(c.rope_parameters["rope_theta"])
         wr.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
         wr.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
