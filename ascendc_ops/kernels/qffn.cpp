@@ -437,16 +437,7 @@ public:
             uint32_t n = Min(cols_, d_ - c0);  // a multiple of 8 (d is a multiple of 32)
             LocalTensor<float> acc = accBuf_.Get<float>();
             for (uint32_t t = 0; t < T_; ++t) {
-                Duplicate(acc, 0.0f, (int32_t)n);
-                PipeBarrier<PIPE_V>();
-                CopyInPart(t, 0, c0, n);
-                for (uint32_t b = 0; b < B_; ++b) {
-                    if (b + 1 < B_) CopyInPart(t, b + 1, c0, n);
-                    LocalTensor<float> part = partQue_.DeQue<float>();
-                    Add(acc, acc, part, n);
-                    PipeBarrier<PIPE_V>();
-                    partQue_.FreeTensor(part);
-                }
+                SumParts(acc, partQue_, wsY_, t, B_, d_, c0, n);
                 SetFlag<HardEvent::V_MTE3>(0);
                 WaitFlag<HardEvent::V_MTE3>(0);
                 DataCopy(yGm_[(uint64_t)t * d_ + c0], acc, n);
@@ -469,12 +460,6 @@ public:
     }
 
 private:
-    __aicore__ inline void CopyInPart(uint32_t t, uint32_t b, uint32_t c0, uint32_t n)
-    {
-        LocalTensor<float> part = partQue_.AllocTensor<float>();
-        DataCopy(part, wsY_[((uint64_t)t * B_ + b) * d_ + c0], n);
-        partQue_.EnQue(part);
-    }
     uint32_t T_ = 0, d_ = 0, B_ = 1, cols_ = 8;
     TPipe pipe_;
     TQue<QuePosition::VECIN, BUFFER_NUM> partQue_;

@@ -389,15 +389,7 @@ public:
             uint32_t n = Min(cols_, dPad_ - c0);  // multiple of 16
             LocalTensor<float> acc = accBuf_.Get<float>();
             for (uint32_t t = 0; t < T_n; ++t) {
-                Duplicate(acc, 0.0f, (int32_t)n);
-                CopyInPart(t, 0, c0, n);
-                for (uint32_t b = 0; b < B_; ++b) {
-                    if (b + 1 < B_) CopyInPart(t, b + 1, c0, n);
-                    LocalTensor<float> part = partQue_.DeQue<float>();
-                    Add(acc, acc, part, n);
-                    PipeBarrier<PIPE_V>();
-                    partQue_.FreeTensor(part);
-                }
+                SumParts(acc, partQue_, wsY_, t, B_, dPad_, c0, n);
                 LocalTensor<T> out = outQue_.AllocTensor<T>();
                 Cast(out, acc, RoundMode::CAST_RINT, n);
                 outQue_.EnQue(out);
@@ -427,12 +419,6 @@ public:
     }
 
 private:
-    __aicore__ inline void CopyInPart(uint32_t t, uint32_t b, uint32_t c0, uint32_t n)
-    {
-        LocalTensor<float> part = partQue_.AllocTensor<float>();
-        DataCopy(part, wsY_[((uint64_t)t * B_ + b) * dPad_ + c0], n);
-        partQue_.EnQue(part);
-    }
     uint32_t T_n, d_, dPad_, B_, cols_;
     TPipe pipe_;
     TQue<QuePosition::VECIN, BUFFER_NUM> partQue_;

@@ -1,7 +1,8 @@
 /*
  * Shared by the sparsedge AscendC kernel files (sparse_ffn.cpp, qffn.cpp): queue depth, the per-(token, core)
  * counter record of the GM workspace, the activation ids (the values of backends/include/sparsedge/activations.h,
- * static_assert'ed by the emulation build) and ActivateLanes, the fused h = act(g) * u over a tile of lanes.
+ * static_assert'ed by the emulation build), the cross-core reduction's pieces (StoreCounts, SumCounts, SumParts) and
+ * ActivateLanes, the fused h = act(g) * u over a tile of lanes.
  */
 #pragma once
 #include "kernel_operator.h"
@@ -48,6 +49,31 @@ __aicore__ inline void SumCounts(LocalTensor<int32_t>& cnt, GlobalTensor<int32_t
     WaitFlag<HardEvent::S_MTE2>(0);
 }
 __aicore__ inline uint32_t Align(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
+
+// The cross-core reduction's column sum: acc[0:n] = sum over the B cores of their fp32 partial rows
+// ws[(t * B + b) * stride + c0 ...], in core order, the next core's part copied in while one is added.
+template <class Que>
+__aicore__ inline void CopyInPart(Que& q, GlobalTensor<float>& ws, uint64_t at, uint32_t n)
+{
+    LocalTensor<float> part = q.template AllocTensor<float>();
+    DataCopy(part, ws[at], n);
+    q.EnQue(part);
+}
+template <class Que>
+__aicore__ inline void SumParts(LocalTensor<float>& acc, Que& q, GlobalTensor<float>& ws, uint32_t t, uint32_t B,
+                                uint32_t stride, uint32_t c0, uint32_t n)
+{
+    Duplicate(acc, 0.0f, (int32_t)n);
+    PipeBarrier<PIPE_V>();
+    CopyInPart(q, ws, (uint64_t)t * B * stride + c0, n);
+    for (uint32_t b = 0; b < B; ++b) {
+        if (b + 1 < B) CopyInPart(q, ws, ((uint64_t)t * B + b + 1) * stride + c0, n);
+        LocalTensor<float> part = q.template DeQue<float>();
+        Add(acc, acc, part, n);
+        PipeBarrier<PIPE_V>();
+        q.FreeTensor(part);
+    }
+}
 
 // ---- h = act(g) * u over n lanes (n * 4 B a multiple of 256 B; pad lanes with g = u = 0 give h = 0).
 // tmp: n fp32 scratch, mask: n bits. Shared by SparseFfnKernel, FfnPredictQ4Kernel and QffnRowsQ8Kernel.
