@@ -183,26 +183,7 @@ private:
         DataCopy(xq, xGm_[(uint64_t)t * p_.d], p_.d);
         SetFlag<HardEvent::MTE2_V>(0);
         WaitFlag<HardEvent::MTE2_V>(0);
-        Abs(absX, xq, p_.d);
-        PipeBarrier<PIPE_V>();
-        for (uint32_t b = 0; b < nbx_; ++b) {
-            ReduceMax(red, absX[b * QK8], tmp, (int32_t)QK8);
-            SetFlag<HardEvent::V_S>(0);
-            WaitFlag<HardEvent::V_S>(0);
-            float amax = red.GetValue(0);
-            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            float s = amax / 127.0f;
-            dx.SetValue(b, s);
-            dx.SetValue(p_.nbxPad + b, s);
-            SetFlag<HardEvent::S_V>(0);
-            WaitFlag<HardEvent::S_V>(0);
-            Muls(xq[b * QK8], xq[b * QK8], inv, QK8);
-        }
-        PipeBarrier<PIPE_V>();
-        LocalTensor<int32_t> xi = codesFBuf_.Get<int32_t>();
-        Cast(xi, xq, RoundMode::CAST_RINT, p_.d);  // round half to even, as torch.round
-        PipeBarrier<PIPE_V>();
-        Cast(xq, xi, RoundMode::CAST_NONE, p_.d);
+        QuantizeGroups(xq, absX, codesFBuf_.Get<int32_t>(), dx, red, tmp, p_.d, nbx_, QK8, p_.nbxPad);
         PipeBarrier<PIPE_V>();
     }
 

@@ -619,27 +619,8 @@ private:
         Cast(xF, xIn, RoundMode::CAST_NONE, p_.d);
         xQue_.FreeTensor(xIn);
         PipeBarrier<PIPE_V>();
-        Abs(absX, xF, p_.d);
         Duplicate(xs, 0.0f, (int32_t)(2 * p_.ngPad));
-        PipeBarrier<PIPE_V>();
-        for (uint32_t g = 0; g < ng_; ++g) {
-            ReduceMax(red, absX[g * p_.G], tmp, (int32_t)p_.G);
-            SetFlag<HardEvent::V_S>(0);
-            WaitFlag<HardEvent::V_S>(0);
-            float amax = red.GetValue(0);
-            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            float s = amax / 127.0f;
-            xs.SetValue(g, s);
-            xs.SetValue(p_.ngPad + g, s);
-            SetFlag<HardEvent::S_V>(0);
-            WaitFlag<HardEvent::S_V>(0);
-            Muls(xF[g * p_.G], xF[g * p_.G], inv, p_.G);
-        }
-        PipeBarrier<PIPE_V>();
-        LocalTensor<int32_t> xi = nibFBuf_.Get<int32_t>();
-        Cast(xi, xF, RoundMode::CAST_RINT, p_.d);  // round half to even, as torch.round
-        PipeBarrier<PIPE_V>();
-        Cast(xF, xi, RoundMode::CAST_NONE, p_.d);
+        QuantizeGroups(xF, absX, nibFBuf_.Get<int32_t>(), xs, red, tmp, p_.d, ng_, p_.G, p_.ngPad);
         LocalTensor<float> xq = xqBuf_.Get<float>();
         Duplicate(xq, 0.0f, (int32_t)(2 * p_.hPad));  // pad lanes multiply the pad nibbles by 0
         PipeBarrier<PIPE_V>();

@@ -1,8 +1,8 @@
 /*
  * Shared by the sparsedge AscendC kernel files (sparse_ffn.cpp, qffn.cpp): queue depth, the per-(token, core)
  * counter record of the GM workspace, the activation ids (the values of backends/include/sparsedge/activations.h,
- * static_assert'ed by the emulation build), the cross-core reduction's pieces (StoreCounts, SumCounts, SumParts) and
- * ActivateLanes, the fused h = act(g) * u over a tile of lanes.
+ * static_assert'ed by the emulation build), the cross-core reduction's pieces (StoreCounts, SumCounts, SumParts),
+ * QuantizeGroups (x to int8 per group) and ActivateLanes, the fused h = act(g) * u over a tile of lanes.
  */
 #pragma once
 #include "kernel_operator.h"
@@ -49,6 +49,35 @@ __aicore__ inline void SumCounts(LocalTensor<int32_t>& cnt, GlobalTensor<int32_t
     WaitFlag<HardEvent::S_MTE2>(0);
 }
 __aicore__ inline uint32_t Align(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
+
+// x[0:d] -> int8 values per group of G lanes (held exactly in fp32; round half to even, as torch.round), and the
+// group scales amax/127 at scales[g] and scales[pad + g] (the gate and the up copy). absX / xi: one d-lane scratch
+// buffer seen as fp32 then int32; red / tmp: ReduceMax's. Shared by the W8 rows kernel and the 4-bit predictor.
+__aicore__ inline void QuantizeGroups(const LocalTensor<float>& x, const LocalTensor<float>& absX,
+                                      const LocalTensor<int32_t>& xi, const LocalTensor<float>& scales,
+                                      const LocalTensor<float>& red, const LocalTensor<float>& tmp, uint32_t d,
+                                      uint32_t nGroups, uint32_t G, uint32_t pad)
+{
+    Abs(absX, x, d);
+    PipeBarrier<PIPE_V>();
+    for (uint32_t g = 0; g < nGroups; ++g) {
+        ReduceMax(red, absX[g * G], tmp, (int32_t)G);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        float amax = red.GetValue(0);
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        float s = amax / 127.0f;
+        scales.SetValue(g, s);
+        scales.SetValue(pad + g, s);
+        SetFlag<HardEvent::S_V>(0);
+        WaitFlag<HardEvent::S_V>(0);
+        Muls(x[g * G], x[g * G], inv, G);
+    }
+    PipeBarrier<PIPE_V>();
+    Cast(xi, x, RoundMode::CAST_RINT, d);
+    PipeBarrier<PIPE_V>();
+    Cast(x, xi, RoundMode::CAST_NONE, d);
+}
 
 // The cross-core reduction's column sum: acc[0:n] = sum over the B cores of their fp32 partial rows
 // ws[(t * B + b) * stride + c0 ...], in core order, the next core's part copied in while one is added.
