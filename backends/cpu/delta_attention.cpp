@@ -401,144 +401,150 @@ void attend_block(const DeltaArgs<T>& a, int64_t h, int64_t t0, int64_t t1) {
 }
 
 #ifdef SPARSEDGE_DELTA_AVX2
-// Decode (one query position) split over the key axis ("split-K", flash-decoding style): balances the
-// threads when the KV heads alone do not (SmolLM2: 3 KV heads on 2 threads), and measured faster than
-// one task per head otherwise too. Each head's
-// keys are cut into chunks; every (head, chunk) task
-//   1. walks its chunk's deltas from zero (local prefix sums) and records the chunk total;
-//   2. after the chunk offsets are known, adds its offset, writes the exact scores of its keys, takes
-//      its row maxima;
-//   3. after the global maxima are known, exponentiates, sums and accumulates its partial P.V;
-// and the partials are combined at the end. G <= 8 query heads per KV head (one AVX2 register).
+constexpr int64_t kDecodeChunk = 256;  // keys per decode item: its scores ([keys][8] fp32, 8 KB) stay in L1
+
+// Softmax partial of one decode item over the score rows S[0..n) ([n][8], lanes = query heads of the group):
+// m = lane max, l = sum of exp(scale (s - m)), S overwritten by those exps, acc[g] = sum_j S[j][g] v[j]
+// (g < G; stored, not added).
 template <typename T>
-void attend_decode_split(const DeltaArgs<T>& a, int64_t chunks) {
+void softmax_pv(float* S, int64_t n, const T* v, int64_t D, int64_t G, float scale, float* m, float* l,
+                float* acc) {
+  constexpr int64_t Rp = kLanes;
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; ++j) mv = _mm256_max_ps(mv, _mm256_loadu_ps(S + j * Rp));
+  const __m256 scv = _mm256_set1_ps(scale), ms = _mm256_mul_ps(mv, scv);
+  __m256 sv = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 e = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(S + j * Rp), scv, ms));
+    _mm256_storeu_ps(S + j * Rp, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  _mm256_storeu_ps(m, mv);
+  _mm256_storeu_ps(l, sv);
+  if (D % 16 == 0) {
+    pv_blocked<T>(v, D, S, Rp, G, n, acc);
+    return;
+  }
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = S[j * Rp + g];
+      for (int64_t c = 0; c < D; ++c) acc[g * D + c] += w * to_f32(v[j * D + c]);
+    }
+}
+
+// Decode (one query position) in one parallel pass over (KV head, item) work items, flash-decoding style. Item c
+// of a head walks the deltas of keys [c K, (c + 1) K) from zero: its delta scores are the true ones minus a
+// constant per query head, the walk total of the keys before it (the prefix-sum offset). Softmax is invariant to
+// that constant inside the item, so each item finishes on its own: local max, exp, sum and P.V, with its
+// scores in L1. The last item of each head takes the exact keys (sinks, local window). The merge adds each item's
+// offset to its max and rescales. Every K delta and V row is read once; the earlier three-pass split kept all
+// scores in a [keys][8] array that was written and re-read three times (at 8K as many bytes as V itself).
+template <typename T>
+void attend_decode_items(const DeltaArgs<T>& a) {
   const int64_t H = a.H, G = a.G, D = a.D, Rp = kLanes;
-  const int64_t p = a.start, nk = p + 1, jd_max = p - a.window;
-  const int64_t per = (nk + chunks - 1) / chunks;
-  thread_local std::vector<float> buf_s;
-  float* Sbase = scratch(buf_s, H * nk * Rp);  // fully written before it is read; no zeroing needed
-  std::vector<float> qT(H * D * Rp, 0.f), tot(H * chunks * Rp), cmax(H * chunks * Rp), csum(H * chunks * Rp),
-      cacc(H * chunks * Rp * D);
+  const int64_t p = a.start, jd_max = p - a.window;  // delta-scored keys: n_sink .. jd_max
+  const int64_t walked = jd_max >= a.n_sink ? jd_max + 1 : 0;  // the walk covers keys 0 .. jd_max
+  const int64_t chunks = (walked + kDecodeChunk - 1) / kDecodeChunk, per_head = chunks + 1;
+  const int64_t items = H * per_head;
+  std::vector<float> qT(H * D * Rp, 0.f), tot(items * Rp, 0.f), m(items * Rp), l(items * Rp),
+      acc(items * G * D);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t c = 0; c < D; ++c) qT[(h * D + c) * Rp + g] = a.q[(h * G + g) * D + c];
-  const float ninf = -std::numeric_limits<float>::infinity();
-  // 1. local prefix sums of the delta walk
-  sparsedge::cpu::parallel_for(H * chunks, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t grain = (p + 1) * D * a.Hq < (1 << 16) ? items : 1;  // a short context: no fork/join
+  sparsedge::cpu::parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> buf_s, buf_k, buf_o;
+    float* S = scratch(buf_s, std::max(kDecodeChunk, a.n_sink + a.window + 1) * Rp);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(jd_max + 1, (c + 1) * per);
-      if (j1 > j0) {
-        delta_walk<T>(a, h, j0, j1 - 1, Rp, qT.data() + h * D * Rp, Sbase + h * nk * Rp, tot.data() + i * Rp);
-      } else {
-        std::fill(tot.data() + i * Rp, tot.data() + (i + 1) * Rp, 0.f);
+      const int64_t h = i / per_head, c = i % per_head;
+      float* mi = m.data() + i * Rp;
+      float* li = l.data() + i * Rp;
+      float* ai = acc.data() + i * G * D;
+      const T* vh = a.v + h * a.Tmax * D;
+      if (c < chunks) {
+        const int64_t j0 = c * kDecodeChunk, j1 = std::min(walked, j0 + kDecodeChunk);
+        delta_walk<T>(a, h, j0, j1 - 1, Rp, qT.data() + h * D * Rp, S - j0 * Rp, tot.data() + i * Rp);
+        const int64_t js = std::max(j0, a.n_sink);  // sink keys are walked (their deltas count) but scored exactly
+        if (js < j1) {
+          softmax_pv<T>(S + (js - j0) * Rp, j1 - js, vh + js * D, D, G, a.scale, mi, li, ai);
+        } else {
+          std::fill(mi, mi + Rp, -std::numeric_limits<float>::infinity());
+          std::fill(li, li + Rp, 0.f);
+          std::fill(ai, ai + G * D, 0.f);
+        }
+        continue;
       }
-    }
-  });
-  // chunk offsets: exclusive prefix of the chunk totals (in place)
-  for (int64_t h = 0; h < H; ++h) {
-    __m256 run = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      float* t = tot.data() + (h * chunks + c) * Rp;
-      const __m256 here = _mm256_loadu_ps(t);
-      _mm256_storeu_ps(t, run);
-      run = _mm256_add_ps(run, here);
-    }
-  }
-  // 2. offsets, exact scores, chunk maxima
-  sparsedge::cpu::parallel_for(H * chunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> kbuf(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(nk, (c + 1) * per);
-      float* Sh = Sbase + h * nk * Rp;
-      const __m256 o = _mm256_loadu_ps(tot.data() + i * Rp);
-      __m256 m = _mm256_set1_ps(ninf);
-      for (int64_t j = j0; j < j1; ++j) {
-        float* sj = Sh + j * Rp;
-        const bool exact = j < a.n_sink || j > jd_max;
-        if (exact) {
-          const float* key;
-          if (j >= a.n_sink && j >= a.start) {
-            key = a.k + h * D;  // the query position's own key (T = 1)
-          } else {
-            const T* src = j < a.n_sink ? a.sink + (h * a.s_alloc + j) * D : a.win + (h * a.w_alloc + j % a.window) * D;
-            for (int64_t c2 = 0; c2 < D; ++c2) kbuf[c2] = to_f32(src[c2]);
-            key = kbuf.data();
-          }
-          for (int64_t g = 0; g < Rp; ++g) {
-            float sdot = 0.f;
-            if (g < G) {
-              const float* qr = a.q + (h * G + g) * D;
+      // exact keys: sinks 0 .. n_sink - 1, then the window jd_max + 1 .. p, scores side by side in S
+      const int64_t s_end = std::min(a.n_sink, p + 1), w0 = std::max(a.n_sink, jd_max + 1);
+      float* kbuf = scratch(buf_k, D);
+      int64_t n = 0;
+      for (int64_t j = s_end > 0 ? 0 : w0; j <= p; j = (j + 1 == s_end ? std::max(j + 1, w0) : j + 1), ++n) {
+        const float* key;
+        if (j >= a.n_sink && j >= a.start) {
+          key = a.k + h * D;  // the query position's own key (T = 1)
+        } else {
+          const T* src = j < a.n_sink ? a.sink + (h * a.s_alloc + j) * D : a.win + (h * a.w_alloc + j % a.window) * D;
+          for (int64_t c2 = 0; c2 < D; ++c2) kbuf[c2] = to_f32(src[c2]);
+          key = kbuf;
+        }
+        for (int64_t g = 0; g < Rp; ++g) {
+          float sdot = 0.f;
+          if (g < G) {
+            const float* qr = a.q + (h * G + g) * D;
 #pragma omp simd reduction(+ : sdot)
-              for (int64_t c2 = 0; c2 < D; ++c2) sdot += qr[c2] * key[c2];
-            }
-            sj[g] = g < G ? sdot : ninf;
+            for (int64_t c2 = 0; c2 < D; ++c2) sdot += qr[c2] * key[c2];
           }
-        } else {
-          _mm256_storeu_ps(sj, _mm256_add_ps(_mm256_loadu_ps(sj), o));
+          S[n * Rp + g] = sdot;
         }
-        m = _mm256_max_ps(m, _mm256_loadu_ps(sj));
       }
-      _mm256_storeu_ps(cmax.data() + i * Rp, m);
-    }
-  });
-  // global row maxima per head
-  std::vector<float> gmax(H * Rp);
-  for (int64_t h = 0; h < H; ++h) {
-    __m256 m = _mm256_set1_ps(ninf);
-    for (int64_t c = 0; c < chunks; ++c) m = _mm256_max_ps(m, _mm256_loadu_ps(cmax.data() + (h * chunks + c) * Rp));
-    _mm256_storeu_ps(gmax.data() + h * Rp, m);
-  }
-  // 3. exp, partial sums, partial P.V
-  const __m256 scv = _mm256_set1_ps(a.scale);
-  sparsedge::cpu::parallel_for(H * chunks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / chunks, c = i % chunks, j0 = c * per, j1 = std::min(nk, (c + 1) * per);
-      float* Sh = Sbase + h * nk * Rp;
-      float* acc = cacc.data() + i * Rp * D;
-      std::fill(acc, acc + Rp * D, 0.f);
-      __m256 mrow = _mm256_loadu_ps(gmax.data() + h * Rp);
-      // padded rows hold -inf everywhere: use 0 so exp stays finite (masked below)
-      mrow = _mm256_blendv_ps(mrow, _mm256_setzero_ps(), _mm256_cmp_ps(mrow, _mm256_set1_ps(ninf), _CMP_EQ_OQ));
-      const __m256 m = _mm256_mul_ps(mrow, scv);
-      __m256 sv = _mm256_setzero_ps();
-      for (int64_t j = j0; j < j1; ++j) {
-        float* sj = Sh + j * Rp;
-        const __m256 raw = _mm256_loadu_ps(sj);
-        const __m256 valid = _mm256_cmp_ps(raw, _mm256_set1_ps(ninf), _CMP_NEQ_OQ);
-        const __m256 e = _mm256_and_ps(exp256(_mm256_fmsub_ps(raw, scv, m)), valid);
-        _mm256_storeu_ps(sj, e);
-        sv = _mm256_add_ps(sv, e);
-      }
-      _mm256_storeu_ps(csum.data() + i * Rp, sv);
-      if (j1 > j0) {
-        if (D % 16 == 0) {
-          pv_blocked<T>(a.v + (h * a.Tmax + j0) * D, D, Sh + j0 * Rp, Rp, G, j1 - j0, acc);
-        } else {
-          std::vector<float> vr(D);
-          for (int64_t j = j0; j < j1; ++j) {
-            const T* vsrc = a.v + (h * a.Tmax + j) * D;
-            for (int64_t c2 = 0; c2 < D; ++c2) vr[c2] = to_f32(vsrc[c2]);
-            for (int64_t g = 0; g < G; ++g) {
-              const float w = Sh[j * Rp + g];
-              for (int64_t c2 = 0; c2 < D; ++c2) acc[g * D + c2] += w * vr[c2];
-            }
-          }
+      // V rows of the sinks and of the window are two runs: P.V of each, summed
+      const int64_t ns = s_end, nw = n - ns;
+      float* tmp = scratch(buf_o, G * D + 2 * Rp);
+      if (nw == 0) {
+        softmax_pv<T>(S, ns, vh, D, G, a.scale, mi, li, ai);
+      } else if (ns == 0) {
+        softmax_pv<T>(S, nw, vh + w0 * D, D, G, a.scale, mi, li, ai);
+      } else {  // one max for both runs: shift the second run's exps onto the first's max
+        float* m2 = tmp + G * D;
+        float* l2 = m2 + Rp;
+        softmax_pv<T>(S, ns, vh, D, G, a.scale, mi, li, ai);
+        softmax_pv<T>(S + ns * Rp, nw, vh + w0 * D, D, G, a.scale, m2, l2, tmp);
+        for (int64_t g = 0; g < G; ++g) {
+          const float mx = std::max(mi[g], m2[g]);
+          const float w1 = std::exp(a.scale * (mi[g] - mx)), w2 = std::exp(a.scale * (m2[g] - mx));
+          for (int64_t c2 = 0; c2 < D; ++c2) ai[g * D + c2] = w1 * ai[g * D + c2] + w2 * tmp[g * D + c2];
+          li[g] = w1 * li[g] + w2 * l2[g];
+          mi[g] = mx;
         }
       }
     }
   });
-  // combine the chunks
+  // merge: item c's true max is its local max plus its offset (the walk totals of the items before it)
   for (int64_t h = 0; h < H; ++h)
     for (int64_t g = 0; g < G; ++g) {
-      float total = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) total += csum[(h * chunks + c) * Rp + g];
-      const float inv = 1.f / total;
-      float* dst = a.out + (h * G + g) * D;
-      for (int64_t c2 = 0; c2 < D; ++c2) {
-        float s2 = 0.f;
-        for (int64_t c = 0; c < chunks; ++c) s2 += cacc[((h * chunks + c) * Rp + g) * D + c2];
-        dst[c2] = s2 * inv;
+      float offset = 0.f, mx = -std::numeric_limits<float>::infinity();
+      std::vector<float> top(per_head);
+      for (int64_t c = 0; c < per_head; ++c) {
+        const int64_t i = h * per_head + c;
+        top[c] = l[i * Rp + g] > 0.f ? m[i * Rp + g] + (c < chunks ? offset : 0.f)
+                                     : -std::numeric_limits<float>::infinity();
+        if (c < chunks) offset += tot[i * Rp + g];
+        mx = std::max(mx, top[c]);
       }
+      float* dst = a.out + (h * G + g) * D;
+      std::fill(dst, dst + D, 0.f);
+      float denom = 0.f;
+      for (int64_t c = 0; c < per_head; ++c) {
+        const int64_t i = h * per_head + c;
+        if (!(l[i * Rp + g] > 0.f)) continue;
+        const float w = std::exp(a.scale * (top[c] - mx));
+        denom += w * l[i * Rp + g];
+        const float* ai = acc.data() + (i * G + g) * D;
+        for (int64_t c2 = 0; c2 < D; ++c2) dst[c2] += w * ai[c2];
+      }
+      const float inv = 1.f / denom;
+      for (int64_t c2 = 0; c2 < D; ++c2) dst[c2] *= inv;
     }
 }
 #endif
@@ -590,13 +596,9 @@ at::Tensor delta_attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, 
                           T, Hq, H, G, D, Tmax, values.size(1), sink_k.size(1), window_k.size(1), start, n_sink,
                           window, static_cast<float>(scale)};
 #ifdef SPARSEDGE_DELTA_AVX2
-    // long-context decode: split the key axis too (measured faster than one task per KV head even when the
-    // heads divide over the threads: Llama-3.2-1B shape at 8K, 1.67 vs 2.12 ms at 2 threads; not profiled
-    // further)
-    const int64_t threads = at::get_num_threads();
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (T == 1 && G <= kLanes && threads > 1 && n >= 1024) {
-        attend_decode_split<scalar_t>(a, std::max<int64_t>(1, (2 * threads + H - 1) / H) * 2);
+      if (T == 1 && G <= kLanes) {  // decode
+        attend_decode_items<scalar_t>(a);
         return;
       }
     }
