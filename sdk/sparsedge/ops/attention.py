@@ -59,7 +59,10 @@ define("dense_attention_window(Tensor q, Tensor k_cache, Tensor v_cache, int sta
 # parity cases (tests/test_ops.py): H KV heads of G query heads each, chunk of T queries at positions start..
 CASES = sweep("dense_attention", FLOAT_DTYPES, at=rows(
     "H G D start T", (3, 3, 64, 0, 1), (3, 3, 64, 40, 1), (8, 4, 64, 2047, 1), (3, 3, 64, 0, 17), (8, 4, 128, 100, 8),
-    (2, 1, 64, 5, 3)))
+    (2, 1, 64, 5, 3),
+    # decode split into 128-key chunks (CPU): 7 query heads per KV head (groups of 4 + 3), head_dim 40 (a 32-wide
+    # and an 8-wide column pass), 300 keys (a partial last chunk); head_dim 8 (stories260K); 12 (no SIMD path)
+    (2, 7, 40, 299, 1), (4, 2, 8, 130, 1), (2, 2, 12, 20, 1)))
 # window: decode past the window, a prefill chunk crossing it, one key, a window wider than the context, Gemma 3's
 # 270M shape (one KV head of 4 queries, head_dim 256, window 512), window 0 (no window)
 CASES += sweep("dense_attention_window", FLOAT_DTYPES, at=rows(

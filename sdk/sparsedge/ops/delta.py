@@ -178,7 +178,7 @@ CASES = [
            sw=_SINK_WINDOW, theta=[0.0, 0.4, 1e9], D=[64], chunks=[[37, 1, 1, 20, 1, 1]]),
     *sweep("delta_attention", (torch.float32, torch.float16), at=rows("H G D", (2, 2, 32), (2, 2, 128)),
            sw=rows("n_sink window", (2, 4)), theta=[0.3], chunks=[[9, 1, 5]]),
-    # long-context decode on 2 CPU threads takes the split-K path (compared after the prefill)
+    # long-context decode on 2 CPU threads: several 256-key items per KV head (compared after the prefill)
     *sweep("delta_attention", (torch.float32, torch.bfloat16), at=rows(
         "H G n_sink window D", (3, 3, 4, 64, 64), (3, 1, 0, 0, 64), (1, 8, 2, 30, 48), (2, 4, 4, 16, 64)),
         theta=[0.4], chunks=[[1100, 1, 1]], cores=[2], compare_from=[1]),
