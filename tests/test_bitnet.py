@@ -27,6 +27,8 @@ from sparsedge.quant.qweight import nbytes
 from sparsedge.quant.ternary import TernaryWeight, pack, unpack, unpack_transformers
 from tests.test_architectures import LLAMA_CFG, SMALL, TOL, check_exact, randomize, save_tokenizer
 
+QTOL = 1e-2  # logits of a model with int8-rounded activations (test_quantized_bitnet_exact says why)
+
 transformers = pytest.importorskip("transformers")
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,12 +102,16 @@ def test_quantized_bitnet_exact(tmp_path, linear_class, mode, packed, skip):
     # what a step reads of a projection: 2 bits per weight and one fp32 scale per row
     q, kv, d = cfg.q_size, cfg.kv_size, cfg.dim
     assert nbytes(s.model.layers[0].attention.wqkv) == (q + 2 * kv) * d // 4 + 4 * (q + 2 * kv)
-    check_exact(s, ref)
+    # BitLinear rounds each token's activations to int8: where a value lies within ~1e-7 of a rounding tie, the fp32
+    # summation order (ours vs torch's, and between SIMD widths) decides the integer, and one flipped integer moves
+    # the logits of that position and, through its K/V, of every later one by ~1e-3 (7.5e-3 seen with one FFN
+    # float, on an AVX2-only Zen 3). Float weights instead of the int8 rounding miss by 3e-2 (the test below).
+    check_exact(s, ref, tol=QTOL)
 
 
 def test_the_comparison_sees_the_activation_rounding(tmp_path):
     """The same ternary weights run as float weights (W / scale, x not rounded to int8) miss transformers' logits
-    by far more than the tolerance: the exactness test above can fail."""
+    by more than twice the tolerance of the exactness test above: it can fail."""
     from sparsedge.generate import new_cache, prefill
 
     save_quantized(tmp_path)
@@ -124,7 +130,7 @@ def test_the_comparison_sees_the_activation_rounding(tmp_path):
         want = ref(torch.tensor([ids])).logits[0]
     scale = want.abs().max()
     assert (exact - want).abs().max() / scale < TOL
-    assert (floats - want).abs().max() / scale > 10 * TOL
+    assert (floats - want).abs().max() / scale > 2 * QTOL  # 3.0e-2 here
 
 
 @pytest.mark.parametrize("T,K,N", [(1, 64, 64), (5, 2560, 644), (40, 37, 12)])
