@@ -21,12 +21,30 @@
 namespace sparsedge::cpu {
 namespace {
 
+// row[j] = exp(row[j] - m) for j < n (vectorised exp); returns their sum
+inline float exp_shifted(float* row, int64_t n, float m) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec mv(m);
+  Vec sum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(row + j) - mv).exp();
+    e.store(row + j);
+    sum = sum + e;
+  }
+  float total = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum);
+  for (; j < n; ++j) {
+    row[j] = std::exp(row[j] - m);
+    total += row[j];
+  }
+  return total;
+}
+
 // The G query heads of one KV head, for one query position: every K and V row is read once for the whole group
 // (GQA shares it), scores of the group kept side by side, softmax with a vectorised exp.
 template <typename T>
 void attend_group(const T* q, const T* k, const T* v, T* out, int64_t G, int64_t n_keys, int64_t D,
                   float scale, std::vector<float>& p) {
-  using Vec = at::vec::Vectorized<float>;
   constexpr int64_t kMaxG = 16;
   float qf[kMaxG][512];
   for (int64_t g = 0; g < G; ++g)
@@ -47,23 +65,7 @@ void attend_group(const T* q, const T* k, const T* v, T* out, int64_t G, int64_t
     }
   }
   float inv[kMaxG];
-  for (int64_t g = 0; g < G; ++g) {
-    float* row = sc + g * n_keys;
-    const Vec mv(m[g]);
-    Vec sum(0.f);
-    int64_t j = 0;
-    for (; j + Vec::size() <= n_keys; j += Vec::size()) {
-      Vec e = (Vec::loadu(row + j) - mv).exp();
-      e.store(row + j);
-      sum = sum + e;
-    }
-    float denom = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum);
-    for (; j < n_keys; ++j) {
-      row[j] = std::exp(row[j] - m[g]);
-      denom += row[j];
-    }
-    inv[g] = 1.f / denom;
-  }
+  for (int64_t g = 0; g < G; ++g) inv[g] = 1.f / exp_shifted(sc + g * n_keys, n_keys, m[g]);
   float acc[kMaxG][512];
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D; ++i) acc[g][i] = 0.f;
@@ -88,7 +90,6 @@ constexpr int64_t kChunkKeys = 128;  // keys per decode work item at most (its s
 // sum l of exp(s - m) and unnormalised acc = sum_j exp(s_j - m) v_j. D is a multiple of 8.
 template <typename T, int GB>
 void decode_chunk(const float* qf, const T* k, const T* v, int64_t n, int64_t D, float* m, float* l, float* acc) {
-  using Vec = at::vec::Vectorized<float>;
   alignas(32) float sc[GB][kChunkKeys];
   for (int g = 0; g < GB; ++g) m[g] = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
@@ -104,22 +105,7 @@ void decode_chunk(const float* qf, const T* k, const T* v, int64_t n, int64_t D,
       m[g] = std::max(m[g], sc[g][j]);
     }
   }
-  for (int g = 0; g < GB; ++g) {
-    float* row = sc[g];
-    const Vec mv(m[g]);
-    Vec sum(0.f);
-    int64_t j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      Vec e = (Vec::loadu(row + j) - mv).exp();
-      e.store(row + j);
-      sum = sum + e;
-    }
-    l[g] = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sum);
-    for (; j < n; ++j) {
-      row[j] = std::exp(row[j] - m[g]);
-      l[g] += row[j];
-    }
-  }
+  for (int g = 0; g < GB; ++g) l[g] = exp_shifted(sc[g], n, m[g]);
   // P.V, 32 (or 8) columns at a time so the group's accumulators stay in registers; V read once
   int64_t i = 0;
   for (; i + 32 <= D; i += 32) {
