@@ -218,6 +218,14 @@ struct Q8_0 {
       for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(aw, _mm256_sign_epi8(load32(xq[c] + 32 * i), w)), &s[c][i]);
     }
   }
+  // decode (tile, C = 1): the 8 blocks' scales d_w d_x (offset terms folded into acc); block i's int32 lanes
+  static inline __m256 scales(const uint8_t* b, __m256 xd, __m256, Acc&) {
+    return _mm256_mul_ps(f16_lo(words8<34>(b)), xd);
+  }
+  static inline __m256i dot(const uint8_t* b, int i, __m256i x) {
+    const __m256i w = load32(b + 34 * i + 2);
+    return dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  }
 #endif
 };
 
@@ -249,6 +257,12 @@ struct Q4_0 {
       for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(q, load32(xq[c] + 32 * i)), &s[c][i]);
     }
   }
+  static inline __m256 scales(const uint8_t* b, __m256 xd, __m256 xs, Acc& acc) {
+    const __m256 d = f16_lo(words8<18>(b));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(-8.f)), xs, acc);
+    return _mm256_mul_ps(d, xd);
+  }
+  static inline __m256i dot(const uint8_t* b, int i, __m256i x) { return dot_us(unpack16(b + 18 * i + 2), x); }
 #endif
 };
 
@@ -280,6 +294,12 @@ struct Q4_1 {
       for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(q, load32(xq[c] + 32 * i)), &s[c][i]);
     }
   }
+  static inline __m256 scales(const uint8_t* b, __m256 xd, __m256 xs, Acc& acc) {
+    const __m256i dm = words8<20>(b);
+    acc = _mm256_fmadd_ps(f16_hi(dm), xs, acc);
+    return _mm256_mul_ps(f16_lo(dm), xd);
+  }
+  static inline __m256i dot(const uint8_t* b, int i, __m256i x) { return dot_us(unpack16(b + 20 * i + 4), x); }
 #endif
 };
 
@@ -439,7 +459,28 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
   const uint8_t* rows = w + n0 * row_bytes;
   int64_t u = 0;
 #ifdef SPARSEDGE_AVX2
-  if constexpr (F::kBlock == QK) {
+  if constexpr (F::kBlock == QK && C == 1) {
+    // decode: block by block across the R rows, so R independent FMA chains advance together. Row after row
+    // (group8), each row's 8 blocks were one dependent chain and the rows barely overlapped.
+    Acc a[R];
+    for (int r = 0; r < R; ++r) a[r] = acc[r][0];
+    for (; u + 8 <= units; u += 8) {
+      const uint8_t* b = rows + u * F::kBytes;
+      for (int r = 0; r < R; ++r) prefetch(b + r * row_bytes + kPrefetch, 8 * F::kBytes, pf_end);
+      alignas(32) float s[R][8];
+      const __m256 xdv = _mm256_loadu_ps(xd[0]), xsv = _mm256_loadu_ps(xs[0]);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) _mm256_store_ps(s[r], F::scales(b + r * row_bytes, xdv, xsv, a[r]));
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m256i x = load32(xq[0] + 32 * i);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc_fma_bcast(a[r], F::dot(b + r * row_bytes, i, x), &s[r][i]);
+      }
+      xq[0] += 8 * QK; xd[0] += 8; xs[0] += 8;
+    }
+    for (int r = 0; r < R; ++r) acc[r][0] = a[r];
+  } else if constexpr (F::kBlock == QK) {
     for (; u + 8 <= units; u += 8) {
       for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, 8 * F::kBytes, pf_end);
       for (int r = 0; r < R; ++r) F::template group8<C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r]);
