@@ -191,42 +191,27 @@ inline void unpack16(const uint8_t* p, uint8_t* q) {
 
 // ---- one weight unit (a block, or a super-block) against C tokens ----------------------------------------
 // xq[c] / xd[c] / xs[c] point at the token's first x block of this unit; acc[c] += the block products,
-// ms[c] += the scalar (offset / min) terms. With AVX2 the 32-block formats also have group8: 8 consecutive
-// blocks at once, their fp16 scales converted together and d_w d_x / offset terms done as 8-lane vectors
-// (the offset terms fold into acc: only acc's lane sum matters).
+// ms[c] += the scalar (offset / min) terms. With AVX2 the 32-block formats also give the pieces with which
+// group8 and the decode tile (below) take 8 consecutive blocks at once: d8 (the 8 fp16 scales, and the offset
+// coefficient of each x block's sum where kOffset), quants (block i's 32 weight bytes) and dot.
 struct Q8_0 {
   static constexpr int64_t kBlock = 32, kBytes = 34;
   template <int C> static inline void unit(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
                                            const float* const*, Acc* acc, float*) {
     const float dw = f16(b);
 #ifdef SPARSEDGE_AVX2
-    const __m256i w = load32(b + 2);
-    const __m256i aw = _mm256_sign_epi8(w, w);
-    for (int c = 0; c < C; ++c)
-      acc_fma(acc[c], dot_us(aw, _mm256_sign_epi8(load32(xq[c]), w)), dw * xd[c][0]);
+    const __m256i w = quants(b, 0);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot(w, load32(xq[c])), dw * xd[c][0]);
 #else
     for (int c = 0; c < C; ++c) acc_fma(acc[c], dot32(reinterpret_cast<const int8_t*>(b + 2), xq[c]), dw * xd[c][0]);
 #endif
   }
 #ifdef SPARSEDGE_AVX2
-  template <int C> static inline void group8(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
-                                             const float* const*, Acc* acc) {
-    alignas(32) float s[C][8];
-    scales8<C>(f16_lo(words8<34>(b)), xd, s);
-    for (int i = 0; i < 8; ++i) {
-      const __m256i w = load32(b + 34 * i + 2);
-      const __m256i aw = _mm256_sign_epi8(w, w);
-      for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(aw, _mm256_sign_epi8(load32(xq[c] + 32 * i), w)), &s[c][i]);
-    }
-  }
-  // decode (tile, C = 1): the 8 blocks' scales d_w d_x (offset terms folded into acc); block i's int32 lanes
-  static inline __m256 scales(const uint8_t* b, __m256 xd, __m256, Acc&) {
-    return _mm256_mul_ps(f16_lo(words8<34>(b)), xd);
-  }
-  static inline __m256i dot(const uint8_t* b, int i, __m256i x) {
-    const __m256i w = load32(b + 34 * i + 2);
-    return dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  }
+  // signed weight bytes, no offset term
+  static constexpr bool kOffset = false;
+  static inline __m256 d8(const uint8_t* b, __m256&) { return f16_lo(words8<34>(b)); }
+  static inline __m256i quants(const uint8_t* b, int i) { return load32(b + 34 * i + 2); }
+  static inline __m256i dot(__m256i w, __m256i x) { return dot_ss(w, x); }
 #endif
 };
 
@@ -236,8 +221,8 @@ struct Q4_0 {
                                            const float* const* xs, Acc* acc, float* ms) {
     const float dw = f16(b);
 #ifdef SPARSEDGE_AVX2
-    const __m256i q = unpack16(b + 2);
-    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot_us(q, load32(xq[c])), dw * xd[c][0]);
+    const __m256i q = quants(b, 0);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot(q, load32(xq[c])), dw * xd[c][0]);
 #else
     uint8_t q[32];
     unpack16(b + 2, q);
@@ -246,24 +231,15 @@ struct Q4_0 {
     for (int c = 0; c < C; ++c) ms[c] = std::fma(-8.f * dw, xs[c][0], ms[c]);
   }
 #ifdef SPARSEDGE_AVX2
-  template <int C> static inline void group8(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
-                                             const float* const* xs, Acc* acc) {
-    alignas(32) float s[C][8];
+  // the offset -8 d_w multiplies each x block's sum
+  static constexpr bool kOffset = true;
+  static inline __m256 d8(const uint8_t* b, __m256& off) {
     const __m256 d = f16_lo(words8<18>(b));
-    scales8<C>(d, xd, s);
-    const __m256 off = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs[c]), acc[c]);
-    for (int i = 0; i < 8; ++i) {
-      const __m256i q = unpack16(b + 18 * i + 2);
-      for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(q, load32(xq[c] + 32 * i)), &s[c][i]);
-    }
+    off = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+    return d;
   }
-  static inline __m256 scales(const uint8_t* b, __m256 xd, __m256 xs, Acc& acc) {
-    const __m256 d = f16_lo(words8<18>(b));
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(-8.f)), xs, acc);
-    return _mm256_mul_ps(d, xd);
-  }
-  static inline __m256i dot(const uint8_t* b, int i, __m256i x) { return dot_us(unpack16(b + 18 * i + 2), x); }
+  static inline __m256i quants(const uint8_t* b, int i) { return unpack16(b + 18 * i + 2); }
+  static inline __m256i dot(__m256i q, __m256i x) { return dot_us(q, x); }
 #endif
 };
 
@@ -273,8 +249,8 @@ struct Q4_1 {
                                            const float* const* xs, Acc* acc, float* ms) {
     const float dw = f16(b), mw = f16(b + 2);
 #ifdef SPARSEDGE_AVX2
-    const __m256i q = unpack16(b + 4);
-    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot_us(q, load32(xq[c])), dw * xd[c][0]);
+    const __m256i q = quants(b, 0);
+    for (int c = 0; c < C; ++c) acc_fma(acc[c], dot(q, load32(xq[c])), dw * xd[c][0]);
 #else
     uint8_t q[32];
     unpack16(b + 4, q);
@@ -283,24 +259,15 @@ struct Q4_1 {
     for (int c = 0; c < C; ++c) ms[c] = std::fma(mw, xs[c][0], ms[c]);
   }
 #ifdef SPARSEDGE_AVX2
-  template <int C> static inline void group8(const uint8_t* b, const int8_t* const* xq, const float* const* xd,
-                                             const float* const* xs, Acc* acc) {
-    alignas(32) float s[C][8];
+  // the min m_w multiplies each x block's sum
+  static constexpr bool kOffset = true;
+  static inline __m256 d8(const uint8_t* b, __m256& off) {
     const __m256i dm = words8<20>(b);
-    scales8<C>(f16_lo(dm), xd, s);
-    const __m256 m = f16_hi(dm);
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xs[c]), acc[c]);
-    for (int i = 0; i < 8; ++i) {
-      const __m256i q = unpack16(b + 20 * i + 4);
-      for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], dot_us(q, load32(xq[c] + 32 * i)), &s[c][i]);
-    }
+    off = f16_hi(dm);
+    return f16_lo(dm);
   }
-  static inline __m256 scales(const uint8_t* b, __m256 xd, __m256 xs, Acc& acc) {
-    const __m256i dm = words8<20>(b);
-    acc = _mm256_fmadd_ps(f16_hi(dm), xs, acc);
-    return _mm256_mul_ps(f16_lo(dm), xd);
-  }
-  static inline __m256i dot(const uint8_t* b, int i, __m256i x) { return dot_us(unpack16(b + 20 * i + 4), x); }
+  static inline __m256i quants(const uint8_t* b, int i) { return unpack16(b + 20 * i + 4); }
+  static inline __m256i dot(__m256i q, __m256i x) { return dot_us(q, x); }
 #endif
 };
 
@@ -440,6 +407,24 @@ struct TQ2_0 {
   }
 };
 
+#ifdef SPARSEDGE_AVX2
+// 8 consecutive 32-blocks of one row against C tokens: the 8 fp16 scales converted at once (d8), d_w d_x and the
+// offset terms as 8-lane vectors (the offsets fold into acc: only acc's lane sum matters)
+template <class F, int C>
+inline void group8(const uint8_t* b, const int8_t* const* xq, const float* const* xd, const float* const* xs,
+                   Acc* acc) {
+  alignas(32) float s[C][8];
+  __m256 off;
+  scales8<C>(F::d8(b, off), xd, s);
+  if constexpr (F::kOffset)
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs[c]), acc[c]);
+  for (int i = 0; i < 8; ++i) {
+    const __m256i w = F::quants(b, i);
+    for (int c = 0; c < C; ++c) acc_fma_bcast(acc[c], F::dot(w, load32(xq[c] + 32 * i)), &s[c][i]);
+  }
+}
+#endif
+
 // R rows x C tokens: y[t0 + c, n0 + r] for rows n0.. of w, tokens t0..
 template <class F, int R, int C>
 void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_t t0, float* y, int64_t N,
@@ -471,12 +456,16 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
       alignas(32) float s[R][8];
       const __m256 xdv = _mm256_loadu_ps(xd[0]), xsv = _mm256_loadu_ps(xs[0]);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) _mm256_store_ps(s[r], F::scales(b + r * row_bytes, xdv, xsv, a[r]));
+      for (int r = 0; r < R; ++r) {
+        __m256 off;
+        _mm256_store_ps(s[r], _mm256_mul_ps(F::d8(b + r * row_bytes, off), xdv));
+        if constexpr (F::kOffset) a[r] = _mm256_fmadd_ps(off, xsv, a[r]);
+      }
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
         const __m256i x = load32(xq[0] + 32 * i);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc_fma_bcast(a[r], F::dot(b + r * row_bytes, i, x), &s[r][i]);
+        for (int r = 0; r < R; ++r) acc_fma_bcast(a[r], F::dot(F::quants(b + r * row_bytes, i), x), &s[r][i]);
       }
       xq[0] += 8 * QK; xd[0] += 8; xs[0] += 8;
     }
@@ -484,7 +473,7 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
   } else if constexpr (F::kBlock == QK) {
     for (; u + 8 <= units; u += 8) {
       for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, 8 * F::kBytes, pf_end);
-      for (int r = 0; r < R; ++r) F::template group8<C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r]);
+      for (int r = 0; r < R; ++r) group8<F, C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r]);
       for (int c = 0; c < C; ++c) { xq[c] += 8 * QK; xd[c] += 8; xs[c] += 8; }
     }
   }
