@@ -225,8 +225,8 @@ struct DeltaArgs {
 };
 
 // Prefix sums of the delta scores over keys j0..j1 (inclusive), starting from zero: acc[0:Rp] +=
-// v * qT[c*Rp : c*Rp+Rp] for every delta entry, stored into S row j after each token j >= n_sink; the
-// final sum goes to `total` when given (split-K chunks add their offsets later). Four accumulators keep
+// v * qT[c*Rp : c*Rp+Rp] for every delta entry, stored into S row j - j0 after each token j >= n_sink; the
+// final sum goes to `total` when given (decode items add their offsets later). Four accumulators keep
 // four FMA chains in flight: one chain would make the walk FMA-latency bound (~4 cycles per entry).
 template <typename T>
 void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t j0, int64_t j1, int64_t Rp, const float* qT, float* S,
@@ -249,7 +249,7 @@ void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t j0, int64_t j1, int64_
       for (; e < e1; ++e)
         a0 = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[e])), _mm256_loadu_ps(qT + ch[e] * 8), a0);
       if (j >= a.n_sink)
-        _mm256_storeu_ps(S + j * 8, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        _mm256_storeu_ps(S + (j - j0) * 8, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     }
     if (total) _mm256_storeu_ps(total, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     return;
@@ -264,9 +264,19 @@ void delta_walk(const DeltaArgs<T>& a, int64_t h, int64_t j0, int64_t j1, int64_
 #pragma omp simd
       for (int64_t r = 0; r < Rp; ++r) acc[r] += v * qr[r];
     }
-    if (j >= a.n_sink) std::memcpy(S + j * Rp, acc, Rp * sizeof(float));
+    if (j >= a.n_sink) std::memcpy(S + (j - j0) * Rp, acc, Rp * sizeof(float));
   }
   if (total) std::memcpy(total, acc, Rp * sizeof(float));
+}
+
+// Key j of head h for an exact score, in fp32: a key of this call (positions start..), or else a sink or a
+// window slot of the cache, converted into kbuf.
+template <typename T>
+const float* exact_key(const DeltaArgs<T>& a, int64_t h, int64_t j, float* kbuf) {
+  if (j >= a.n_sink && j >= a.start) return a.k + ((j - a.start) * a.H + h) * a.D;
+  const T* src = j < a.n_sink ? a.sink + (h * a.s_alloc + j) * a.D : a.win + (h * a.w_alloc + j % a.window) * a.D;
+  for (int64_t c = 0; c < a.D; ++c) kbuf[c] = to_f32(src[c]);
+  return kbuf;
 }
 
 template <typename T>
@@ -308,20 +318,8 @@ void attend_block(const DeltaArgs<T>& a, int64_t h, int64_t t0, int64_t t1) {
       }
     };
     const int64_t s_end = std::min(a.n_sink, p + 1);
-    for (int64_t j = 0; j < s_end; ++j) {
-      const T* src = a.sink + (h * a.s_alloc + j) * D;
-      for (int64_t c = 0; c < D; ++c) kbuf[c] = to_f32(src[c]);
-      exact(j, kbuf);
-    }
-    for (int64_t j = std::max(a.n_sink, p - a.window + 1); j <= p; ++j) {
-      if (j >= a.start) {
-        exact(j, a.k + ((j - a.start) * a.H + h) * D);
-      } else {
-        const T* src = a.win + (h * a.w_alloc + j % a.window) * D;
-        for (int64_t c = 0; c < D; ++c) kbuf[c] = to_f32(src[c]);
-        exact(j, kbuf);
-      }
-    }
+    for (int64_t j = 0; j < s_end; ++j) exact(j, exact_key(a, h, j, kbuf));
+    for (int64_t j = std::max(a.n_sink, p - a.window + 1); j <= p; ++j) exact(j, exact_key(a, h, j, kbuf));
     for (int64_t j = p + 1; j < nk; ++j)
       for (int64_t g = 0; g < G; ++g) S[j * Rp + r0 + g] = -std::numeric_limits<float>::infinity();
   }
@@ -437,25 +435,26 @@ void softmax_pv(float* S, int64_t n, const T* v, int64_t D, int64_t G, float sca
 // of a head walks the deltas of keys [c K, (c + 1) K) from zero: its delta scores are the true ones minus a
 // constant per query head, the walk total of the keys before it (the prefix-sum offset). Softmax is invariant to
 // that constant inside the item, so each item finishes on its own: local max, exp, sum and P.V, with its
-// scores in L1. The last item of each head takes the exact keys (sinks, local window). The merge adds each item's
-// offset to its max and rescales. Every K delta and V row is read once; the earlier three-pass split kept all
+// scores in L1. Two more items per head take the exact keys: the sinks, and the local window. The merge adds
+// each item's offset to its max and rescales. Every K delta and V row is read once; the earlier three-pass split kept all
 // scores in a [keys][8] array that was written and re-read three times (at 8K as many bytes as V itself).
 template <typename T>
 void attend_decode_items(const DeltaArgs<T>& a) {
   const int64_t H = a.H, G = a.G, D = a.D, Rp = kLanes;
   const int64_t p = a.start, jd_max = p - a.window;  // delta-scored keys: n_sink .. jd_max
   const int64_t walked = jd_max >= a.n_sink ? jd_max + 1 : 0;  // the walk covers keys 0 .. jd_max
-  const int64_t chunks = (walked + kDecodeChunk - 1) / kDecodeChunk, per_head = chunks + 1;
+  const int64_t chunks = (walked + kDecodeChunk - 1) / kDecodeChunk, per_head = chunks + 2;
   const int64_t items = H * per_head;
-  std::vector<float> qT(H * D * Rp, 0.f), tot(items * Rp, 0.f), m(items * Rp), l(items * Rp),
+  // an item without keys keeps l = 0, and the merge skips it
+  std::vector<float> qT(H * D * Rp, 0.f), tot(items * Rp, 0.f), m(items * Rp), l(items * Rp, 0.f),
       acc(items * G * D);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t c = 0; c < D; ++c) qT[(h * D + c) * Rp + g] = a.q[(h * G + g) * D + c];
   const int64_t grain = (p + 1) * D * a.Hq < (1 << 16) ? items : 1;  // a short context: no fork/join
   sparsedge::cpu::parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> buf_s, buf_k, buf_o;
-    float* S = scratch(buf_s, std::max(kDecodeChunk, a.n_sink + a.window + 1) * Rp);
+    thread_local std::vector<float> buf_s, buf_k;
+    float* S = scratch(buf_s, std::max(kDecodeChunk, std::max(a.n_sink, a.window + 1)) * Rp);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / per_head, c = i % per_head;
       float* mi = m.data() + i * Rp;
@@ -464,30 +463,17 @@ void attend_decode_items(const DeltaArgs<T>& a) {
       const T* vh = a.v + h * a.Tmax * D;
       if (c < chunks) {
         const int64_t j0 = c * kDecodeChunk, j1 = std::min(walked, j0 + kDecodeChunk);
-        delta_walk<T>(a, h, j0, j1 - 1, Rp, qT.data() + h * D * Rp, S - j0 * Rp, tot.data() + i * Rp);
+        delta_walk<T>(a, h, j0, j1 - 1, Rp, qT.data() + h * D * Rp, S, tot.data() + i * Rp);
         const int64_t js = std::max(j0, a.n_sink);  // sink keys are walked (their deltas count) but scored exactly
-        if (js < j1) {
-          softmax_pv<T>(S + (js - j0) * Rp, j1 - js, vh + js * D, D, G, a.scale, mi, li, ai);
-        } else {
-          std::fill(mi, mi + Rp, -std::numeric_limits<float>::infinity());
-          std::fill(li, li + Rp, 0.f);
-          std::fill(ai, ai + G * D, 0.f);
-        }
+        if (js < j1) softmax_pv<T>(S + (js - j0) * Rp, j1 - js, vh + js * D, D, G, a.scale, mi, li, ai);
         continue;
       }
-      // exact keys: sinks 0 .. n_sink - 1, then the window jd_max + 1 .. p, scores side by side in S
-      const int64_t s_end = std::min(a.n_sink, p + 1), w0 = std::max(a.n_sink, jd_max + 1);
+      // exact keys: the sinks 0 .. n_sink - 1 (item chunks), the window jd_max + 1 .. p (item chunks + 1)
+      const int64_t j0 = c == chunks ? 0 : std::max(a.n_sink, jd_max + 1);
+      const int64_t j1 = c == chunks ? std::min(a.n_sink, p + 1) : p + 1;
       float* kbuf = scratch(buf_k, D);
-      int64_t n = 0;
-      for (int64_t j = s_end > 0 ? 0 : w0; j <= p; j = (j + 1 == s_end ? std::max(j + 1, w0) : j + 1), ++n) {
-        const float* key;
-        if (j >= a.n_sink && j >= a.start) {
-          key = a.k + h * D;  // the query position's own key (T = 1)
-        } else {
-          const T* src = j < a.n_sink ? a.sink + (h * a.s_alloc + j) * D : a.win + (h * a.w_alloc + j % a.window) * D;
-          for (int64_t c2 = 0; c2 < D; ++c2) kbuf[c2] = to_f32(src[c2]);
-          key = kbuf;
-        }
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* key = exact_key(a, h, j, kbuf);
         for (int64_t g = 0; g < Rp; ++g) {
           float sdot = 0.f;
           if (g < G) {
@@ -495,36 +481,17 @@ void attend_decode_items(const DeltaArgs<T>& a) {
 #pragma omp simd reduction(+ : sdot)
             for (int64_t c2 = 0; c2 < D; ++c2) sdot += qr[c2] * key[c2];
           }
-          S[n * Rp + g] = sdot;
+          S[(j - j0) * Rp + g] = sdot;
         }
       }
-      // V rows of the sinks and of the window are two runs: P.V of each, summed
-      const int64_t ns = s_end, nw = n - ns;
-      float* tmp = scratch(buf_o, G * D + 2 * Rp);
-      if (nw == 0) {
-        softmax_pv<T>(S, ns, vh, D, G, a.scale, mi, li, ai);
-      } else if (ns == 0) {
-        softmax_pv<T>(S, nw, vh + w0 * D, D, G, a.scale, mi, li, ai);
-      } else {  // one max for both runs: shift the second run's exps onto the first's max
-        float* m2 = tmp + G * D;
-        float* l2 = m2 + Rp;
-        softmax_pv<T>(S, ns, vh, D, G, a.scale, mi, li, ai);
-        softmax_pv<T>(S + ns * Rp, nw, vh + w0 * D, D, G, a.scale, m2, l2, tmp);
-        for (int64_t g = 0; g < G; ++g) {
-          const float mx = std::max(mi[g], m2[g]);
-          const float w1 = std::exp(a.scale * (mi[g] - mx)), w2 = std::exp(a.scale * (m2[g] - mx));
-          for (int64_t c2 = 0; c2 < D; ++c2) ai[g * D + c2] = w1 * ai[g * D + c2] + w2 * tmp[g * D + c2];
-          li[g] = w1 * li[g] + w2 * l2[g];
-          mi[g] = mx;
-        }
-      }
+      if (j1 > j0) softmax_pv<T>(S, j1 - j0, vh + j0 * D, D, G, a.scale, mi, li, ai);
     }
   });
   // merge: item c's true max is its local max plus its offset (the walk totals of the items before it)
+  std::vector<float> top(per_head);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t g = 0; g < G; ++g) {
       float offset = 0.f, mx = -std::numeric_limits<float>::infinity();
-      std::vector<float> top(per_head);
       for (int64_t c = 0; c < per_head; ++c) {
         const int64_t i = h * per_head + c;
         top[c] = l[i * Rp + g] > 0.f ? m[i * Rp + g] + (c < chunks ? offset : 0.f)
