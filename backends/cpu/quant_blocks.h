@@ -23,6 +23,8 @@ constexpr int64_t kMinBytes = 16 * 1024; // weight bytes per thread below which 
 // Software prefetch distance along each weight row (clamped to the thread's own rows). Decode streams every
 // weight from DRAM once per token; with the hardware prefetchers alone a 62 MB Q8_0 matrix ran at ~17 GB/s
 // on 2 threads of this CPU (Zen 5), prefetching 1-4 KiB ahead of each row stream at ~30-33 GB/s.
+// The one-token tile prefetches its R rows (one contiguous run) as a single stream instead, non-temporally
+// (stream_prefetch): see tile.
 constexpr int64_t kPrefetch = 4096;
 
 enum class QType { F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, TQ2_0 };
@@ -50,6 +52,17 @@ inline void prefetch(const uint8_t* p, int64_t n, const uint8_t* end) {
   for (int64_t o = 0; o < n && p + o < end; o += 64) __builtin_prefetch(p + o, 0, 3);
 #else
   (void)p, (void)n, (void)end;
+#endif
+}
+// Advance a linear prefetch cursor to `target` (below `end`), one non-temporal prefetch per cache line: each
+// line once, in address order, and (NTA) without displacing what the caches hold for reuse, since a decode
+// token reads each weight exactly once.
+inline void stream_prefetch(const uint8_t*& pf, const uint8_t* target, const uint8_t* end) {
+  target = std::min(target, end);
+#if defined(__GNUC__) || defined(__clang__)
+  for (; pf < target; pf += 64) __builtin_prefetch(pf, 0, 0);
+#else
+  pf = std::max(pf, target);
 #endif
 }
 // the whole of [p, p + n): a scattered row (a gathered neuron's) the hardware prefetchers cannot predict; into L2
@@ -448,11 +461,18 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
   if constexpr (F::kBlock == QK && C == 1) {
     // decode: block by block across the R rows, so R independent FMA chains advance together. Row after row
     // (group8), each row's 8 blocks were one dependent chain and the rows barely overlapped.
+    // The tile's R rows are one contiguous run of R * row_bytes: one prefetch cursor walks it kPrefetch bytes
+    // ahead, at the pace the blocks are consumed, non-temporally (stream_prefetch). A prefetch per row stream
+    // (R streams 4 KiB ahead, lines requested several times) read the 30 MB Q8_0 LM head of SmolLM2 at 19-20 GB/s
+    // on 2 threads of an AVX2 EPYC whose plain reads reach 35 GB/s; the single NTA stream reads it at 30-32 GB/s
+    // (T0 hint: 23-28; docs/results/sparse_quant.md §4).
     Acc a[R];
     for (int r = 0; r < R; ++r) a[r] = acc[r][0];
+    const uint8_t* pf = rows + kPrefetch;
+    const int64_t run = R * row_bytes;
     for (; u + 8 <= units; u += 8) {
       const uint8_t* b = rows + u * F::kBytes;
-      for (int r = 0; r < R; ++r) prefetch(b + r * row_bytes + kPrefetch, 8 * F::kBytes, pf_end);
+      stream_prefetch(pf, rows + kPrefetch + run * (u + 8) / units, pf_end);
       alignas(32) float s[R][8];
       const __m256 xdv = _mm256_loadu_ps(xd[0]), xsv = _mm256_loadu_ps(xs[0]);
 #pragma GCC unroll 8
@@ -470,6 +490,7 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
       xq[0] += 8 * QK; xd[0] += 8; xs[0] += 8;
     }
     for (int r = 0; r < R; ++r) acc[r][0] = a[r];
+    stream_prefetch(pf, rows + kPrefetch + run, pf_end);
   } else if constexpr (F::kBlock == QK) {
     for (; u + 8 <= units; u += 8) {
       for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, 8 * F::kBytes, pf_end);
@@ -478,8 +499,14 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& X, int64_t n0, int64_
     }
   }
 #endif
+#ifdef SPARSEDGE_AVX2
+  constexpr bool streamed = F::kBlock == QK && C == 1;  // the cursor above already covered the whole run
+#else
+  constexpr bool streamed = false;
+#endif
   for (; u < units; ++u) {
-    for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, F::kBytes, pf_end);
+    if (!streamed)
+      for (int r = 0; r < R; ++r) prefetch(rows + r * row_bytes + u * F::kBytes + kPrefetch, F::kBytes, pf_end);
     for (int r = 0; r < R; ++r) F::template unit<C>(rows + r * row_bytes + u * F::kBytes, xq, xd, xs, acc[r], ms[r]);
     for (int c = 0; c < C; ++c) { xq[c] += F::kBlock; xd[c] += xb; xs[c] += xb; }
   }
