@@ -191,6 +191,25 @@ def test_reference_with_every_neuron_kept_is_the_dense_ffn():
     assert torch.equal(dequantized(wd), dt.dequantize().t())
 
 
+def test_kernel_down_sums_at_their_largest():
+    """The CPU kernel sums up to 8 neuron pairs of 4-bit down products in int16 before widening (bound 8 x 2 x 15 x
+    127 < 2^15). Codes all 15 and every kept h rounding to the same +-127 reach that bound in every group; an
+    overflow would be off by multiples of 2^16 products, far outside the reference's tolerance."""
+    from sparsedge.ops.qffn import qsparse_ffn_ref
+    g = torch.Generator().manual_seed(5)
+    d, I = 64, 96
+    gate, up = torch.randn(1, d, generator=g), torch.randn(1, d, generator=g)
+    wgu = QWeight.quantize(torch.cat([gate.expand(I, d), up.expand(I, d)]) / 8, "q4_1")  # every neuron's h equal
+    dt = DownT.from_qweight(QWeight.quantize(torch.randn(d, I, generator=g) / 10, "q4_1"))
+    codes = torch.full_like(dt.codes, 0xFF)
+    x = torch.randn(2, d, generator=g)
+    keep = torch.full((I,), -1.0)
+    y, count = torch.ops.sparsedge.qsparse_ffn(x, wgu.data, "q4_1", codes, dt.scale, dt.minv, keep, "silu", 0.0)
+    want, _ = qsparse_ffn_ref(x, wgu.data, "q4_1", codes, dt.scale, dt.minv, keep, "silu", 0.0)
+    assert count.tolist() == [I, I]
+    assert torch.allclose(y, want.float(), rtol=1e-4, atol=1e-4), (y - want).abs().max()
+
+
 def test_svd_predictors_run_on_quantized_relu_weights(tmp_path):
     """The relu family's SVD predictor on block weights (ffn_predict + qsparse_ffn_rows): an all-keeping predictor
     gives the dense quantized tokens; a cutting one skips rows and still runs."""
