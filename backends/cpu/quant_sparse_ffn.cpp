@@ -114,8 +114,11 @@ struct Down {
 // the result is bit-identical to it; widening every pair into an int32 array in memory cost about twice the
 // instructions per neuron of the dense down rows, so skipping 40% of them saved nothing.
 constexpr int kPairs16 = 8;
+//
+// pf[0..npf): the next block's kept neurons, whose code rows are prefetched a few per 32 outputs, spread over the
+// block's work: issued at once they arrived later (the misses queue up behind each other).
 inline void down_block_four(const Down& D, const int32_t* kept, int64_t k, const int8_t* q, int64_t b, float dh,
-                            float sh, int64_t d, float* y) {
+                            float sh, int64_t d, float* y, const int32_t* pf, int64_t npf) {
   const int64_t np = (k + 1) / 2;
   alignas(32) int16_t mh[16][16];  // per pair, (h_i, h_j) bytes repeated: maddubs' signed operand
   const uint8_t* ci[16];
@@ -131,7 +134,10 @@ inline void down_block_four(const Down& D, const int32_t* kept, int64_t k, const
   const c10::Half* sc = D.scale + b * d;
   const c10::Half* mn = D.minv + b * d;  // 4-bit codes always have mins (checked in qffn)
   const __m256 vdh = _mm256_set1_ps(dh), vsh = _mm256_set1_ps(sh);
+  const int64_t chunks = d / 32, pf_per = (npf + chunks - 1) / chunks;
   for (int64_t r = 0; r < d; r += 32) {
+    for (int64_t a = r / 32 * pf_per; a < std::min(npf, (r / 32 + 1) * pf_per); ++a)
+      prefetch(D.codes + pf[a] * D.row, D.row);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;  // outputs r+0..7, +8..15, +16..23, +24..31
     for (int64_t p0 = 0; p0 < np; p0 += kPairs16) {
       __m256i slo = _mm256_setzero_si256(), shi = slo;  // int16: outputs r+0..7 | r+16..23, r+8..15 | r+24..31
@@ -238,11 +244,12 @@ int64_t ffn_blocks(const uint8_t* w, int64_t rb, const QAct& X, int64_t I, int64
     const int8_t* q = qh + (b - b0) * QK;
 #ifdef SPARSEDGE_AVX2
     if (D.four) {
-      // this block's code rows were prefetched with the previous block (the first block's: here); now the next's
+      // this block's code rows were prefetched during the previous block (the first block's: here); the next
+      // block's during this one
+      if (b == b0)
+        for (int64_t a = std::min<int64_t>(p1, kPrefetchRows); a < p1; ++a) prefetch(D.codes + kept[a] * D.row, D.row);
       const int64_t next = b + 1 < b1 ? start[b - b0 + 2] : p1;
-      for (int64_t a = b == b0 ? std::min<int64_t>(p1, kPrefetchRows) : p1; a < next; ++a)
-        prefetch(D.codes + kept[a] * D.row, D.row);
-      down_block_four(D, kept + p0, p1 - p0, q, b, dhs[2 * (b - b0)], dhs[2 * (b - b0) + 1], d, y);
+      down_block_four(D, kept + p0, p1 - p0, q, b, dhs[2 * (b - b0)], dhs[2 * (b - b0) + 1], d, y, kept + p1, next - p1);
       continue;
     }
 #endif
