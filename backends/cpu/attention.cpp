@@ -154,7 +154,11 @@ void split_decode(const T* q, const T* kc, const T* vc, T* out, int64_t Hq, int6
                   int64_t lo, int64_t pos, float scale) {
   const int64_t G = Hq / H, keys = pos + 1 - lo;
   const int64_t chunks = (keys + kChunkKeys - 1) / kChunkKeys;
-  std::vector<float> qf(Hq * D), m(chunks * Hq), l(chunks * Hq), acc(chunks * Hq * D);
+  // scratch reused across calls (a decode token makes one call per layer). The lambda below must see the calling
+  // thread's buffers: a thread_local named inside it would be the worker's own, so these are plain references.
+  static thread_local std::vector<float> tl_qf, tl_m, tl_l, tl_acc;
+  std::vector<float>&qf = tl_qf, &m = tl_m, &l = tl_l, &acc = tl_acc;
+  qf.resize(Hq * D), m.resize(chunks * Hq), l.resize(chunks * Hq), acc.resize(chunks * Hq * D);
   for (int64_t i = 0; i < Hq * D; ++i) qf[i] = to_f32(q[i]) * scale;
   // item = (KV head, chunk, group of <= 4 of its query heads); a grain of 1 unless the step is tiny
   const int64_t groups = (G + 3) / 4, items = H * chunks * groups;
@@ -194,7 +198,8 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, con
               "dense_attention: q must be [T, Hq, D] and the caches [Hkv, Tmax, D]");
   SPARSEDGE_CHECK_CPU_CONTIG(k_cache);
   SPARSEDGE_CHECK_CPU_CONTIG(v_cache);
-  auto q = q_in.to(k_cache.scalar_type()).contiguous();
+  auto q = q_in.scalar_type() == k_cache.scalar_type() && q_in.is_contiguous() ? q_in
+                                                                               : q_in.to(k_cache.scalar_type()).contiguous();
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), H = k_cache.size(0), Tmax = k_cache.size(1);
   TORCH_CHECK(D <= 512 && k_cache.size(2) == D && v_cache.sizes() == k_cache.sizes(),
               "dense_attention: head_dim mismatch or > 512");

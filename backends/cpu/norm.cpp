@@ -36,9 +36,15 @@ void rms_norm_rows(const T* x, const T* w, T* y, T* residual, int64_t rows, int6
   });
 }
 
+// t as a contiguous tensor of dtype `dt`: itself when it already is (skips two dispatcher calls; a decode token
+// makes ~100 norm and rope calls whose serial part the other threads wait through)
+at::Tensor as_plain(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous();
+}
+
 at::Tensor rms_norm_impl(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   auto x = x_in.contiguous();
-  auto w = weight.to(x.scalar_type()).contiguous();
+  auto w = as_plain(weight, x.scalar_type());
   auto y = at::empty_like(x);
   const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
   SPARSEDGE_DISPATCH_FLOATS(x.scalar_type(), "rms_norm", [&] {
@@ -51,8 +57,8 @@ at::Tensor rms_norm_impl(const at::Tensor& x_in, const at::Tensor& weight, doubl
 at::Tensor add_rms_norm_impl(at::Tensor& residual, const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   SPARSEDGE_CHECK_CPU_CONTIG(residual);
   TORCH_CHECK(residual.sizes() == x_in.sizes(), "add_rms_norm: residual and x shapes differ");
-  auto x = x_in.to(residual.scalar_type()).contiguous();
-  auto w = weight.to(residual.scalar_type()).contiguous();
+  auto x = as_plain(x_in, residual.scalar_type());
+  auto w = as_plain(weight, residual.scalar_type());
   auto y = at::empty_like(residual);
   const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
   SPARSEDGE_DISPATCH_FLOATS(x.scalar_type(), "add_rms_norm", [&] {
@@ -65,8 +71,8 @@ at::Tensor add_rms_norm_impl(at::Tensor& residual, const at::Tensor& x_in, const
 at::Tensor rope_impl(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
   TORCH_CHECK(x_in.dim() == 3, "rope: x must be [T, H, D]");
   auto x = x_in.contiguous();
-  auto c = cos_in.to(at::kFloat).contiguous();
-  auto s = sin_in.to(at::kFloat).contiguous();
+  auto c = as_plain(cos_in, at::kFloat);
+  auto s = as_plain(sin_in, at::kFloat);
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
   TORCH_CHECK(c.size(0) == T && c.size(1) == half, "rope: cos/sin must be [T, D/2]");
   auto y = at::empty_like(x);

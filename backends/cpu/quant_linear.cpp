@@ -203,9 +203,12 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   auto wc = w.contiguous();
-  auto xf = x.reshape({T, K}).to(at::kFloat).contiguous();
-  auto y = at::empty({T, N}, x.options().dtype(at::kFloat));
-  if (T == 0 || N == 0) return y.to(x.scalar_type()).reshape(sizes);
+  // decode calls (one token, fp32, contiguous: the C++ layer loop's) skip the reshape / cast / copy-back ops: a
+  // token makes ~120 of these calls, and the other thread waits through each one's serial part
+  const bool plain = x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous();
+  auto xf = plain ? x : x.reshape({T, K}).to(at::kFloat).contiguous();
+  auto y = plain ? at::empty(sizes, x.options()) : at::empty({T, N}, x.options().dtype(at::kFloat));
+  if (T == 0 || N == 0) return plain ? y : y.to(x.scalar_type()).reshape(sizes);
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   if (qt.block == 1) {
@@ -234,7 +237,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
     case QType::TQ2_0: run_quant<TQ2_0>(wp, N, rb, X, T, yp); break;
     default: run_quant<Q6_K>(wp, N, rb, X, T, yp); break;
   }
-  return y.to(x.scalar_type()).reshape(sizes);
+  return plain ? y : y.to(x.scalar_type()).reshape(sizes);
 }
 
 }  // namespace

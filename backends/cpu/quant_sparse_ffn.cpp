@@ -274,8 +274,13 @@ void run(const uint8_t* w, int64_t rb, const QAct& X, int64_t T, int64_t I, int6
   const int64_t nblk = I / QK;
   const int64_t grain = even_grain(nblk, 3 * QK * rb);  // one contiguous run of blocks per thread
   const int64_t parts = (nblk + grain - 1) / grain;
-  std::vector<float> gu(2 * I), partial(parts * d);
-  std::vector<int64_t> kept(parts);
+  // scratch reused across calls (one call per layer and token). The workers write into the calling thread's
+  // buffers: a thread_local named inside the lambda would be the worker's own, so these are plain references.
+  static thread_local std::vector<float> tl_gu, tl_partial;
+  static thread_local std::vector<int64_t> tl_kept;
+  std::vector<float>&gu = tl_gu, &partial = tl_partial;
+  std::vector<int64_t>& kept = tl_kept;
+  gu.resize(2 * I), partial.resize(parts * d), kept.resize(parts);
   for (int64_t t = 0; t < T; ++t) {
     const QAct Xt{X.q + t * X.K, X.d + t * X.nb, X.s + t * X.nb, X.K, X.nb};
     std::fill(partial.begin(), partial.end(), 0.f);
@@ -335,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor> qffn(const char* op, const at::Tensor& x, con
   auto wc = w.contiguous(), cc = codes.contiguous(), sc = scale.contiguous(), mc = minv.contiguous();
   const at::Tensor tc = thresh ? thresh->contiguous() : at::Tensor();
   const at::Tensor ic = idx ? idx->contiguous() : at::Tensor(), nc = idx ? idx_count->contiguous() : at::Tensor();
-  auto xf = x.to(at::kFloat).contiguous();
+  auto xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
   auto y = at::empty({T, d}, x.options().dtype(at::kFloat));
   auto count = at::empty({T}, x.options().dtype(at::kInt));
   if (T == 0) return {y.to(x.scalar_type()), count};
@@ -362,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> qffn(const char* op, const at::Tensor& x, con
     default: TORCH_CHECK_VALUE(false, op, ": gate/up format ", qt.name, " has no sparse FFN kernel (q8_0, q4_0, q4_1, "
                                "q4_k, q6_k do)");
   }
-  return {y.to(x.scalar_type()), count};
+  return {x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()), count};
 }
 
 std::tuple<at::Tensor, at::Tensor> qsparse_ffn_impl(const at::Tensor& x, const at::Tensor& w, c10::string_view qtype,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import numbers
 import os
 import sys
@@ -200,8 +201,15 @@ class Session:
             from sparsedge.delta import DeltaConfig
             delta_cfg = DeltaConfig.resolve(delta, tm.config, model=tm)  # applied by the constructor below
             be.require("delta_encode", "delta_attention")
+        session = cls(tm, src.tokenizer, be, ctx, delta=delta_cfg, source=src.describe())
+        # Python's full (generation 2) garbage collections walk every tracked object: ~200K once torch and
+        # transformers are imported, 61 ms each on a 2-core EPYC, and they come due during long decodes. The model
+        # is built: collect once and move what exists to the permanent generation, so later collections walk only
+        # what decoding creates (its short-lived objects).
+        gc.collect()
+        gc.freeze()
         logger.info(f"session ready: {src.describe()} on {be.name} ({dt}), context {ctx}")
-        return cls(tm, src.tokenizer, be, ctx, delta=delta_cfg, source=src.describe())
+        return session
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         """A fresh cache of this session's kind (dense, or delta buffers) for `max_seq_len` positions."""
