@@ -186,3 +186,21 @@ def test_svd_predictor_on_block_weights_is_bit_identical(qtype):
     assert m.layers[0].ffn.down_t is not None
     _assert_sparse_ffn_same(*both_paths(m, list(range(3, 15)), 10, lambda: new_cache(m, 64)))
     detach_predictors(m)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "f16"])
+def test_embedding_rows_in_cpp_are_the_dequantized_rows(qtype):
+    """The C++ step looks up q8_0 / q4_0 embedding rows itself (one fp32 product per value, as the torch
+    dequantization); other formats are left to the torch ops (None)."""
+    from sparsedge.backends import _cpu_kernels
+    from sparsedge.quant.qweight import QWeight
+    w = QWeight.quantize(torch.randn(40, 256, generator=torch.Generator().manual_seed(1)) * 3, qtype)
+    for token in (0, 17, 39):
+        row = _cpu_kernels.embed_row(w.data, w.qtype, w.K, token)
+        if qtype in ("q8_0", "q4_0"):
+            assert torch.equal(row, w.rows(torch.tensor([token])).dequantize())
+        else:
+            assert row is None
+    if qtype in ("q8_0", "q4_0"):
+        with pytest.raises(RuntimeError, match="outside the 40-row table"):
+            _cpu_kernels.embed_row(w.data, w.qtype, w.K, 40)

@@ -141,6 +141,31 @@ void write_row(const at::Tensor& cache, const at::Tensor& x, int64_t pos) {
   for (int64_t h = 0; h < H; ++h) std::memcpy(dst + h * cache.stride(0) * es, src + h * x.stride(1) * es, D * es);
 }
 
+// Row `token` of a Q8_0 / Q4_0 embedding, dequantized: fp16 scale times the integer code, one fp32 product per
+// element, the same values as sparsedge.quant.formats.dequantize (which costs ~40 us a token in torch ops).
+// Formats whose dequantization takes two roundings (q4_1's d q + m) stay in Python, where the compiler cannot
+// fuse them. Returns an undefined tensor for other formats.
+at::Tensor embed_row(const at::Tensor& data, const std::string& qtype, int64_t K, int64_t token) {
+  const bool q8 = qtype == "q8_0";
+  if ((!q8 && qtype != "q4_0") || K % 32 || data.dim() != 2 || data.scalar_type() != at::kByte || !data.is_contiguous())
+    return at::Tensor();
+  const int64_t bs = q8 ? 34 : 18;
+  TORCH_CHECK(data.size(1) == K / 32 * bs && token >= 0 && token < data.size(0), "embed_row: token ", token,
+              " outside the ", data.size(0), "-row table (or a row that is not ", qtype, " of K=", K, ")");
+  at::Tensor out = at::empty({1, K}, data.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const uint8_t* b = data.data_ptr<uint8_t>() + token * data.size(1);
+  for (int64_t u = 0; u < K / 32; ++u, b += bs, o += 32) {
+    c10::Half h;
+    std::memcpy(&h, b, 2);
+    const float d = static_cast<float>(h);
+    for (int i = 0; i < 32; ++i)
+      o[i] = q8 ? static_cast<float>(static_cast<int8_t>(b[2 + i])) * d
+                : d * static_cast<float>((i < 16 ? (b[2 + i] & 15) : (b[2 + i - 16] >> 4)) - 8);
+  }
+  return out;
+}
+
 class DecodePlan {
  public:
   DecodePlan(int64_t hq, int64_t hkv, int64_t head_dim, double eps) : hq_(hq), hkv_(hkv), d_(head_dim), eps_(eps) {}
@@ -318,6 +343,7 @@ void register_decode_loop(pybind11::module& m) {
       .def("set_skip_ffn", &DecodePlan::set_skip_ffn)
       .def("set_predictor_ffn", &DecodePlan::set_predictor_ffn)
       .def("run", &DecodePlan::run);
+  m.def("embed_row", &embed_row, "row `token` of a q8_0 / q4_0 embedding table, dequantized (undefined: other formats)");
 }
 
 }  // namespace sparsedge::cpu

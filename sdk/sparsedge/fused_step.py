@@ -160,7 +160,13 @@ def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
 
     cfg = model.config
     emb = model.tok_embeddings
-    residual = emb.rows(token).dequantize() if isinstance(emb, QWeight) else F.embedding(token, emb)
+    residual = None
+    if isinstance(emb, QWeight):  # q8_0 / q4_0 rows in C++ (same values), others through the torch ops
+        residual = _kernels().embed_row(emb.data, emb.qtype, emb.K, int(token))
+        if residual is None:
+            residual = emb.rows(token).dequantize()
+    else:
+        residual = F.embedding(token, emb)
     if cfg.embed_scale:
         residual = residual * model._embedding_scale(residual.dtype)
     h = ops.rms_norm(residual, model.layers[0].attn_norm, cfg.norm_eps)
