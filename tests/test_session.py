@@ -171,3 +171,16 @@ def test_cli_generate_json_and_doctor(capsys):
     assert set(rep["backends"]) >= {"cpu", "cuda", "npu"}
     assert main(["generate", "--model", "/nonexistent/model.gguf", "--prompt", "x"]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_greedy_sampler_picks_torch_argmax():
+    """The greedy path takes numpy's argmax on CPU float logits: the same first maximum as torch.argmax (ties, NaN,
+    fp64), and torch's own argmax for dtypes numpy lacks."""
+    from sparsedge.sampling import Sampler, SamplingParams
+    s = Sampler(SamplingParams())
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([1.0, float("nan"), 3.0]),
+             torch.randn(49152, generator=g), torch.randn(100, generator=g).double(),
+             torch.randn(100, generator=g).bfloat16()]
+    for x in cases:
+        assert s(x) == int(torch.argmax(x))

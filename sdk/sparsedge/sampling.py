@@ -5,6 +5,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -55,6 +56,9 @@ class Sampler:
         """logits [V] -> next token id."""
         p = self.params
         if p.greedy:
+            if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+                # numpy's argmax: 7 us over 49K logits where torch.argmax takes ~50 us; both give the first maximum
+                return int(np.argmax(logits.numpy()))
             return int(torch.argmax(logits))
         logits = logits.float() / p.temperature
         if p.top_k is not None and p.top_k < logits.shape[-1]:
