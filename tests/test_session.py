@@ -184,3 +184,22 @@ def test_greedy_sampler_picks_torch_argmax():
              torch.randn(100, generator=g).bfloat16()]
     for x in cases:
         assert s(x) == int(torch.argmax(x))
+
+
+def test_a_dropped_session_is_freed_after_the_gc_freeze():
+    """Session.load freezes the GC's permanent generation (objects frozen are no longer collected as cycles). A
+    session held when a later one loads must still be freed when dropped: by refcounting, so it holds no cycle."""
+    import gc
+    import weakref
+    path = need_data("stories260K/stories260K.bin")
+    a = Session.load(path, backend="cpu", progress=False)
+    a.generate("Once upon a time", max_new_tokens=3)
+    model, session = weakref.ref(a.model), weakref.ref(a)
+    b = Session.load(path, backend="cpu", progress=False)  # freezes `a`
+    gc.disable()  # refcounting alone
+    try:
+        del a
+        assert model() is None and session() is None
+    finally:
+        gc.enable()
+        del b

@@ -205,7 +205,9 @@ class Session:
         # Python's full (generation 2) garbage collections walk every tracked object: ~200K once torch and
         # transformers are imported, 61 ms each on a 2-core EPYC, and they come due during long decodes. The model
         # is built: collect once and move what exists to the permanent generation, so later collections walk only
-        # what decoding creates (its short-lived objects).
+        # what decoding creates (its short-lived objects). Process-wide: objects alive now that later become cyclic
+        # garbage are left to refcounting (a dropped session is freed that way: it holds no cycles; checked with
+        # weak references); `gc.unfreeze()` undoes it.
         gc.collect()
         gc.freeze()
         logger.info(f"session ready: {src.describe()} on {be.name} ({dt}), context {ctx}")
