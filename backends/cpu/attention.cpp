@@ -198,8 +198,7 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, con
               "dense_attention: q must be [T, Hq, D] and the caches [Hkv, Tmax, D]");
   SPARSEDGE_CHECK_CPU_CONTIG(k_cache);
   SPARSEDGE_CHECK_CPU_CONTIG(v_cache);
-  auto q = q_in.scalar_type() == k_cache.scalar_type() && q_in.is_contiguous() ? q_in
-                                                                               : q_in.to(k_cache.scalar_type()).contiguous();
+  auto q = as_plain(q_in, k_cache.scalar_type());
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), H = k_cache.size(0), Tmax = k_cache.size(1);
   TORCH_CHECK(D <= 512 && k_cache.size(2) == D && v_cache.sizes() == k_cache.sizes(),
               "dense_attention: head_dim mismatch or > 512");

@@ -11,6 +11,13 @@ namespace sparsedge::cpu {
 template <typename T> inline float to_f32(T v) { return static_cast<float>(v); }
 template <typename T> inline T from_f32(float v) { return static_cast<T>(v); }
 
+// t as a contiguous tensor of dtype `dt`: itself when it already is. `.to(dt).contiguous()` costs two dispatcher
+// calls even when both are no-ops; a decode token makes a few hundred op calls whose serial part the other
+// threads wait through.
+inline at::Tensor as_plain(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous();
+}
+
 #define SPARSEDGE_CHECK_CPU_CONTIG(t) \
   TORCH_CHECK((t).device().is_cpu() && (t).is_contiguous(), #t " must be a contiguous CPU tensor")
 

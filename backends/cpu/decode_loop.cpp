@@ -16,6 +16,7 @@
 #include <vector>
 
 namespace sparsedge::cpu {
+at::Tensor embed_row(const at::Tensor& data, const std::string& qtype, int64_t K, int64_t token);  // quant_linear.cpp
 namespace {
 
 template <class Sig>
@@ -129,41 +130,15 @@ struct Layer {
 // cache[:, pos] = x[0] for a [H, L, D] cache and x [1, H, D]: one memcpy per head where both are plain rows of the
 // same dtype (what copy_ computes, without its TensorIterator: ~6 us a layer of serial time for two rows)
 void write_row(const at::Tensor& cache, const at::Tensor& x, int64_t pos) {
-  const int64_t H = cache.size(0), D = cache.size(2);
   if (cache.dim() != 3 || x.dim() != 3 || x.size(0) != 1 || cache.scalar_type() != x.scalar_type() ||
-      cache.stride(2) != 1 || x.stride(2) != 1 || x.size(1) != H || x.size(2) != D) {
+      cache.stride(2) != 1 || x.stride(2) != 1 || x.size(1) != cache.size(0) || x.size(2) != cache.size(2)) {
     cache.slice(1, pos, pos + 1).copy_(x.transpose(0, 1));
     return;
   }
-  const int64_t es = cache.element_size();
+  const int64_t H = cache.size(0), D = cache.size(2), es = cache.element_size();
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(cache.data_ptr()) + pos * cache.stride(1) * es;
   for (int64_t h = 0; h < H; ++h) std::memcpy(dst + h * cache.stride(0) * es, src + h * x.stride(1) * es, D * es);
-}
-
-// Row `token` of a Q8_0 / Q4_0 embedding, dequantized: fp16 scale times the integer code, one fp32 product per
-// element, the same values as sparsedge.quant.formats.dequantize (which costs ~40 us a token in torch ops).
-// Formats whose dequantization takes two roundings (q4_1's d q + m) stay in Python, where the compiler cannot
-// fuse them. Returns an undefined tensor for other formats.
-at::Tensor embed_row(const at::Tensor& data, const std::string& qtype, int64_t K, int64_t token) {
-  const bool q8 = qtype == "q8_0";
-  if ((!q8 && qtype != "q4_0") || K % 32 || data.dim() != 2 || data.scalar_type() != at::kByte || !data.is_contiguous())
-    return at::Tensor();
-  const int64_t bs = q8 ? 34 : 18;
-  TORCH_CHECK(data.size(1) == K / 32 * bs && token >= 0 && token < data.size(0), "embed_row: token ", token,
-              " outside the ", data.size(0), "-row table (or a row that is not ", qtype, " of K=", K, ")");
-  at::Tensor out = at::empty({1, K}, data.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  const uint8_t* b = data.data_ptr<uint8_t>() + token * data.size(1);
-  for (int64_t u = 0; u < K / 32; ++u, b += bs, o += 32) {
-    c10::Half h;
-    std::memcpy(&h, b, 2);
-    const float d = static_cast<float>(h);
-    for (int i = 0; i < 32; ++i)
-      o[i] = q8 ? static_cast<float>(static_cast<int8_t>(b[2 + i])) * d
-                : d * static_cast<float>((i < 16 ? (b[2 + i] & 15) : (b[2 + i - 16] >> 4)) - 8);
-  }
-  return out;
 }
 
 class DecodePlan {

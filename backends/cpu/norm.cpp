@@ -36,12 +36,6 @@ void rms_norm_rows(const T* x, const T* w, T* y, T* residual, int64_t rows, int6
   });
 }
 
-// t as a contiguous tensor of dtype `dt`: itself when it already is (skips two dispatcher calls; a decode token
-// makes ~100 norm and rope calls whose serial part the other threads wait through)
-at::Tensor as_plain(const at::Tensor& t, at::ScalarType dt) {
-  return t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous();
-}
-
 at::Tensor rms_norm_impl(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   auto x = x_in.contiguous();
   auto w = as_plain(weight, x.scalar_type());

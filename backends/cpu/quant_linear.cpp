@@ -242,6 +242,22 @@ at::Tensor qlinear_impl(const at::Tensor& x, const at::Tensor& w, c10::string_vi
 
 }  // namespace
 
+// Row `token` of a q8_0 / q4_0 embedding table, dequantized by dequant_row for the C++ decode step
+// (decode_loop.cpp): one fp32 product of the fp16 scale and the integer code per value, the values of
+// sparsedge.quant.formats.dequantize, which costs ~40 us a token in torch ops. Other formats return an undefined
+// tensor and stay in Python: q4_1's d q + m takes two roundings there, which the compiler could fuse here.
+at::Tensor embed_row(const at::Tensor& data, const std::string& qtype, int64_t K, int64_t token) {
+  if ((qtype != "q8_0" && qtype != "q4_0") || K % QK || data.dim() != 2 || data.scalar_type() != at::kByte ||
+      !data.is_contiguous())
+    return at::Tensor();
+  const QInfo& qt = qinfo(qtype);
+  TORCH_CHECK(data.size(1) == K / qt.block * qt.size && token >= 0 && token < data.size(0), "embed_row: token ",
+              token, " outside the ", data.size(0), "-row table (or a row that is not ", qt.name, " of K=", K, ")");
+  at::Tensor out = at::empty({1, K}, data.options().dtype(at::kFloat));
+  dequant_row(qt.type, data.data_ptr<uint8_t>() + token * data.size(1), K, out.data_ptr<float>());
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(sparsedge, CPU, m) { m.impl("qlinear", &qlinear_impl); }
 
 }  // namespace sparsedge::cpu

@@ -341,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> qffn(const char* op, const at::Tensor& x, con
   auto wc = w.contiguous(), cc = codes.contiguous(), sc = scale.contiguous(), mc = minv.contiguous();
   const at::Tensor tc = thresh ? thresh->contiguous() : at::Tensor();
   const at::Tensor ic = idx ? idx->contiguous() : at::Tensor(), nc = idx ? idx_count->contiguous() : at::Tensor();
-  auto xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
+  auto xf = as_plain(x, at::kFloat);
   auto y = at::empty({T, d}, x.options().dtype(at::kFloat));
   auto count = at::empty({T}, x.options().dtype(at::kInt));
   if (T == 0) return {y.to(x.scalar_type()), count};

@@ -160,7 +160,6 @@ def run(model, plan, token: torch.Tensor, pos: int, cache) -> torch.Tensor:
 
     cfg = model.config
     emb = model.tok_embeddings
-    residual = None
     if isinstance(emb, QWeight):  # q8_0 / q4_0 rows in C++ (same values), others through the torch ops
         residual = _kernels().embed_row(emb.data, emb.qtype, emb.K, int(token))
         if residual is None:
